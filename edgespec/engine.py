@@ -1,0 +1,302 @@
+"""The engine: prompt → drafter builds tree → scheduler picks budget → target verifies → accept →
+caches pruned → tokens streamed.
+
+Both models keep a KV cache of the committed tokens except the most recent ones still pending
+(at least the last token, the next tree's root). Each step feeds the pending tokens ("stem") and
+the tree in one forward per model, so the target's prompt prefill rides along with the first
+verification pass, and consecutive prompts (chat turns) reuse the cached common prefix.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from edgespec.cache import crop, new_cache, prune_to_path
+from edgespec.draft import build_tree
+from edgespec.errors import ContextLengthError, EdgespecError, InvalidArgumentError, OutOfMemoryError
+from edgespec.sampling import Sampler
+from edgespec.stats import Plan, RunStats, StepStats
+from edgespec.verify import verify
+
+OOM_ERRORS = (torch.cuda.OutOfMemoryError,)
+
+
+@dataclass
+class Generation:
+    text: str
+    ids: list[int]  # new tokens (an end-of-sequence token included, as transformers' generate does)
+    stats: RunStats = field(default_factory=RunStats)
+
+
+class _State:
+    """Committed tokens and both models' caches; caches never hold more than len(ids) - 1 entries."""
+
+    def __init__(self, target, drafter):
+        self.ids: list[int] = []
+        self.tcache = new_cache(target)
+        self.dcache = new_cache(drafter)
+
+    def sync(self, ids: list[int]) -> None:
+        """Make `ids` the committed sequence, keeping the cached common prefix."""
+        common = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            common += 1
+        self.ids = list(ids)
+        self.trim(min(common, len(ids) - 1))
+
+    def trim(self, length: int) -> None:
+        for cache in (self.tcache, self.dcache):
+            if cache.get_seq_length() > length:
+                crop(cache, length)
+
+    def lengths(self) -> tuple[int, int]:
+        return self.tcache.get_seq_length(), self.dcache.get_seq_length()
+
+
+class Engine:
+    """Lossless tree speculative decoding with an (optionally offloaded) target and a small drafter.
+
+    `budget` is the tree size (draft tokens verified per target pass): an int, or "auto" to let the
+    scheduler size each tree from measured costs and observed acceptance.
+    """
+
+    def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
+                 branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None):
+        self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
+        if scheduler is None:
+            from edgespec.scheduler import make_scheduler
+
+            scheduler = make_scheduler(budget, max_depth=max_depth, branch=branch, batch=batch)
+        self.scheduler = scheduler
+        self.max_context = max_context or _context_window(target, drafter)
+        self.eos_ids = _eos_ids(target, tokenizer)
+        self.state = _State(target, drafter)
+        self.offload = getattr(target, "_edgespec_offload", None)
+
+    # ---- public API -------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None) -> Generation:
+        """Generate a completion; returns text, new token ids and per-step stats."""
+        run = self.run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        for _ in run:
+            pass
+        return run.result
+
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+        """Yield text pieces as the target accepts them."""
+        yield from self.run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+
+    def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None) -> "Run":
+        """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
+        return Run(self, self.encode(prompt), max_new_tokens, Sampler(temperature, top_p, seed), stop or [])
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        self.state = _State(self.target, self.drafter)
+
+    def encode(self, prompt) -> list[int]:
+        """str → token ids (no template); list of {role, content} → chat template; ids pass through."""
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(-1).tolist()
+        elif isinstance(prompt, str):
+            ids = self._tok().encode(prompt) if prompt else []
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self._tok().apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidArgumentError("The prompt is empty: give at least one token of text.")
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(
+                f"The prompt has {len(ids)} tokens but the context window is {self.max_context}: "
+                "shorten the prompt (or, in chat, /reset the conversation)."
+            )
+        return ids
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise InvalidArgumentError("This engine has no tokenizer: pass token ids, or give Engine a tokenizer.")
+        return self.tokenizer
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, plan: Plan, sampler: Sampler) -> tuple[list[int], StepStats]:
+        """Draft, verify, accept, prune; backs off to a smaller tree on device out-of-memory."""
+        retries = 0
+        while True:
+            before = self.state.lengths()
+            try:
+                tokens, stats = self._step(plan, sampler)
+                stats.retries = retries
+                return tokens, stats
+            except OOM_ERRORS as err:
+                self._rollback(before)
+                if plan.budget == 0:
+                    raise OutOfMemoryError(
+                        "Out of device memory even for a single-token step: free GPU memory, keep fewer "
+                        "layers resident, or use a smaller drafter."
+                    ) from err
+                retries += 1
+                plan = Plan(plan.budget // 2, plan.max_depth, plan.branch, max(1, plan.batch // 2))
+                self.scheduler.set_max_budget(plan.budget)
+                _empty_device_cache()
+
+    def _rollback(self, before: tuple[int, int]) -> None:
+        crop(self.state.tcache, before[0])
+        crop(self.state.dcache, before[1])
+
+    @torch.no_grad()
+    def _step(self, plan: Plan, sampler: Sampler) -> tuple[list[int], StepStats]:
+        st = self.state
+        tlen, dlen = st.lengths()
+        t0 = time.perf_counter()
+        dstem = torch.tensor(st.ids[dlen:])
+        tree = build_tree(self.drafter, st.dcache, dstem, plan, sampler)
+        t1 = time.perf_counter()
+        tstem = torch.tensor(st.ids[tlen:])
+        verdict = verify(self.target, st.tcache, tstem, tree, sampler)
+        _sync_device(self.target)
+        t2 = time.perf_counter()
+        troot = tlen + tstem.numel()  # entries up to and including the root
+        prune_to_path(st.tcache, troot, [troot - 1 + j for j in verdict.path])
+        if tree.size:
+            fed = [int(tree.draft_pos[j]) for j in verdict.path]
+            fed = fed[: next((i for i, p in enumerate(fed) if p < 0), len(fed))]
+            prune_to_path(st.dcache, dlen + dstem.numel(), fed)
+        st.ids.extend(verdict.tokens)
+        stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), t1 - t0, t2 - t1,
+                          tstem.numel() + tree.size, tree.node_probs())
+        return verdict.tokens, stats
+
+    def plan_for(self, remaining: int) -> Plan | None:
+        """The scheduler's plan, clipped to the context window and the tokens still wanted."""
+        room = self.max_context - len(self.state.ids)
+        if room <= 0 or remaining <= 0:
+            return None
+        plan = self.scheduler.plan(context_room=room)
+        depth = min(plan.max_depth, room - 1, remaining - 1)
+        budget = plan.budget if depth > 0 else 0
+        return Plan(budget, max(depth, 1), plan.branch, plan.batch)
+
+
+class Run:
+    """Iterator over the text pieces of one generation; stops on EOS, stop strings, budget or context."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, stop: list[str]):
+        if max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.engine, self.prompt_ids, self.max_new = engine, prompt_ids, max_new_tokens
+        self.sampler, self.stop = sampler, stop
+        self.new: list[int] = []
+        self.stats = RunStats()
+        self.result: Generation | None = None
+        self._text = ""
+
+    def __iter__(self) -> Iterator[str]:
+        eng = self.engine
+        eng.state.sync(self.prompt_ids)
+        start = time.perf_counter()
+        try:
+            yield from self._loop()
+        except KeyboardInterrupt:
+            self.stats.stop_reason = "interrupted"
+            raise
+        finally:
+            n_keep = len(self.prompt_ids) + len(self.new)
+            eng.state.ids = eng.state.ids[:n_keep]
+            eng.state.trim(n_keep - 1)
+            self.stats.wall_time = time.perf_counter() - start
+            self.stats.new_tokens = len(self.new)
+            self.result = Generation(self._text, list(self.new), self.stats)
+
+    def _loop(self) -> Iterator[str]:
+        eng = self.engine
+        while True:
+            plan = eng.plan_for(self.max_new - len(self.new))
+            if plan is None:
+                self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
+                return
+            tokens, step = eng.step(plan, self.sampler)
+            eng.scheduler.observe(step)
+            self.stats.steps.append(step)
+            done = self._commit(tokens)
+            piece, stopped = self._new_text()
+            if piece:
+                yield piece
+            if done or stopped:
+                return
+
+    def _commit(self, tokens: list[int]) -> bool:
+        """Append accepted tokens up to EOS / max_new_tokens; True when generation must stop."""
+        for tok in tokens:
+            self.new.append(tok)
+            if tok in self.engine.eos_ids:
+                self.stats.stop_reason = "eos"
+                return True
+            if len(self.new) >= self.max_new:
+                self.stats.stop_reason = "length"
+                return True
+        return False
+
+    def _new_text(self) -> tuple[str, bool]:
+        """The text decoded since the last piece, and whether a stop string was reached.
+
+        A piece ending in an incomplete multi-byte character is held back until it completes."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            return "", False
+        text = tok.decode([t for t in self.new if t not in self.engine.eos_ids], skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            text = text[:hit]
+            self.stats.stop_reason = "stop"
+            self._drop_after_stop(text)
+        elif text.endswith("\ufffd"):
+            return "", False
+        piece, self._text = text[len(self._text):], text
+        return piece, hit >= 0
+
+    def _drop_after_stop(self, kept: str) -> None:
+        """Keep the fewest tokens whose text reaches past `kept` (the one completing the stop string)."""
+        tok = self.engine.tokenizer
+        for n in range(1, len(self.new) + 1):
+            if len(tok.decode(self.new[:n], skip_special_tokens=True)) > len(kept):
+                del self.new[n:]
+                return
+
+
+def _context_window(*models) -> int:
+    sizes = [getattr(m.config, "max_position_embeddings", None) for m in models]
+    sizes = [s for s in sizes if s]
+    return min(sizes) if sizes else 2048
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(s) for s in src)
+    return ids
+
+
+def _sync_device(model) -> None:
+    dev = model.get_input_embeddings().weight.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _empty_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = ["Engine", "Generation", "Run", "EdgespecError"]

@@ -1,0 +1,29 @@
+"""Errors edgespec raises: each names the problem and the fix."""
+
+
+class EdgespecError(Exception):
+    """Base class: every user-facing failure is one of these."""
+
+
+class ModelNotFoundError(EdgespecError):
+    """A model path, GGUF file or hub id could not be loaded."""
+
+
+class TokenizerMismatchError(EdgespecError):
+    """Target and drafter do not share a vocabulary."""
+
+
+class UnsupportedModelError(EdgespecError):
+    """The architecture cannot be offloaded or verified with a tree mask."""
+
+
+class ContextLengthError(EdgespecError):
+    """The prompt (or prompt + generation) does not fit the context window."""
+
+
+class InvalidArgumentError(EdgespecError, ValueError):
+    """A generation or scheduling argument is out of range."""
+
+
+class OutOfMemoryError(EdgespecError):
+    """Device memory ran out and backing off did not help."""

