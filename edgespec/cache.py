@@ -7,7 +7,9 @@ from transformers import DynamicCache
 
 
 def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    """A full-attention cache: tree entries must stay addressable, so no sliding-window layers
+    (the engine caps the context at the model's sliding window instead)."""
+    return DynamicCache()
 
 
 def cache_len(cache: DynamicCache) -> int:

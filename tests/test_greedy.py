@@ -1,0 +1,102 @@
+"""Greedy decoding through the tree engine equals the target's own greedy generate, token for token."""
+import pytest
+import torch
+
+from edgespec import Engine
+from edgespec.stats import Plan
+from tests.conftest import greedy_reference, tiny_model, tiny_pair
+
+
+class Fixed:
+    """A scheduler that always returns the same plan (keeps these tests independent of the policy)."""
+
+    def __init__(self, plan):
+        self.p = plan
+
+    def plan(self, context_room):
+        return self.p
+
+    def observe(self, step):
+        pass
+
+    def set_max_budget(self, n):
+        self.p = Plan(min(n, self.p.budget), self.p.max_depth, self.p.branch, self.p.batch)
+
+
+def prompts(n, vocab=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (3 + 2 * i,), generator=gen).tolist() for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("budget,depth,branch", [(0, 8, 4), (1, 8, 4), (8, 2, 4), (64, 8, 4), (64, 32, 16), (512, 16, 8)])
+def test_greedy_equals_generate(arch, budget, depth, branch):
+    target, drafter = tiny_pair(arch, init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(budget, depth, branch, 32)))
+    accepted = []
+    for ids in prompts(4):
+        out = engine.generate(ids, max_new_tokens=40)
+        assert out.ids == greedy_reference(target, ids, 40)
+        accepted.append(out.stats.accepted_per_pass)
+    if budget >= 8:
+        assert max(accepted) > 1.0, "the drafter never got a token accepted: the tree is not being used"
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma"])
+def test_other_families(arch):
+    target, drafter = tiny_pair(arch, init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 8, 4, 16)))
+    for ids in prompts(2):
+        assert engine.generate(ids, max_new_tokens=24).ids == greedy_reference(target, ids, 24)
+
+
+def test_eager_attention_additive_mask():
+    target, drafter = tiny_pair("llama", init=0.1, attn="eager")
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 8, 4, 16)))
+    ids = prompts(1)[0]
+    assert engine.generate(ids, max_new_tokens=30).ids == greedy_reference(target, ids, 30)
+
+
+def test_unrelated_drafter_still_exact():
+    target = tiny_model("llama", seed=0, init=0.1)
+    drafter = tiny_model("llama", seed=7, layers=1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(64, 8, 8, 32)))
+    ids = prompts(1)[0]
+    assert engine.generate(ids, max_new_tokens=30).ids == greedy_reference(target, ids, 30)
+
+
+def test_multi_turn_prefix_reuse_and_continuation():
+    """Later calls reuse the cached prefix; generating in two halves equals one call."""
+    target, drafter = tiny_pair("qwen2", init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(16, 8, 4, 16)))
+    ids = prompts(1)[0]
+    ref = greedy_reference(target, ids, 40)
+    first = engine.generate(ids, max_new_tokens=17).ids
+    second = engine.generate(ids + first, max_new_tokens=23).ids
+    assert first + second == ref
+    # an edited history (shared prefix only) still gives the target's own answer
+    edited = ids[:2] + [5, 6, 7]
+    assert engine.generate(edited, max_new_tokens=20).ids == greedy_reference(target, edited, 20)
+
+
+def test_caches_hold_only_committed_tokens():
+    target, drafter = tiny_pair("llama", init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(128, 16, 8, 32)))
+    ids = prompts(1)[0]
+    out = engine.generate(ids, max_new_tokens=33)
+    committed = len(ids) + len(out.ids)
+    tlen, dlen = engine.state.lengths()
+    assert tlen <= committed - 1 and dlen <= committed - 1
+    assert tlen >= committed - 2, "accepted tokens must stay cached (no recompute)"
+
+
+def test_eos_stops_like_generate():
+    target, drafter = tiny_pair("llama", init=0.1)
+    ids = prompts(1)[0]
+    free = greedy_reference(target, ids, 30)
+    eos = free[10]
+    target.generation_config.eos_token_id = eos
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 8, 4, 16)))
+    out = engine.generate(ids, max_new_tokens=30)
+    assert out.ids == greedy_reference(target, ids, 30)
+    assert out.ids[-1] == eos and out.stats.stop_reason == "eos"
