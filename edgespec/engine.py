@@ -78,6 +78,35 @@ class Engine:
         self.state = _State(target, drafter)
         self.offload = getattr(target, "_edgespec_offload", None)
 
+    @classmethod
+    def from_pretrained(cls, target: str | None = None, drafter: str | None = None, *, device: str = "auto",
+                        draft_quant: str | None = "nf4", offload: bool = True, resident_layers: int | None = None,
+                        link_delay: float = 0.0, budget="auto", progress: bool = True, **engine_kw) -> "Engine":
+        """Load a pair and build an engine. target/drafter: hub id, local folder, .gguf file, or None for
+        the embedded default (SmolLM2-135M-Instruct; its nf4 copy drafts for it).
+
+        The target's decoder layers are streamed from host RAM (`offload=True`); `resident_layers`
+        of them stay on the device (None = as many as fit). `link_delay` (seconds per streamed layer)
+        emulates a slow host-device link on CPU-only machines."""
+        from edgespec.models import check_tokenizers, load_model, load_tokenizer, pick_device
+
+        dev = pick_device(device)
+        tok = load_tokenizer(target, progress)
+        draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
+        check_tokenizers(tok, draft_tok, "target", "drafter")
+        quant = draft_quant if draft_quant not in ("none", "") else None
+        draft_model = load_model(drafter, quantize=quant, device=dev, progress=progress)
+        if offload:
+            from edgespec.offload import offload_layers
+
+            target_model = load_model(target, device="cpu", dtype=_host_dtype(dev), progress=progress)
+            handle = offload_layers(target_model, dev, resident_layers=resident_layers, link_delay=link_delay,
+                                    progress=progress)
+            target_model._edgespec_offload = handle
+        else:
+            target_model = load_model(target, device=dev, progress=progress)
+        return cls(target_model, draft_model, tok, budget=budget, **engine_kw)
+
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None) -> Generation:
@@ -269,6 +298,10 @@ class Run:
             if len(tok.decode(self.new[:n], skip_special_tokens=True)) > len(kept):
                 del self.new[n:]
                 return
+
+
+def _host_dtype(dev: torch.device) -> torch.dtype:
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _context_window(*models) -> int:

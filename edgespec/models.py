@@ -125,6 +125,16 @@ def local_folder(spec: str | None, progress: bool = True) -> str:
     return str(_dequantized_copy(folder, gguf, progress)) if gguf else folder
 
 
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" → the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EdgespecError(f"--device {device} asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto).")
+    return dev
+
+
 def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool = True):
     """Load a causal LM. quantize: None, "nf4" or "int8" (bitsandbytes; for drafters)."""
