@@ -6,20 +6,27 @@ Each round feeds up to `batch` of the most probable unexpanded nodes to the draf
 its parent, the survivors always form a connected subtree, and the top-K sets for K < budget nest,
 which lets the scheduler read the acceptance curve off a single tree. The search stops when no
 unexpanded survivor can beat the K-th best node, or at `max_depth`.
+
+A search outlives its step: it can keep growing while the target verifies (overlap), and after
+acceptance `advance` re-roots it at the target's new token, so the next step starts from the
+subtree already drafted under it (its drafter KV entries kept, the rest compacted away).
 """
 from __future__ import annotations
 
 import torch
 
+from edgespec.cache import keep_positions
 from edgespec.forward import hidden_states, logits_from_hidden
 from edgespec.stats import Plan
 from edgespec.tree import Tree, ancestor_chains
 
 
-class _Pool:
-    """Growing node arrays for the search (candidates included, pruned ones marked dead)."""
+class TreeSearch:
+    """Best-first search state: candidate nodes (pruned ones marked dead) and the drafter cache."""
 
-    def __init__(self, root_token: int, root_pos: int):
+    def __init__(self, model, cache, sampler, root_token: int, root_pos: int):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
         self.tokens = torch.tensor([root_token])
         self.parents = torch.tensor([-1])
         self.depths = torch.tensor([0])
@@ -27,81 +34,144 @@ class _Pool:
         self.fed = torch.tensor([root_pos])  # drafter cache position, -1 until fed
         self.expanded = torch.tensor([False])
         self.alive = torch.tensor([True])
+        self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
 
-    def add_children(self, parents: torch.Tensor, logprobs: torch.Tensor, branch: int) -> None:
-        top_lp, top_tok = logprobs.topk(min(branch, logprobs.shape[-1]), dim=-1)
-        k = top_tok.shape[1]
-        self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
-        self.parents = torch.cat([self.parents, parents.repeat_interleave(k)])
-        self.depths = torch.cat([self.depths, (self.depths[parents] + 1).repeat_interleave(k)])
-        child_scores = (self.scores[parents][:, None] + top_lp.cpu()).reshape(-1)
-        self.scores = torch.cat([self.scores, child_scores])
-        n = child_scores.numel()
-        self.fed = torch.cat([self.fed, torch.full((n,), -1)])
-        self.expanded = torch.cat([self.expanded, torch.zeros(n, dtype=torch.bool)])
-        self.alive = torch.cat([self.alive, torch.ones(n, dtype=torch.bool)])
-        self.expanded[parents] = True
+    @classmethod
+    def start(cls, model, cache, stem: torch.Tensor, sampler, branch: int) -> "TreeSearch":
+        """Feed the pending `stem` (ending in the root) and propose the root's children."""
+        past = cache.get_seq_length()
+        s = stem.numel()
+        hidden = hidden_states(model, cache, stem, torch.arange(past, past + s), None)
+        search = cls(model, cache, sampler, int(stem[-1]), past + s - 1)
+        search._add_children(torch.tensor([0]), logits_from_hidden(model, hidden[-1:]), branch)
+        return search
 
-    def keep_top(self, budget: int) -> float:
-        """Mark all but the root and the best `budget` nodes dead; returns the K-th best score."""
+    # ---- growing -----------------------------------------------------------------------------
+    def grow(self, plan: Plan, rounds: int | None = None) -> bool:
+        """Expand best-first until the top-`budget` tree is final (or `rounds` forwards ran).
+        Returns True when there is nothing left to expand."""
+        done = 0
+        while rounds is None or done < rounds:
+            threshold = self._keep_top(plan.budget)
+            nodes = self._frontier(plan.max_depth, threshold, plan.batch)
+            if nodes.numel() == 0:
+                return True
+            self._add_children(nodes, self._feed(nodes, plan.max_depth), plan.branch)
+            done += 1
+        return False
+
+    def tree(self, budget: int) -> Tree:
+        """The current top-`budget` subtree, topologically ordered (root first)."""
+        self._keep_top(budget)
         scores = self.scores.masked_fill(~self.alive, float("-inf"))
         scores[0] = float("-inf")
-        order = scores.sort(descending=True, stable=True).indices  # ties: parents (lower index) first
-        self.alive[order[budget:]] = False
-        self.alive[0] = True
-        alive_count = int(self.alive.sum()) - 1
-        return float(scores[order[budget - 1]]) if alive_count >= budget else float("-inf")
-
-    def frontier(self, max_depth: int, threshold: float, batch: int) -> torch.Tensor:
-        ok = self.alive & ~self.expanded & (self.depths < max_depth) & (self.scores > threshold)
-        idx = ok.nonzero().squeeze(1)
-        if idx.numel() > batch:
-            idx = idx[self.scores[idx].sort(descending=True, stable=True).indices[:batch]]
-        return idx.sort().values
-
-    def to_tree(self) -> Tree:
-        keep = self.alive.nonzero().squeeze(1)  # ascending = topological
+        order = scores.sort(descending=True, stable=True).indices[: min(budget, int(self.alive.sum()) - 1)]
+        keep = torch.cat([torch.tensor([0]), order.sort().values])
+        self.snapshot = keep
         remap = torch.full((self.tokens.numel(),), -1)
         remap[keep] = torch.arange(keep.numel())
         parents = self.parents[keep]
         parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
         return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep])
 
+    # ---- after verification ------------------------------------------------------------------
+    def advance(self, path: list[int], bonus: int) -> "TreeSearch | None":
+        """Commit the accepted `path` (indices into the last tree) and the target's `bonus` token.
+
+        If the search already holds the bonus token under the path's end, with its children
+        drafted, return the re-rooted search (drafter cache compacted to the committed tokens plus
+        that subtree). Otherwise prune the drafter cache to the committed tokens and return None.
+        """
+        nodes = [int(self.snapshot[j]) for j in path]
+        fed_path = [int(self.fed[n]) for n in nodes]
+        fed_path = fed_path[: next((i for i, p in enumerate(fed_path) if p < 0), len(fed_path))]
+        end = nodes[-1] if nodes else 0
+        hit = ((self.parents == end) & (self.tokens == bonus) & self.alive & self.expanded).nonzero()
+        prefix = list(range(self.root_pos + 1)) + fed_path
+        if hit.numel() == 0 or len(fed_path) < len(nodes):
+            self._keep_cache(prefix)
+            return None
+        return self._reroot(int(hit[0]), prefix)
+
+    def _reroot(self, new_root: int, prefix: list[int]) -> "TreeSearch":
+        alive = self.alive.nonzero().squeeze(1)
+        chains = ancestor_chains(self.parents, alive, int(self.depths.max()))
+        sub = alive[(chains == new_root).any(dim=1)]  # the new root and its alive descendants (ascending)
+        sub_fed = self.fed[sub]
+        kept_fed = sub_fed[sub_fed >= 0]
+        positions = torch.cat([torch.tensor(prefix, dtype=torch.long), kept_fed.sort().values])
+        self._keep_cache(positions.tolist())
+        new_pos = torch.full((int(positions.max()) + 1,), -1)
+        new_pos[positions] = torch.arange(positions.numel())
+        remap = torch.full((self.tokens.numel(),), -1)
+        remap[sub] = torch.arange(sub.numel())
+        nxt = TreeSearch(self.model, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix))
+        parents = self.parents[sub]
+        nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
+        nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
+        nxt.scores = self.scores[sub] - self.scores[new_root]
+        nxt.fed = torch.where(sub_fed >= 0, new_pos[sub_fed.clamp(min=0)], sub_fed)
+        nxt.expanded, nxt.alive = self.expanded[sub], torch.ones(sub.numel(), dtype=torch.bool)
+        assert int(nxt.fed[0]) == len(prefix), "the new root must sit right after the committed tokens"
+        return nxt
+
+    def _keep_cache(self, positions: list[int]) -> None:
+        n = self.cache.get_seq_length()
+        if positions != list(range(n)):
+            keep_positions(self.cache, torch.tensor(positions, dtype=torch.long))
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
+        logprobs = self.sampler.draft_logprobs(logits)
+        top_lp, top_tok = logprobs.topk(min(branch, logprobs.shape[-1]), dim=-1)
+        k = top_tok.shape[1]
+        n = parents.numel() * k
+        self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
+        self.parents = torch.cat([self.parents, parents.repeat_interleave(k)])
+        self.depths = torch.cat([self.depths, (self.depths[parents] + 1).repeat_interleave(k)])
+        self.scores = torch.cat([self.scores, (self.scores[parents][:, None] + top_lp.cpu()).reshape(-1)])
+        self.fed = torch.cat([self.fed, torch.full((n,), -1)])
+        self.expanded = torch.cat([self.expanded, torch.zeros(n, dtype=torch.bool)])
+        self.alive = torch.cat([self.alive, torch.ones(n, dtype=torch.bool)])
+        self.expanded[parents] = True
+
+    def _keep_top(self, budget: int) -> float:
+        """Mark all but the root and the best `budget` nodes dead; returns the K-th best score."""
+        scores = self.scores.masked_fill(~self.alive, float("-inf"))
+        scores[0] = float("-inf")
+        order = scores.sort(descending=True, stable=True).indices  # ties: parents (lower index) first
+        self.alive[order[budget:]] = False
+        self.alive[0] = True
+        full = int(self.alive.sum()) - 1 >= budget
+        return float(scores[order[budget - 1]]) if full and budget > 0 else float("-inf")
+
+    def _frontier(self, max_depth: int, threshold: float, batch: int) -> torch.Tensor:
+        ok = self.alive & ~self.expanded & (self.depths < max_depth) & (self.scores > threshold)
+        idx = ok.nonzero().squeeze(1)
+        if idx.numel() > batch:
+            idx = idx[self.scores[idx].sort(descending=True, stable=True).indices[:batch]]
+        return idx.sort().values
+
+    def _feed(self, nodes: torch.Tensor, max_depth: int) -> torch.Tensor:
+        """One drafter forward over `nodes`; each sees the committed prefix, its ancestors and itself."""
+        start = self.cache.get_seq_length()
+        b = nodes.numel()
+        self.fed[nodes] = start + torch.arange(b)
+        chains = ancestor_chains(self.parents, nodes, max_depth)  # node, parent, …, root, -1…
+        cols = torch.where(chains >= 0, self.fed[chains.clamp(min=0)], torch.full_like(chains, -1))
+        allowed = torch.zeros(b, start + b, dtype=torch.bool)
+        allowed[:, : self.root_pos] = True  # committed tokens before the root
+        rows = torch.arange(b)[:, None].expand_as(cols)
+        valid = cols >= 0
+        allowed[rows[valid], cols[valid]] = True
+        hidden = hidden_states(self.model, self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes], allowed)
+        return logits_from_hidden(self.model, hidden)
+
 
 def build_tree(model, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:
-    """Feed the pending `stem` (ending in the root) to the drafter, then grow a tree under the root.
-
-    The drafter cache ends up holding the stem plus every fed node; `Tree.draft_pos` records where.
-    """
-    past = cache.get_seq_length()
-    s = stem.numel()
-    root_pos = past + s - 1
+    """Feed the pending `stem` (ending in the root) to the drafter, then grow a tree under the root."""
     if plan.budget <= 0:
         return Tree.root_only(int(stem[-1]))  # the stem stays pending: nothing drafted
-    hidden = hidden_states(model, cache, stem, torch.arange(past, past + s), None)
-    pool = _Pool(int(stem[-1]), root_pos)
-    pool.add_children(torch.tensor([0]), sampler.draft_logprobs(logits_from_hidden(model, hidden[-1:])), plan.branch)
-    while True:
-        threshold = pool.keep_top(plan.budget)
-        nodes = pool.frontier(plan.max_depth, threshold, plan.batch)
-        if nodes.numel() == 0:
-            return pool.to_tree()
-        logits = _feed(model, cache, pool, nodes, prefix=root_pos, max_depth=plan.max_depth)
-        pool.add_children(nodes, sampler.draft_logprobs(logits), plan.branch)
-
-
-def _feed(model, cache, pool: _Pool, nodes: torch.Tensor, prefix: int, max_depth: int) -> torch.Tensor:
-    """One drafter forward over `nodes`; each sees the committed prefix, its ancestors and itself."""
-    start = cache.get_seq_length()
-    b = nodes.numel()
-    pool.fed[nodes] = start + torch.arange(b)
-    chains = ancestor_chains(pool.parents, nodes, max_depth)  # node, parent, …, root, -1…
-    cols = torch.where(chains >= 0, pool.fed[chains.clamp(min=0)], torch.full_like(chains, -1))
-    allowed = torch.zeros(b, start + b, dtype=torch.bool)
-    allowed[:, :prefix] = True  # committed tokens before the root
-    rows = torch.arange(b)[:, None].expand_as(cols)
-    valid = cols >= 0
-    allowed[rows[valid], cols[valid]] = True
-    positions = prefix + pool.depths[nodes]
-    hidden = hidden_states(model, cache, pool.tokens[nodes], positions, allowed)
-    return logits_from_hidden(model, hidden)
+    search = TreeSearch.start(model, cache, stem, sampler, plan.branch)
+    search.grow(plan)
+    return search.tree(plan.budget)
