@@ -22,7 +22,13 @@ from edgespec.tree import Tree, ancestor_chains
 
 
 class TreeSearch:
-    """Best-first search state: candidate nodes (pruned ones marked dead) and the drafter cache."""
+    """Best-first search state: candidate nodes (pruned ones marked dead) and the drafter cache.
+
+    Candidates beyond the budget are kept up to `slack` x budget (cheap: no drafter work), so that
+    after verification the target's token is often found already drafted under the accepted path.
+    """
+
+    slack = 4
 
     def __init__(self, model, cache, sampler, root_token: int, root_pos: int):
         self.model, self.cache, self.sampler = model, cache, sampler
@@ -52,7 +58,7 @@ class TreeSearch:
         Returns True when there is nothing left to expand."""
         done = 0
         while rounds is None or done < rounds:
-            threshold = self._keep_top(plan.budget)
+            threshold = self._keep_top(plan.budget, keep=plan.budget * self.slack)
             nodes = self._frontier(plan.max_depth, threshold, plan.batch)
             if nodes.numel() == 0:
                 return True
@@ -62,7 +68,6 @@ class TreeSearch:
 
     def tree(self, budget: int) -> Tree:
         """The current top-`budget` subtree, topologically ordered (root first)."""
-        self._keep_top(budget)
         scores = self.scores.masked_fill(~self.alive, float("-inf"))
         scores[0] = float("-inf")
         order = scores.sort(descending=True, stable=True).indices[: min(budget, int(self.alive.sum()) - 1)]
@@ -135,12 +140,12 @@ class TreeSearch:
         self.alive = torch.cat([self.alive, torch.ones(n, dtype=torch.bool)])
         self.expanded[parents] = True
 
-    def _keep_top(self, budget: int) -> float:
-        """Mark all but the root and the best `budget` nodes dead; returns the K-th best score."""
+    def _keep_top(self, budget: int, keep: int) -> float:
+        """Mark all but the root and the best `keep` nodes dead; returns the `budget`-th best score."""
         scores = self.scores.masked_fill(~self.alive, float("-inf"))
         scores[0] = float("-inf")
         order = scores.sort(descending=True, stable=True).indices  # ties: parents (lower index) first
-        self.alive[order[budget:]] = False
+        self.alive[order[keep:]] = False
         self.alive[0] = True
         full = int(self.alive.sum()) - 1 >= budget
         return float(scores[order[budget - 1]]) if full and budget > 0 else float("-inf")

@@ -8,6 +8,7 @@ verification pass, and consecutive prompts (chat turns) reuse the cached common 
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from edgespec.cache import crop, new_cache, prune_to_path
-from edgespec.draft import build_tree
+from edgespec.draft import TreeSearch
 from edgespec.errors import ContextLengthError, EdgespecError, InvalidArgumentError, OutOfMemoryError
 from edgespec.sampling import Sampler
 from edgespec.stats import Plan, RunStats, StepStats
-from edgespec.verify import verify
+from edgespec.tree import Tree
+from edgespec.verify import Verdict, verify
 
 OOM_ERRORS = (torch.cuda.OutOfMemoryError,)
 
@@ -38,6 +40,7 @@ class _State:
         self.ids: list[int] = []
         self.tcache = new_cache(target)
         self.dcache = new_cache(drafter)
+        self.search: TreeSearch | None = None  # drafted subtree under the last token, reusable next step
 
     def sync(self, ids: list[int]) -> None:
         """Make `ids` the committed sequence, keeping the cached common prefix."""
@@ -50,6 +53,7 @@ class _State:
         self.trim(min(common, len(ids) - 1))
 
     def trim(self, length: int) -> None:
+        self.search = None
         for cache in (self.tcache, self.dcache):
             if cache.get_seq_length() > length:
                 crop(cache, length)
@@ -66,7 +70,8 @@ class Engine:
     """
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
-                 branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None):
+                 branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
+                 overlap: bool | str = "auto", overlap_factor: int = 4):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
         if scheduler is None:
             from edgespec.scheduler import make_scheduler
@@ -77,6 +82,9 @@ class Engine:
         self.eos_ids = _eos_ids(target, tokenizer)
         self.state = _State(target, drafter)
         self.offload = getattr(target, "_edgespec_offload", None)
+        self.overlap = _overlap_wanted(self.offload) if overlap == "auto" else bool(overlap)
+        self.overlap_factor = overlap_factor
+        self._draft_stream = _side_stream(drafter)
 
     @classmethod
     def from_pretrained(cls, target: str | None = None, drafter: str | None = None, *, device: str = "auto",
@@ -177,31 +185,82 @@ class Engine:
                 _empty_device_cache()
 
     def _rollback(self, before: tuple[int, int]) -> None:
-        crop(self.state.tcache, before[0])
-        crop(self.state.dcache, before[1])
+        st = self.state
+        st.search = None
+        crop(st.tcache, before[0])
+        crop(st.dcache, min(before[1], len(st.ids) - 1))
 
     @torch.no_grad()
     def _step(self, plan: Plan, sampler: Sampler) -> tuple[list[int], StepStats]:
         st = self.state
-        tlen, dlen = st.lengths()
         t0 = time.perf_counter()
-        dstem = torch.tensor(st.ids[dlen:])
-        tree = build_tree(self.drafter, st.dcache, dstem, plan, sampler)
+        with _on_stream(self._draft_stream):
+            search, reused = self._search(plan, sampler)
+            if search is not None:
+                search.grow(plan)
+                tree = search.tree(plan.budget)
+            else:
+                tree = Tree.root_only(st.ids[-1])
+        _wait_stream(self._draft_stream)
         t1 = time.perf_counter()
+        tlen = st.tcache.get_seq_length()
         tstem = torch.tensor(st.ids[tlen:])
-        verdict = verify(self.target, st.tcache, tstem, tree, sampler)
-        _sync_device(self.target)
+        if self.overlap and search is not None:
+            verdict, overlap_time = self._verify_while_drafting(search, plan, tstem, tree, sampler)
+        else:
+            verdict, overlap_time = self._verify(tstem, tree, sampler), 0.0
         t2 = time.perf_counter()
         troot = tlen + tstem.numel()  # entries up to and including the root
         prune_to_path(st.tcache, troot, [troot - 1 + j for j in verdict.path])
-        if tree.size:
-            fed = [int(tree.draft_pos[j]) for j in verdict.path]
-            fed = fed[: next((i for i, p in enumerate(fed) if p < 0), len(fed))]
-            prune_to_path(st.dcache, dlen + dstem.numel(), fed)
+        with _on_stream(self._draft_stream):
+            st.search = search.advance(verdict.path, verdict.tokens[-1]) if search is not None else None
         st.ids.extend(verdict.tokens)
         stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), t1 - t0, t2 - t1,
-                          tstem.numel() + tree.size, tree.node_probs())
+                          tstem.numel() + tree.size, tree.node_probs(), reused=reused, overlap_time=overlap_time)
         return verdict.tokens, stats
+
+    def _search(self, plan: Plan, sampler: Sampler) -> tuple[TreeSearch | None, int]:
+        """The search to grow this step's tree from: last step's re-rooted one, or a fresh one."""
+        st = self.state
+        if plan.budget <= 0:
+            st.trim(len(st.ids) - 1)  # a plain step: drop any drafted subtree
+            return None, 0
+        if st.search is not None:
+            st.search.sampler = sampler
+            return st.search, int(st.search.alive.sum()) - 1
+        dstem = torch.tensor(st.ids[st.dcache.get_seq_length():])
+        return TreeSearch.start(self.drafter, st.dcache, dstem, sampler, plan.branch), 0
+
+    def _verify(self, tstem: torch.Tensor, tree: Tree, sampler: Sampler) -> Verdict:
+        verdict = verify(self.target, self.state.tcache, tstem, tree, sampler)
+        _sync_device(self.target)
+        return verdict
+
+    def _verify_while_drafting(self, search: TreeSearch, plan: Plan, tstem, tree: Tree, sampler):
+        """Run the target pass in a worker thread; meanwhile keep growing the search (up to
+        `overlap_factor` x budget) so the next step's tree is partly drafted when the pass ends."""
+        box: dict = {}
+
+        def work():
+            try:
+                with torch.no_grad():
+                    box["verdict"] = self._verify(tstem, tree, sampler)
+            except BaseException as err:  # re-raised in the caller's thread
+                box["error"] = err
+
+        worker = threading.Thread(target=work, name="edgespec-verify", daemon=True)
+        wider = Plan(plan.budget * self.overlap_factor, plan.max_depth, plan.branch, plan.batch)
+        start = time.perf_counter()
+        worker.start()
+        with _on_stream(self._draft_stream):
+            while worker.is_alive() and not search.grow(wider, rounds=1):
+                pass
+        _wait_stream(self._draft_stream)
+        drafted = time.perf_counter() - start
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+        return box["verdict"], drafted
 
     def plan_for(self, remaining: int) -> Plan | None:
         """The scheduler's plan, clipped to the context window and the tokens still wanted."""
@@ -298,6 +357,30 @@ class Run:
             if len(tok.decode(self.new[:n], skip_special_tokens=True)) > len(kept):
                 del self.new[n:]
                 return
+
+
+def _overlap_wanted(offload) -> bool:
+    """Overlap drafting with the target pass when the pass waits on a (real or emulated) link."""
+    if offload is None:
+        return False
+    dev = getattr(offload, "device", torch.device("cpu"))
+    return torch.device(dev).type == "cuda" or getattr(offload, "link_delay", 0.0) > 0
+
+
+def _side_stream(model):
+    dev = model.get_input_embeddings().weight.device
+    return torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+
+def _on_stream(stream):
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _wait_stream(stream) -> None:
+    if stream is not None:
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
 
 
 def _host_dtype(dev: torch.device) -> torch.dtype:

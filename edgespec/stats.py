@@ -29,6 +29,8 @@ class StepStats:
     # drafter's own estimate of accepted draft tokens for every smaller budget (the top-K sets nest).
     node_probs: list[float] = field(default_factory=list)
     retries: int = 0  # out-of-memory back-offs taken in this step
+    reused: int = 0  # draft nodes carried over from the previous step's search (already drafted)
+    overlap_time: float = 0.0  # drafting done while the target pass ran (off the critical path)
 
     @property
     def step_time(self) -> float:

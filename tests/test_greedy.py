@@ -30,9 +30,10 @@ def prompts(n, vocab=64, seed=0):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("budget,depth,branch", [(0, 8, 4), (1, 8, 4), (8, 2, 4), (64, 8, 4), (64, 32, 16), (512, 16, 8)])
-def test_greedy_equals_generate(arch, budget, depth, branch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_equals_generate(arch, budget, depth, branch, overlap):
     target, drafter = tiny_pair(arch, init=0.1)
-    engine = Engine(target, drafter, scheduler=Fixed(Plan(budget, depth, branch, 32)))
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(budget, depth, branch, 32)), overlap=overlap)
     accepted = []
     for ids in prompts(4):
         out = engine.generate(ids, max_new_tokens=40)
