@@ -101,3 +101,20 @@ def test_eos_stops_like_generate():
     out = engine.generate(ids, max_new_tokens=30)
     assert out.ids == greedy_reference(target, ids, 30)
     assert out.ids[-1] == eos and out.stats.stop_reason == "eos"
+
+
+def test_overlap_reuses_drafted_subtrees():
+    """With overlap on, the next tree often starts from nodes drafted during the previous pass;
+    output stays the target's own."""
+    from tests.conftest import noisy_copy
+
+    target = tiny_model("llama", init=0.1)
+    drafter = noisy_copy(target, scale=0.003)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 8, 4, 16)), overlap=True)
+    reused = 0
+    for ids in prompts(3):
+        out = engine.generate(ids, max_new_tokens=60)
+        assert out.ids == greedy_reference(target, ids, 60)
+        reused += sum(s.reused > 0 for s in out.stats.steps)
+        assert all(s.overlap_time > 0 for s in out.stats.steps if s.tree_size)
+    assert reused > 0, "no step ever reused a drafted subtree"
