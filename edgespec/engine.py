@@ -364,7 +364,7 @@ def _overlap_wanted(offload) -> bool:
     if offload is None:
         return False
     dev = getattr(offload, "device", torch.device("cpu"))
-    return torch.device(dev).type == "cuda" or getattr(offload, "link_delay", 0.0) > 0
+    return torch.device(dev).type == "cuda" or getattr(offload.transport, "link_delay", 0.0) > 0
 
 
 def _side_stream(model):

@@ -1,0 +1,23 @@
+"""Run a model larger than the device: stream its decoder layers from host memory each forward pass.
+
+    handle = offload_layers(model, device="cuda")   # or "cpu": same code path, a copy thread
+    model(...)                                       # plain HF forward / generate, KV caches, 4-D masks
+    handle.last_pass                                 # bytes, transfer / compute / wait / wall, overlap
+    handle.remove()                                  # back to a normal (host) model
+
+Modules: `api` (offload_layers), `streamer` (the ring and hooks), `layout` (packed layers and slots),
+`transport` (CUDA stream / CPU thread copies), `quant` (int8 / nf4 codecs), `stats`, `placement`,
+`bandwidth` (link measurement) and `shapes` (random-weight models of a named shape, for profiling),
+`pinned` (exact-size page-locked host buffers).
+
+Limits: inference only (streamed weights are bound without autograd); one forward at a time per
+model (no concurrent forwards from several threads); do not `model.to(...)` or deepcopy an offloaded
+model (call `handle.remove()` first); layers must not share weights with each other or with the rest
+of the model; `ring` is clamped to the number of streamed layers and every pass re-streams every
+streamed layer, even when the ring could hold them all.
+"""
+from edgespec.offload.api import offload_layers
+from edgespec.offload.stats import OffloadStats, PassStats
+from edgespec.offload.streamer import OffloadHandle
+
+__all__ = ["offload_layers", "OffloadHandle", "OffloadStats", "PassStats"]

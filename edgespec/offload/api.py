@@ -1,0 +1,90 @@
+"""`offload_layers`: keep the first layers (and everything outside the layers) on the device, stream
+the rest from host memory through a ring of device slots."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgespec.errors import InvalidArgumentError
+from edgespec.offload.layout import LayerPack, Slot
+from edgespec.offload.placement import auto_resident, check_no_sharing, decoder_layers, move_outside
+from edgespec.offload.quant import CODECS, make_codec
+from edgespec.offload.streamer import OffloadHandle
+from edgespec.offload.transport import make_transport
+
+
+def offload_layers(model: nn.Module, device: str | torch.device = "cuda", resident_layers: int | None = None,
+                   ring: int = 2, link_delay: float = 0.0, quantize: str | None = None, progress: bool = True,
+                   reserve_bytes: int | None = None) -> OffloadHandle:
+    """Offload `model`'s decoder layers; returns a handle (also stored as `model._edgespec_offload`).
+
+    - `resident_layers`: leading layers kept on `device`; None = as many as fit in free device memory
+      minus `reserve_bytes` (default 20 % of free) on CUDA, 0 on CPU (so streaming is exercised).
+    - `ring`: device slots for streamed layers (clamped to the number of streamed layers); ring - 1
+      layers load ahead while one computes. ring=1 is correct but does not overlap.
+    - `link_delay`: emulated extra seconds per streamed layer (a slow link). CPU: the copy thread
+      sleeps; CUDA: the copy stream spins (torch.cuda._sleep), the host never sleeps.
+    - `quantize`: "int8" or "nf4" keeps streamed 2-D weights encoded in host memory (fewer bytes
+      cross the link), decoded on the device after each copy. Resident layers stay unquantized.
+    """
+    device = _device(device)
+    _check(ring, link_delay, quantize, resident_layers)
+    if getattr(model, "_edgespec_offload", None) is not None:
+        raise InvalidArgumentError("This model is already offloaded: call handle.remove() before offloading again.")
+    layers = decoder_layers(model)
+    n = len(layers)
+    if resident_layers is None:
+        resident = auto_resident(model, layers, device, ring, reserve_bytes, quantize)
+    else:
+        resident = min(resident_layers, n)
+    streamed = list(layers)[resident:]
+    check_no_sharing(model, streamed)
+    with torch.no_grad():
+        move_outside(model, streamed, device)
+        codec = make_codec(quantize)
+        if codec is not None:
+            codec.prepare(device)
+        pin = device.type == "cuda"
+        desc = "edgespec: pinning layers" if pin else "edgespec: packing layers"
+        packs = [LayerPack.pack(i, layers[i], codec, pin) for i in tqdm(range(resident, n), desc=desc,
+                                                                         unit="layer", disable=not progress)]
+        slots = _make_slots(packs, min(ring, len(packs)), device)
+        for pack in packs:
+            for slot in slots:
+                pack.attach(slot)
+    handle = OffloadHandle(model, layers, device, packs, slots, make_transport(device, float(link_delay)), quantize)
+    model._edgespec_offload = handle
+    return handle
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device='cuda' was asked for but CUDA is not available: pass device='cpu'.")
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device.type != "cpu":
+        raise InvalidArgumentError(f"Offloading supports device 'cuda' or 'cpu', not {device.type!r}.")
+    return device
+
+
+def _check(ring, link_delay, quantize, resident_layers) -> None:
+    if not isinstance(ring, int) or ring < 1:
+        raise InvalidArgumentError(f"ring must be an int >= 1 (device slots for streamed layers), got {ring!r}.")
+    if link_delay < 0:
+        raise InvalidArgumentError(f"link_delay must be >= 0 seconds, got {link_delay}.")
+    if quantize is not None and quantize not in CODECS:
+        raise InvalidArgumentError(f"quantize must be None or one of {sorted(CODECS)}, got {quantize!r}.")
+    if resident_layers is not None and (not isinstance(resident_layers, int) or resident_layers < 0):
+        raise InvalidArgumentError(f"resident_layers must be None or an int >= 0, got {resident_layers!r}.")
+
+
+def _make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[Slot]:
+    if not packs:
+        return []
+    dense = max(p.dense_bytes for p in packs)
+    staging = max(p.host_bytes for p in packs) if any(p.codec for p in packs) else 0
+    return [Slot(i, torch.empty(dense, dtype=torch.uint8, device=device),
+                 torch.empty(staging, dtype=torch.uint8, device=device) if staging else None)
+            for i in range(ring)]

@@ -1,0 +1,173 @@
+"""One decoder layer's parameters and buffers packed into one contiguous host byte buffer.
+
+The *dense* layout is what a device slot holds: every tensor at its own dtype, at an aligned byte
+offset. The *host* layout is what crosses the link: the dense layout itself, or, with a codec,
+compact encoded regions that `load` decodes into the dense layout on the device.
+
+While a layer is not loaded its parameters and buffers are meta tensors (shape and dtype kept), so
+a layer that runs without its weights fails loudly instead of reading a slot that was overwritten.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgespec.offload.pinned import host_buffer, unpin
+from edgespec.offload.quant import align, typed
+
+
+@dataclass(eq=False)
+class Slot:
+    """One preallocated layer-sized buffer on the device (plus a staging area for encoded bytes)."""
+
+    index: int
+    dense: torch.Tensor  # uint8, slot_bytes
+    staging: torch.Tensor | None = None  # uint8, for codecs: encoded bytes land here, then decode
+    free: object = None  # transport-specific "previous occupant finished computing" marker
+
+    @property
+    def nbytes(self) -> int:
+        return self.dense.numel() + (self.staging.numel() if self.staging is not None else 0)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One tensor of the layer: where it lives in both layouts and which module attributes name it."""
+
+    targets: list[tuple[nn.Module, str]]
+    is_param: bool
+    requires_grad: bool
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int = 0  # byte offset in the dense layout
+    host_offset: int = 0  # byte offset in the host layout
+    host_nbytes: int = 0
+    codec: object = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def collect(layer: nn.Module) -> list[tuple[Entry, torch.Tensor]]:
+    """Every parameter and buffer of `layer`, once each (a tensor named twice gets two targets)."""
+    found: dict[int, tuple[Entry, torch.Tensor]] = {}
+    for mod in layer.modules():
+        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in found:
+                    entry = Entry([], is_param, bool(t.requires_grad), t.shape, t.dtype)
+                    found[id(t)] = (entry, t)
+                found[id(t)][0].targets.append((mod, name))
+    return list(found.values())
+
+
+def _assign(entry: Entry, value: torch.Tensor) -> None:
+    for mod, name in entry.targets:
+        (mod._parameters if entry.is_param else mod._buffers)[name] = value
+
+
+@dataclass(eq=False)
+class LayerPack:
+    """A streamed layer: its packed host bytes, and the views it binds to in each slot."""
+
+    index: int  # position in the decoder's layer list
+    entries: list[Entry]
+    host: torch.Tensor  # uint8, host layout (pinned on CUDA)
+    dense_bytes: int
+    codec: object = None
+    _idle: list = field(default_factory=list)
+    _views: dict = field(default_factory=dict)  # slot index -> bound tensors, one per entry
+    _loads: dict = field(default_factory=dict)  # slot index -> (copy destination, decode steps)
+    _unpin: object = None  # set by host_buffer when the host bytes are page-locked in place
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host.numel()
+
+    @classmethod
+    def pack(cls, index: int, layer: nn.Module, codec=None, pin: bool = False) -> "LayerPack":
+        """Copy `layer`'s tensors into one new host buffer; the layer is left unbound (meta)."""
+        found = collect(layer)
+        dense = host = 0
+        for entry, t in found:
+            entry.codec = codec if codec is not None and entry.is_param and codec.applies(t) else None
+            entry.offset, dense = dense, align(dense + entry.nbytes)
+            entry.host_nbytes = entry.codec.nbytes(t.shape) if entry.codec else entry.nbytes
+            entry.host_offset, host = host, align(host + entry.host_nbytes)
+        pack = cls(index, [e for e, _ in found], torch.empty(0, dtype=torch.uint8), dense,
+                   codec if any(e.codec for e, _ in found) else None)
+        pack.host = buf = host_buffer(host, pin, pack)
+        with torch.no_grad():
+            for entry, t in found:
+                region = buf[entry.host_offset : entry.host_offset + entry.host_nbytes]
+                if entry.codec:
+                    entry.codec.encode_into(t, region)
+                else:
+                    typed(buf, entry.host_offset, entry.numel, entry.dtype, entry.shape).copy_(t)
+        pack._idle = [pack._placeholder(e) for e in pack.entries]
+        pack.unbind()
+        return pack
+
+    @staticmethod
+    def _placeholder(entry: Entry) -> torch.Tensor:
+        t = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        return nn.Parameter(t, requires_grad=False) if entry.is_param else t
+
+    def attach(self, slot: Slot) -> None:
+        """Precompute (once, outside any inference mode) the views this layer uses in `slot`."""
+        views = []
+        for e in self.entries:
+            v = typed(slot.dense, e.offset, e.numel, e.dtype, e.shape)
+            views.append(nn.Parameter(v, requires_grad=False) if e.is_param else v)
+        self._views[slot.index] = views
+        if self.codec is None:
+            self._loads[slot.index] = (slot.dense[: self.host_bytes], [])
+            return
+        steps = []
+        for e, v in zip(self.entries, views):
+            src = slot.staging[e.host_offset : e.host_offset + e.host_nbytes]
+            steps.append((e.codec, src, v.data if e.codec else slot.dense[e.offset : e.offset + e.nbytes]))
+        self._loads[slot.index] = (slot.staging[: self.host_bytes], steps)
+
+    def load(self, slot: Slot, non_blocking: bool = False) -> None:
+        """Copy the host bytes into `slot` (and decode them there); runs on the copy side."""
+        dst, steps = self._loads[slot.index]
+        dst.copy_(self.host, non_blocking=non_blocking)
+        for codec, src, out in steps:
+            if codec is None:
+                out.copy_(src)
+            else:
+                codec.decode_into(src, out)
+
+    def bind(self, slot: Slot) -> None:
+        """Point the layer's parameters and buffers at views of `slot` (metadata only)."""
+        for entry, view in zip(self.entries, self._views[slot.index]):
+            _assign(entry, view)
+
+    def unbind(self) -> None:
+        """Point the layer back at meta placeholders."""
+        for entry, idle in zip(self.entries, self._idle):
+            _assign(entry, idle)
+
+    def restore(self, device: torch.device) -> None:
+        """Give the layer real tensors again on `device` (codec-encoded weights come back decoded)."""
+        for e in self.entries:
+            if e.codec:
+                t = torch.empty(e.shape, dtype=e.dtype)
+                e.codec.decode_into(self.host[e.host_offset : e.host_offset + e.host_nbytes], t)
+            else:
+                t = typed(self.host, e.host_offset, e.numel, e.dtype, e.shape).clone()
+            t = t.to(device)
+            _assign(e, nn.Parameter(t, requires_grad=e.requires_grad) if e.is_param else t)
+        self._views.clear()
+        self._loads.clear()
+        unpin(self)

@@ -1,0 +1,199 @@
+"""How a packed layer reaches a device slot: the only device-specific part of the streamer.
+
+Both transports offer the same small interface, used by the streamer from the compute side:
+
+- `submit(pack, slot) -> Ticket`: start copying `pack` into `slot` once the slot's previous occupant
+  has finished computing (`slot.free`), without blocking the caller.
+- `wait(ticket)`: make the compute side wait until that copy is done.
+- `release(slot)`: mark "the layer in `slot` has finished computing" (sets `slot.free`).
+- `mark()` / `elapsed(a, b)`: timestamps on the compute side, and seconds between two of them.
+- `transfer_time(ticket)`: copy-side seconds of one transfer (link delay included).
+- `drain()`: block the host until every submitted copy is complete. `close()`: stop.
+
+`CudaTransport` copies on a side CUDA stream ordered by CUDA events (no host synchronisation per
+layer). `ThreadTransport` (CPU) copies in a background worker thread ordered by threading events, so
+the emulated transfer overlaps compute exactly as the DMA engine does on a GPU.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Ticket:
+    """One submitted transfer."""
+
+    nbytes: int
+    done: object = None  # threading.Event (CPU) or torch.cuda.Event (CUDA)
+    start: object = None
+    end: object = None
+    error: BaseException | None = None
+
+
+class ThreadTransport:
+    """CPU: a worker thread memcpys the packed layer into the slot, then sleeps `link_delay`."""
+
+    def __init__(self, link_delay: float = 0.0):
+        self.set_link_delay(link_delay)
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=_copy_worker, args=(self._jobs, weakref.ref(self)),
+                                        name="edgespec-offload-copy", daemon=True)
+        self._worker.start()
+
+    def set_link_delay(self, seconds: float) -> None:
+        self.link_delay = seconds  # read by the worker before each sleep
+
+    def submit(self, pack, slot) -> Ticket:
+        ticket = Ticket(pack.host_bytes, done=threading.Event())
+        self._jobs.put((pack, slot, ticket))
+        return ticket
+
+    def wait(self, ticket: Ticket) -> None:
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise RuntimeError("edgespec offload: copying a layer to its slot failed") from ticket.error
+
+    def release(self, slot) -> None:
+        """CPU compute is synchronous: when the layer's forward returns, its slot is free."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def elapsed(self, a: float, b: float) -> float:
+        return b - a
+
+    def transfer_time(self, ticket: Ticket) -> float:
+        ticket.done.wait()
+        return ticket.end - ticket.start
+
+    def drain(self) -> None:
+        marker = Ticket(0, done=threading.Event())
+        self._jobs.put((_Noop(), None, marker))  # FIFO: done once every earlier job is done
+        marker.done.wait()
+
+    def close(self) -> None:
+        self.drain()
+        self._jobs.put(None)
+        self._worker.join(timeout=5)
+
+
+def _copy_worker(jobs: queue.Queue, transport_ref) -> None:
+    """Run copy jobs in order; exit on None, or once the transport has been garbage-collected."""
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if transport_ref() is None:
+                return
+            continue
+        if job is None:
+            return
+        pack, slot, ticket = job
+        ticket.start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                pack.load(slot)
+            delay = getattr(transport_ref(), "link_delay", 0.0)  # no strong reference kept
+            if delay > 0 and ticket.nbytes:
+                time.sleep(delay)
+        except BaseException as err:  # surfaced to the compute side by wait()
+            ticket.error = err
+        ticket.end = time.perf_counter()
+        ticket.done.set()
+
+
+class _Noop:
+    """A job that copies nothing: its completion means every earlier job is complete."""
+
+    host_bytes = 0
+
+    def load(self, slot) -> None:
+        pass
+
+
+@dataclass
+class CudaTransport:
+    """CUDA: copies on a side stream; the compute stream and the copy stream meet only at events.
+
+    `link_delay` is emulated on the copy stream with `torch.cuda._sleep` (a GPU spin of the right
+    number of cycles, calibrated once), so a slow link delays the layer's arrival, not the host.
+    """
+
+    device: torch.device
+    link_delay: float = 0.0
+    stream: torch.cuda.Stream = field(init=False)
+    _cycles_per_s: float | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.stream = torch.cuda.Stream(self.device)
+        self.set_link_delay(self.link_delay)
+
+    def set_link_delay(self, seconds: float) -> None:
+        if seconds > 0 and self._cycles_per_s is None:
+            self._cycles_per_s = self._measure_cycles()
+        self.link_delay = seconds
+
+    def _compute_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def submit(self, pack, slot) -> Ticket:
+        ticket = Ticket(pack.host_bytes)
+        with torch.cuda.stream(self.stream):
+            if slot.free is not None:
+                self.stream.wait_event(slot.free)
+            ticket.start = _timed_event(self.stream)
+            pack.load(slot, non_blocking=True)
+            if self.link_delay > 0:
+                torch.cuda._sleep(int(self.link_delay * self._cycles_per_s))
+            ticket.end = _timed_event(self.stream)
+        ticket.done = ticket.end
+        return ticket
+
+    def wait(self, ticket: Ticket) -> None:
+        self._compute_stream().wait_event(ticket.done)
+
+    def release(self, slot) -> None:
+        event = torch.cuda.Event()
+        event.record(self._compute_stream())
+        slot.free = event
+
+    def mark(self):
+        return _timed_event(self._compute_stream())
+
+    def elapsed(self, a, b) -> float:
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+
+    def transfer_time(self, ticket: Ticket) -> float:
+        return self.elapsed(ticket.start, ticket.end)
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.drain()
+
+    def _measure_cycles(self) -> float:
+        """GPU clock cycles per second as seen by torch.cuda._sleep."""
+        spin = 20_000_000
+        a = _timed_event(self.stream)
+        with torch.cuda.stream(self.stream):
+            torch.cuda._sleep(spin)
+        b = _timed_event(self.stream)
+        return spin / self.elapsed(a, b)
+
+
+def _timed_event(stream) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def make_transport(device: torch.device, link_delay: float):
+    return CudaTransport(device, link_delay) if device.type == "cuda" else ThreadTransport(link_delay)
