@@ -17,7 +17,13 @@ import torch
 
 from edgespec.cache import crop, new_cache, prune_to_path
 from edgespec.draft import TreeSearch
-from edgespec.errors import ContextLengthError, EdgespecError, InvalidArgumentError, OutOfMemoryError
+from edgespec.errors import (
+    ContextLengthError,
+    EdgespecError,
+    InvalidArgumentError,
+    OutOfMemoryError,
+)
+from edgespec.forward import model_device
 from edgespec.sampling import Sampler
 from edgespec.stats import Plan, RunStats, StepStats
 from edgespec.tree import Tree
@@ -71,17 +77,19 @@ class Engine:
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
                  branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
-                 overlap: bool | str = "auto", overlap_factor: int = 4):
+                 overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
+        self.offload = getattr(target, "_edgespec_offload", None)
+        self.device = model_device(target)
         if scheduler is None:
             from edgespec.scheduler import make_scheduler
 
-            scheduler = make_scheduler(budget, max_depth=max_depth, branch=branch, batch=batch)
+            calib = self._calibration() if calibrate and budget == "auto" else {}
+            scheduler = make_scheduler(budget, max_depth=max_depth, branch=branch, batch=batch, **calib)
         self.scheduler = scheduler
         self.max_context = max_context or _context_window(target, drafter)
         self.eos_ids = _eos_ids(target, tokenizer)
         self.state = _State(target, drafter)
-        self.offload = getattr(target, "_edgespec_offload", None)
         self.overlap = _overlap_wanted(self.offload) if overlap == "auto" else bool(overlap)
         self.overlap_factor = overlap_factor
         self._draft_stream = _side_stream(drafter)
@@ -96,7 +104,12 @@ class Engine:
         The target's decoder layers are streamed from host RAM (`offload=True`); `resident_layers`
         of them stay on the device (None = as many as fit). `link_delay` (seconds per streamed layer)
         emulates a slow host-device link on CPU-only machines."""
-        from edgespec.models import check_tokenizers, load_model, load_tokenizer, pick_device
+        from edgespec.models import (
+            check_tokenizers,
+            load_model,
+            load_tokenizer,
+            pick_device,
+        )
 
         dev = pick_device(device)
         tok = load_tokenizer(target, progress)
@@ -113,7 +126,21 @@ class Engine:
             target_model._edgespec_offload = handle
         else:
             target_model = load_model(target, device=dev, progress=progress)
+        engine_kw.setdefault("calibrate", True)
         return cls(target_model, draft_model, tok, budget=budget, **engine_kw)
+
+    def _calibration(self) -> dict:
+        """A short profiling run of the target pass vs tree size, cached per machine, model and link."""
+        from edgespec.measure import time_passes
+        from edgespec.scheduler import machine_key
+
+        off = self.offload
+        extra = "plain" if off is None else (
+            f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
+        key = machine_key(str(getattr(self.target.config, "name_or_path", "")) or type(self.target).__name__,
+                          f"{extra}:{next(self.target.parameters()).dtype}")
+        return {"cache_key": key,
+                "measure_fn": lambda n: time_passes(self.target, self.device, [n], past=64)[0]["pass_s"]}
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -269,8 +296,17 @@ class Engine:
             return None
         plan = self.scheduler.plan(context_room=room)
         depth = min(plan.max_depth, room - 1, remaining - 1)
-        budget = plan.budget if depth > 0 else 0
+        budget = min(plan.budget, self.memory_cap()) if depth > 0 else 0
         return Plan(budget, max(depth, 1), plan.branch, plan.batch)
+
+
+    def memory_cap(self) -> int:
+        """The largest tree whose target-pass activations fit in half the free memory now."""
+        from edgespec.measure import free_memory, max_tree_tokens
+
+        pending = len(self.state.ids) - self.state.tcache.get_seq_length()
+        fit = max_tree_tokens(self.target.config, len(self.state.ids), free_memory(self.device))
+        return max(0, fit - pending)
 
 
 class Run:

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgespec.measure import time_passes  # noqa: E402
 from edgespec.offload import offload_layers  # noqa: E402
 from edgespec.offload.bandwidth import measure_bandwidth  # noqa: E402
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model, model_bytes  # noqa: E402
@@ -59,51 +60,6 @@ def reserve_vram(device: torch.device, vram_gb: float | None):
     used = total - free
     take = free - max(0, int(vram_gb * 2**30) - used)
     return torch.empty(take, dtype=torch.uint8, device=device) if take > 0 else None
-
-
-def tree_inputs(tokens: int, past: int, vocab: int, device, seed: int = 0):
-    """Random tree of `tokens` nodes under a `past`-token prefix: ids, positions, bool mask (1,1,q,past+q)."""
-    gen = torch.Generator().manual_seed(seed + tokens)
-    ids = torch.randint(0, vocab, (1, tokens), generator=gen)
-    anc = torch.zeros(tokens, tokens, dtype=torch.bool)
-    depth = torch.zeros(tokens, dtype=torch.long)
-    for i in range(tokens):
-        parent = int(torch.randint(0, i, (1,), generator=gen)) if i else -1
-        if parent >= 0:
-            anc[i] = anc[parent]
-            depth[i] = depth[parent] + 1
-        anc[i, i] = True
-    mask = torch.cat([torch.ones(tokens, past, dtype=torch.bool), anc], dim=1)[None, None]
-    return ids.to(device), (past + depth)[None].to(device), mask.to(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def time_passes(model, device, sizes, past, repeats, vocab, handle=None) -> list[dict]:
-    """Median pass time per tree size (plus the streamer's stats of those passes when offloaded)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    model(torch.randint(0, vocab, (1, past), device=device), cache=cache, use_cache=True)  # prefix
-    rows = []
-    for size in sizes:
-        ids, pos, mask = tree_inputs(size, past, vocab, device)
-        times, stats = [], []
-        for r in range(repeats + 1):  # the first run warms up
-            sync(device)
-            t0 = time.perf_counter()
-            model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-            sync(device)
-            cache.crop(past - cache.get_seq_length())  # negative: drop the tree's entries
-            if r:
-                times.append(time.perf_counter() - t0)
-                stats.append(handle.last_pass if handle else None)
-        rows.append({"tokens": size, "pass_s": statistics.median(times), "stats": stats})
-    return rows
 
 
 def summarize(rows: list[dict], bandwidth: float) -> list[dict]:

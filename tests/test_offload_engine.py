@@ -33,3 +33,49 @@ def test_overlap_auto_follows_the_link():
     assert Engine(target, drafter, budget=8).overlap is False
     offload_layers(target, "cpu", resident_layers=0, progress=False, link_delay=0.002)
     assert Engine(target, drafter, budget=8).overlap is True
+
+
+def test_auto_budget_calibrates_once_and_stays_exact(tmp_path, monkeypatch):
+    """budget="auto" with calibration: the pass-time curve is measured at start-up, cached per
+    machine/model/link, reused by the next engine; output still exact."""
+    import edgespec.measure as measure
+
+    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path))
+    calls = []
+    real = measure.time_passes
+    monkeypatch.setattr(measure, "time_passes", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    target, drafter = tiny_pair("llama", init=0.1, layers=4)
+    plain = copy.deepcopy(target)
+    offload_layers(target, "cpu", resident_layers=1, progress=False)
+    engine = Engine(target, drafter, budget="auto", calibrate=True)
+    assert calls, "calibration must measure the pass"
+    assert engine.scheduler.cost.pass_curve.known and engine.scheduler.cost.pass_time(64) > 0
+    measured = len(calls)
+    Engine(target, drafter, budget="auto", calibrate=True)
+    assert len(calls) == measured, "the second engine must reuse the cached calibration"
+    ids = prompts(1)[0]
+    assert engine.generate(ids, max_new_tokens=30).ids == greedy_reference(plain, ids, 30)
+
+
+def test_memory_cap_bounds_the_tree(monkeypatch):
+    import edgespec.measure as measure
+
+    target, drafter = tiny_pair("llama", init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(512, 8, 8, 32)))
+    monkeypatch.setattr(measure, "max_tree_tokens", lambda config, past, free: 20)
+    ids = prompts(1)[0]
+    out = engine.generate(ids, max_new_tokens=20)
+    assert out.ids == greedy_reference(target, ids, 20)
+    assert max(s.tree_size for s in out.stats.steps) <= 20
+
+
+def test_max_tree_tokens_moves_the_right_way():
+    from edgespec.measure import max_tree_tokens, pass_bytes
+
+    target, _ = tiny_pair("llama")
+    cfg = target.config
+    budget = pass_bytes(cfg, 300, 100) * 2
+    n = max_tree_tokens(cfg, past=100, free=budget)
+    assert 295 <= n <= 300
+    assert max_tree_tokens(cfg, past=100, free=budget * 4) > n
+    assert max_tree_tokens(cfg, past=2000, free=budget) < n

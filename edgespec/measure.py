@@ -1,0 +1,89 @@
+"""Measurements shared by the scheduler's calibration, `edgespec profile` and the scripts:
+timing a target pass over a tree of n tokens, and the largest tree that fits in memory."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import psutil
+import torch
+
+
+def tree_inputs(tokens: int, past: int, vocab: int, device, seed: int = 0):
+    """Random tree of `tokens` nodes under a `past`-token prefix: ids, positions, bool mask (1,1,q,past+q)."""
+    gen = torch.Generator().manual_seed(seed + tokens)
+    ids = torch.randint(0, vocab, (1, tokens), generator=gen)
+    parents = torch.tensor([int(torch.randint(0, i, (1,), generator=gen)) if i else -1 for i in range(tokens)])
+    anc = torch.eye(tokens, dtype=torch.bool)
+    depth = torch.zeros(tokens, dtype=torch.long)
+    for i in range(1, tokens):
+        anc[i] |= anc[parents[i]]
+        depth[i] = depth[parents[i]] + 1
+    mask = torch.cat([torch.ones(tokens, past, dtype=torch.bool), anc], dim=1)[None, None]
+    return ids.to(device), (past + depth)[None].to(device), mask.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: int | None = None,
+                handle=None) -> list[dict]:
+    """Median pass time per tree size (plus the streamer's stats of those passes when offloaded)."""
+    from transformers import DynamicCache
+
+    vocab = vocab or model.config.vocab_size
+    cache = DynamicCache()
+    model(torch.randint(0, vocab, (1, past), device=device), cache=cache, use_cache=True)  # prefix
+    rows = []
+    for size in sizes:
+        ids, pos, mask = tree_inputs(size, past, vocab, device)
+        times, stats = [], []
+        for r in range(repeats + 1):  # the first run warms up
+            sync(device)
+            t0 = time.perf_counter()
+            model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            sync(device)
+            cache.crop(past - cache.get_seq_length())  # negative: drop the tree's entries
+            if r:
+                times.append(time.perf_counter() - t0)
+                stats.append(handle.last_pass if handle else None)
+        rows.append({"tokens": size, "pass_s": statistics.median(times), "stats": stats})
+    return rows
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for activations: device memory on CUDA, available host RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def pass_bytes(config, tokens: int, past: int, dtype_bytes: int = 2) -> int:
+    """Peak bytes one forward over `tokens` tree tokens on a `past`-token cache needs beyond weights:
+    KV entries for the new tokens, hidden/MLP activations of one layer, a materialised attention
+    score matrix for one layer (custom tree masks defeat the flash kernels), and the mask itself."""
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    layers = config.num_hidden_layers
+    kv = 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
+    act = tokens * (4 * h + 3 * inter) * dtype_bytes
+    scores = 2 * heads * tokens * (past + tokens) * 4
+    return kv + act + scores + tokens * (past + tokens)
+
+
+def max_tree_tokens(config, past: int, free: int, fraction: float = 0.5, ceiling: int = 4096) -> int:
+    """The largest tree (tokens in one pass) whose activations fit in `fraction` of `free` bytes."""
+    lo, hi = 0, ceiling
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if pass_bytes(config, mid, past) <= free * fraction:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
