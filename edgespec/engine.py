@@ -92,6 +92,7 @@ class Engine:
         self.state = _State(target, drafter)
         self.overlap = _overlap_wanted(self.offload) if overlap == "auto" else bool(overlap)
         self.overlap_factor = overlap_factor
+        self._pass_estimate, self._round_estimate = float("inf"), 0.0  # seconds, learnt while overlapping
         self._draft_stream = _side_stream(drafter)
 
     @classmethod
@@ -272,21 +273,29 @@ class Engine:
             try:
                 with torch.no_grad():
                     box["verdict"] = self._verify(tstem, tree, sampler)
+                    box["done"] = time.perf_counter()
             except BaseException as err:  # re-raised in the caller's thread
                 box["error"] = err
 
         worker = threading.Thread(target=work, name="edgespec-verify", daemon=True)
         wider = Plan(plan.budget * self.overlap_factor, plan.max_depth, plan.branch, plan.batch)
         start = time.perf_counter()
+        deadline = start + self._pass_estimate  # a round that would outlast the pass delays the step
         worker.start()
         with _on_stream(self._draft_stream):
-            while worker.is_alive() and not search.grow(wider, rounds=1):
-                pass
+            while worker.is_alive() and time.perf_counter() + self._round_estimate < deadline:
+                t = time.perf_counter()
+                if search.grow(wider, rounds=1):
+                    break
+                self._round_estimate = 0.7 * self._round_estimate + 0.3 * (time.perf_counter() - t)
         _wait_stream(self._draft_stream)
         drafted = time.perf_counter() - start
         worker.join()
         if "error" in box:
             raise box["error"]
+        took = box["done"] - start
+        est = self._pass_estimate
+        self._pass_estimate = took if est == float("inf") else 0.5 * est + 0.5 * took
         return box["verdict"], drafted
 
     def plan_for(self, remaining: int) -> Plan | None:
