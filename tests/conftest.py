@@ -20,11 +20,11 @@ ARCHS = {
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 64, layers: int = 2, init: float = 0.02,
-               attn: str = "sdpa", **extra):
+               attn: str = "sdpa", hidden: int = 32, **extra):
     cfg_cls, model_cls = ARCHS[arch]
-    cfg = cfg_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=init, head_dim=8, eos_token_id=None, bos_token_id=None,
+                  initializer_range=init, head_dim=hidden // 4, eos_token_id=None, bos_token_id=None,
                   pad_token_id=None, **extra)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)

@@ -11,30 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    DynamicCache, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-    Qwen2Config, Qwen2ForCausalLM,
-)
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from edgespec.errors import InvalidArgumentError, UnsupportedModelError
 from edgespec.offload import offload_layers
-
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "gemma": (GemmaConfig, GemmaForCausalLM),
-}
-
+from tests.conftest import tiny_model
 
 def make(arch: str = "llama", layers: int = 4, dtype=torch.float32, seed: int = 0, **extra):
-    cfg_cls, model_cls = ARCHS[arch]
-    cfg = cfg_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                  eos_token_id=None, bos_token_id=None, pad_token_id=None, **extra)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return model_cls(cfg).to(dtype).eval()
+    return tiny_model(arch, seed, vocab=128, layers=layers, hidden=64, **extra).to(dtype)
 
 
 def pair(arch="llama", resident=0, ring=2, **kw):
