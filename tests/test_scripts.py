@@ -1,0 +1,40 @@
+"""Smoke tests of the benchmark scripts on tiny models (the real runs are committed under benchmarks/)."""
+import importlib.util
+from pathlib import Path
+
+from edgespec import Engine
+from edgespec.offload import offload_layers
+from tests.conftest import tiny_pair
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_acceptance_script(capsys):
+    target, drafter = tiny_pair("llama", init=0.1)
+    rows = load("acceptance").main(["--budgets", "1,8", "--chains", "default,4", "--max-new-tokens", "12"],
+                                   pair=(target, drafter, None), prompts=[[1, 2, 3], [4, 5, 6, 7]])
+    out = capsys.readouterr().out
+    assert [r["method"] for r in rows] == ["assisted (HF default schedule)", "assisted (constant chain 4)",
+                                           "edgespec K=1", "edgespec K=8"]
+    assert all(r["equal"] for r in rows), "every method must reproduce the target's greedy output"
+    assert all(r["tokens"] / r["passes"] >= 1.0 for r in rows)
+    assert "| edgespec K=8 |" in out
+
+
+def test_bench_scheduler_script(capsys, monkeypatch):
+    target, drafter = tiny_pair("llama", init=0.1, layers=4)
+    offload_layers(target, "cpu", resident_layers=0, progress=False, link_delay=0.001)
+    base = Engine(target, drafter, budget=4)
+    mod = load("bench_scheduler")
+    monkeypatch.setattr(Engine, "encode", lambda self, prompt: [1, 2, 3])  # tiny models have no tokenizer
+    rows = mod.main(["--budgets", "4,16", "--max-new-tokens", "10"], base=base, prompts=["a", "b"])
+    out = capsys.readouterr().out
+    assert len(rows) == 6 and "all outputs identical: True" in out
+    assert all(r["tokens"] == 20 for r in rows)
