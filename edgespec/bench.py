@@ -1,0 +1,205 @@
+"""`edgespec bench`: tokens/s and tokens per target pass on MT-Bench first turns, greedy, for
+
+- edgespec: tree speculation, budget from the scheduler (auto unless --budget);
+- plain: the same (offloaded) target decoding alone, one target pass per token (Engine, budget 0);
+- HF assisted: `target.generate(assistant_model=drafter)` with the same pair.
+
+All three must produce the same tokens (greedy is lossless); the "same output" column says so.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "Give three tips for staying focused while studying.",
+    "What is 17 times 23? Show your work.",
+]
+METHODS = ("edgespec", "plain", "hf-assisted")
+
+
+def default_questions() -> Path:
+    """../shared/data/mt_bench_questions.jsonl, relative to the repository root."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench_questions.jsonl"
+
+
+def load_prompts(n: int, path: str | None = None) -> tuple[list[str], str]:
+    """The first turns of the first `n` questions, and where they came from."""
+    file = Path(path) if path else default_questions()
+    if not file.is_file():
+        print(f"edgespec: {file} not found: using {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
+        return BUILTIN_PROMPTS[:n], "built-in prompts"
+    lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln)["turns"][0] for ln in lines[:n]], _shown(file)
+
+
+def _shown(file: Path) -> str:
+    """The path as seen from the repository root (../shared/...), else as given."""
+    try:
+        return os.path.relpath(file.resolve(), Path(__file__).resolve().parents[1])
+    except ValueError:
+        return str(file)
+
+
+# ---- the three methods --------------------------------------------------------------------------
+def run_engine(engine, ids: list[int], max_new: int) -> dict:
+    engine.reset()  # no prefix cached from the previous prompt: every method starts cold
+    out = engine.generate(ids, max_new_tokens=max_new)
+    steps = out.stats.steps
+    return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": len(steps),
+            "tree_tokens": sum(s.tree_size for s in steps)}
+
+
+def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id) -> dict:
+    counter = [0]
+    hook = target.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    x = torch.tensor([ids], device=target.get_input_embeddings().weight.device)
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=drafter, do_sample=False,
+                                  max_new_tokens=max_new, pad_token_id=pad_id)
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    return {"ids": out[0, len(ids):].tolist(), "seconds": seconds, "passes": counter[0], "tree_tokens": None}
+
+
+def runners(engine):
+    from edgespec.engine import Engine
+
+    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
+    pad = next(iter(engine.eos_ids), 0)
+    return {
+        "edgespec": lambda ids, n: run_engine(engine, ids, n),
+        "plain": lambda ids, n: run_engine(plain, ids, n),
+        "hf-assisted": lambda ids, n: run_assisted(engine.target, engine.drafter, ids, n, pad),
+    }
+
+
+def run_bench(engine, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
+              progress: bool = True) -> dict:
+    """Every method on every prompt; returns per-method totals and per-prompt outputs."""
+    from edgespec.cli import chat_messages
+
+    methods = runners(engine)
+    encoded = [engine.encode(chat_messages(p, system)) for p in prompts]
+    if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings
+        for fn in methods.values():
+            fn(encoded[0], 2)
+    outputs = {m: [] for m in METHODS}
+    with tqdm(total=len(encoded) * len(methods), desc="edgespec: bench", unit="run", disable=not progress) as bar:
+        for ids in encoded:
+            for name, fn in methods.items():
+                bar.set_postfix_str(name)
+                outputs[name].append(fn(ids, max_new))
+                bar.update()
+    return {"prompts": len(prompts), "max_new_tokens": max_new, "rows": summarize(outputs),
+            "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()}}
+
+
+def summarize(outputs: dict) -> list[dict]:
+    rows = []
+    plain_rate = None
+    for name in METHODS:
+        rs = outputs[name]
+        tokens = sum(len(r["ids"]) for r in rs)
+        secs, passes = sum(r["seconds"] for r in rs), sum(r["passes"] for r in rs)
+        trees = None if any(r["tree_tokens"] is None for r in rs) else sum(r["tree_tokens"] for r in rs)
+        same = all(outputs[o][i]["ids"] == r["ids"] for o in METHODS for i, r in enumerate(rs))
+        rate = tokens / secs if secs else 0.0
+        plain_rate = rate if name == "plain" else plain_rate
+        rows.append({"method": name, "tokens_per_s": rate, "tokens_per_pass": tokens / passes if passes else 0.0,
+                     "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
+                     "new_tokens": tokens, "seconds": secs, "same_output": same})
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / plain_rate if plain_rate else None
+    return rows
+
+
+# ---- output ------------------------------------------------------------------------------------
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["method", "tokens/s", "tokens/pass", "target passes", "mean tree", "new tokens", "seconds", "vs plain",
+            "same output"]
+    lines = ["| " + " | ".join(cols) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        tree = f"{r['mean_tree']:.1f}" if r["mean_tree"] is not None else "-"
+        cells = [r["method"], f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_pass']:.2f}", r["passes"], tree,
+                 r["new_tokens"], f"{r['seconds']:.1f}", speed, r["same_output"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {gpu}, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import transformers
+
+    from edgespec import __version__
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}",
+             f"transformers {transformers.__version__}", f"edgespec {__version__}"]
+    try:
+        import bitsandbytes
+
+        parts.append(f"bitsandbytes {bitsandbytes.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def setup_line(engine, args) -> str:
+    off = engine.offload
+    where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers, "
+             f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
+    return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}, drafter {args.draft or 'embedded'} "
+            f"({args.draft_quant}); {where}; device {engine.device}; budget {args.budget}; greedy")
+
+
+def report(result: dict, engine, args, argv_text: str) -> str:
+    head = [
+        "# edgespec bench", "",
+        f"- command: `{argv_text}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {machine()}",
+        f"- versions: {versions()}",
+        f"- setup: {setup_line(engine, args)}",
+        f"- prompts: {result['prompts']} from {result['source']}, max {result['max_new_tokens']} new tokens",
+        ("- tokens/pass = new tokens / target forward passes (prefill included in the first pass); "
+         "mean tree = draft tokens verified per target pass; "
+         "same output = token-identical to the other two methods on every prompt"), "", ""
+    ]
+    return "\n".join(head) + markdown_table(result["rows"]) + "\n"
+
+
+def main(args, load) -> int:
+    prompts, source = load_prompts(args.n_prompts, args.questions)
+    engine = load()
+    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system)
+    result["source"] = source
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))
+    else:
+        print(markdown_table(result["rows"]))
+    if args.out:
+        argv_text = "edgespec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["bench"]))
+        Path(args.out).write_text(report(result, engine, args, argv_text))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,229 @@
+"""Terminal chat over an Engine: history, slash commands, streamed answers.
+
+`ChatSession` holds the messages and the engine and knows the commands; it reads nothing itself,
+so tests drive it with `session.handle(line)`. `repl()` feeds it lines from a terminal or a pipe.
+The engine keeps the conversation's KV cache and reuses the common prefix each turn, so a turn
+only pays for its new tokens.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edgespec.errors import EdgespecError, InvalidArgumentError
+
+HELP = """commands:
+  /stats       last answer's and the session's speed, the scheduler's and the offload's stats
+  /reset       forget the conversation
+  /save PATH   write the transcript (JSON list of messages)
+  /load PATH   replace the conversation with a saved transcript
+  /help        this text
+  /exit        quit (also Ctrl-D; Ctrl-C stops an answer, at the prompt it quits)"""
+
+
+class ChatSession:
+    def __init__(self, engine, *, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 out=None, err=None, prefix: str = ""):
+        self.engine, self.system = engine, system
+        self.gen_kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.prefix = prefix  # printed before each answer ("assistant: " when not on a terminal)
+        self.messages: list[dict] = []
+        self.last = None  # RunStats of the last answer
+        self.totals = {"answers": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0}
+        self.reset()
+
+    # ---- input -------------------------------------------------------------------------------
+    def handle(self, line: str) -> bool:
+        """One line from the user: a /command or a question. Returns False when the chat should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith("/"):
+            return self.command(line)
+        self.ask(line)
+        return True
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line.partition(" ")
+        actions = {"/stats": lambda: self.print(self.stats_text()), "/reset": self.reset,
+                   "/help": lambda: self.print(HELP), "/save": lambda: self.save(arg.strip()),
+                   "/load": lambda: self.load(arg.strip())}
+        if name in ("/exit", "/quit"):
+            return False
+        if name not in actions:
+            self.error(f"unknown command {name}: /help lists the commands")
+            return True
+        try:
+            actions[name]()
+        except EdgespecError as e:
+            self.error(str(e))
+        return True
+
+    # ---- a turn ------------------------------------------------------------------------------
+    def ask(self, text: str) -> str | None:
+        """Stream an answer to `text`. Ctrl-C keeps the partial answer; an error drops the turn."""
+        self.messages.append({"role": "user", "content": text})
+        self.out.write(self.prefix)
+        self.out.flush()
+        pieces: list[str] = []
+        try:
+            run = self.engine.run(self.messages, **self.gen_kw)
+            self._stream(run, pieces)
+        except EdgespecError as e:
+            self.messages.pop()
+            self.out.write("\n")
+            self.error(str(e))
+            return None
+        answer = "".join(pieces)
+        self.out.write("\n")
+        self.out.flush()
+        self.messages.append({"role": "assistant", "content": answer})
+        self._record(run.result.stats if run.result is not None else None)
+        return answer
+
+    def _stream(self, run, pieces: list[str]) -> None:
+        it = iter(run)
+        try:
+            for piece in it:
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            it.close()  # ends the run: the engine keeps the tokens accepted so far
+            self.out.write(" [interrupted]")
+
+    def _record(self, stats) -> None:
+        if stats is None:
+            return
+        self.last = stats
+        t = self.totals
+        t["answers"] += 1
+        t["tokens"] += stats.new_tokens
+        t["seconds"] += stats.wall_time
+        t["steps"] += len(stats.steps)
+        t["accepted"] += sum(s.accepted for s in stats.steps)
+
+    # ---- commands ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.last = None
+        self.engine.reset()
+
+    def save(self, path: str) -> None:
+        if not path:
+            raise InvalidArgumentError("/save needs a file name: /save chat.json")
+        try:
+            Path(path).expanduser().write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise EdgespecError(f"could not write {path}: {e.strerror}") from None
+        self.print(f"saved {len(self.messages)} messages to {path}")
+
+    def load(self, path: str) -> None:
+        if not path:
+            raise InvalidArgumentError("/load needs a file name: /load chat.json")
+        self.messages = read_transcript(path)
+        self.last = None
+        self.print(f"loaded {len(self.messages)} messages from {path}")
+
+    def stats_text(self) -> str:
+        lines = [self._last_line(), self._session_line()]
+        sched = getattr(self.engine.scheduler, "stats", None)
+        if sched is not None:
+            lines.append("scheduler: " + _flat(sched()))
+        if getattr(self.engine, "offload", None) is not None:
+            lines.append(offload_line(self.engine.offload))
+        return "\n".join(lines)
+
+    def _last_line(self) -> str:
+        s = self.last
+        if s is None:
+            return "last answer: none yet"
+        budgets = [st.budget for st in s.steps]
+        mean_budget = sum(budgets) / len(budgets) if budgets else 0.0
+        return (f"last answer: {s.new_tokens} tokens in {s.wall_time:.2f} s ({s.tokens_per_second:.2f} tokens/s), "
+                f"{len(s.steps)} steps, {s.accepted_per_pass:.2f} accepted/pass, budget {mean_budget:.0f}, "
+                f"stop: {s.stop_reason or '-'}")
+
+    def _session_line(self) -> str:
+        t = self.totals
+        rate = t["tokens"] / t["seconds"] if t["seconds"] else 0.0
+        per_pass = t["accepted"] / t["steps"] if t["steps"] else 0.0
+        return (f"session: {t['answers']} answers, {t['tokens']} tokens in {t['seconds']:.2f} s ({rate:.2f} tokens/s), "
+                f"{t['steps']} steps, {per_pass:.2f} accepted/pass")
+
+    # ---- output ------------------------------------------------------------------------------
+    def print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def error(self, text: str) -> None:
+        self.err.write(f"edgespec: error: {text}\n")
+        self.err.flush()
+
+
+def read_transcript(path: str) -> list[dict]:
+    """A saved transcript: a JSON list of {"role", "content"} messages."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except OSError as e:
+        raise EdgespecError(f"could not read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise EdgespecError(f"{path} is not JSON ({e.msg}, line {e.lineno}): give a file written by /save") from None
+    ok = isinstance(data, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data)
+    if not ok:
+        raise EdgespecError(f"{path} is not a transcript: expected a JSON list of {{\"role\", \"content\"}} messages")
+    return [{"role": m["role"], "content": m["content"]} for m in data]
+
+
+def offload_line(handle) -> str:
+    total = handle.stats.total
+    layers = max(total.layers, 1)
+    return (f"offload: {handle.streamed_layers} streamed / {handle.resident_layers} resident layers, "
+            f"{total.passes} passes, {total.bytes / 1e9:.2f} GB streamed, per layer: transfer "
+            f"{1e3 * total.transfer_time / layers:.2f} ms, wait {1e3 * total.wait_time / layers:.2f} ms; "
+            f"compute {total.compute_time:.2f} s, overlap {total.overlap:.2f}")
+
+
+def _flat(d: dict) -> str:
+    """Scalars of a stats dict as `key value` pairs (nested dicts flattened as key.sub)."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            parts += [f"{k}.{k2} {_fmt(v2)}" for k2, v2 in v.items() if not isinstance(v2, (dict, list))]
+        elif not isinstance(v, list):
+            parts.append(f"{k} {_fmt(v)}")
+    return ", ".join(parts)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def repl(session: ChatSession, stdin=None) -> int:
+    """Read lines until /exit or EOF: a prompt on a terminal, plain lines from a pipe."""
+    stdin = stdin or sys.stdin
+    tty = stdin.isatty()
+    if tty:
+        _readline()
+        session.err.write("edgespec chat: type a message, /help for commands, /exit or Ctrl-D to quit\n")
+    while True:
+        try:
+            line = input("> ") if tty else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            session.out.write("\n" if tty else "")
+            return 0
+        if not tty and line == "":
+            return 0
+        if not session.handle(line):
+            return 0
+
+
+def _readline() -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass

@@ -1,0 +1,242 @@
+"""The chat session and the command line, on tiny random models with a tiny word-level tokenizer;
+the embedded default through a real subprocess is marked slow."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgespec import Engine, cli
+from edgespec.chat import ChatSession
+from tests.conftest import greedy_reference, noisy_copy, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("the a capital of france is paris what hello world user assistant system you are helpful "
+         "model cat dog sea sky blue red green one two three and or not yes no").split()
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = 64):
+    """A word-level tokenizer (whitespace split) of exactly `vocab_size` tokens, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", additional_special_tokens=SPECIAL[1:])
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def tiny_engine(budget=4, offload: bool = False, **kw) -> Engine:
+    """A peaked random target (init 0.5) and a close copy as drafter: trees are partly accepted."""
+    target = tiny_model("llama", init=0.5, **kw)
+    drafter = noisy_copy(target, scale=0.002)
+    if offload:
+        from edgespec.offload import offload_layers
+
+        offload_layers(target, "cpu", resident_layers=0, progress=False)
+    return Engine(target, drafter, tiny_tokenizer(), budget=budget)
+
+
+def session(engine=None, **kw) -> tuple[ChatSession, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("max_new_tokens", 12)
+    return ChatSession(engine or tiny_engine(), out=out, err=err, **kw), out, err
+
+
+def decode(engine, ids):
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---- ChatSession --------------------------------------------------------------------------------
+def test_multi_turn_keeps_history_and_answers_greedily():
+    s, out, _ = session()
+    first = s.ask("hello world")
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[1]["content"] == first
+    before = list(s.messages) + [{"role": "user", "content": "what is the capital of france"}]
+    second = s.ask("what is the capital of france")
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "user", "assistant"]
+    ids = s.engine.encode(before)  # the second prompt holds the whole first exchange
+    assert decode(s.engine, greedy_reference(s.engine.target, ids, 12)) == second
+    assert first in out.getvalue() and second in out.getvalue()
+
+
+def test_system_message_reset_and_commands():
+    s, out, err = session(system="you are helpful")
+    assert s.handle("hello") and s.handle("/help") and "/save" in out.getvalue()
+    assert len(s.messages) == 3
+    assert s.handle("/reset")
+    assert s.messages == [{"role": "system", "content": "you are helpful"}] and s.engine.state.ids == []
+    assert s.handle("/nonsense") and "unknown command" in err.getvalue()
+    assert s.handle("") and not s.handle("/exit")
+
+
+def test_save_then_load_restores_the_transcript(tmp_path):
+    s, _, err = session()
+    s.handle("hello world")
+    s.handle("the cat and the dog")
+    saved = [dict(m) for m in s.messages]
+    path = tmp_path / "chat.json"
+    s.handle(f"/save {path}")
+    assert json.loads(path.read_text()) == saved
+    s.handle("/reset")
+    assert s.messages == []
+    s.handle(f"/load {path}")
+    assert s.messages == saved
+    s.handle("one two three")  # continues after the loaded turns
+    assert s.messages[:4] == saved and len(s.messages) == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"role": "user"}')
+    s.handle(f"/load {bad}")
+    assert "not a transcript" in err.getvalue() and len(s.messages) == 6
+    s.handle(f"/load {tmp_path / 'missing.json'}")
+    assert "could not read" in err.getvalue()
+
+
+def test_ctrl_c_in_the_engine_keeps_the_partial_answer():
+    engine = tiny_engine(budget=1)
+    s, out, _ = session(engine, max_new_tokens=20)
+    s.ask("hello world")
+    real_step, calls = engine.step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    engine.step = step
+    partial = s.ask("the cat")
+    assert "[interrupted]" in out.getvalue()
+    assert s.messages[-1] == {"role": "assistant", "content": partial} and len(s.messages) == 4
+    assert s.last.stop_reason == "interrupted" and 1 <= s.last.new_tokens < 20
+    assert len(engine.state.ids) <= len(engine.encode(s.messages[:3])) + s.last.new_tokens
+    engine.step = real_step
+    s.ask("one two")  # the conversation goes on
+    assert len(s.messages) == 6
+
+
+def test_ctrl_c_while_printing_keeps_the_partial_answer():
+    class Out(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            if text and text not in ("\n", " [interrupted]"):
+                Out.writes += 1
+                if Out.writes == 3:
+                    raise KeyboardInterrupt
+            return super().write(text)
+
+    engine = tiny_engine(budget=1)
+    s = ChatSession(engine, out=Out(), err=io.StringIO(), max_new_tokens=20)
+    answer = s.ask("hello world")
+    assert s.messages[-1] == {"role": "assistant", "content": answer}
+    assert s.last is not None and s.last.new_tokens < 20
+
+
+def test_an_error_in_one_turn_keeps_earlier_turns():
+    s, _, err = session()
+    s.ask("hello world")
+    kept = list(s.messages)
+    assert s.ask(" ".join(["cat"] * 400)) is None  # longer than the tiny model's context window
+    assert "edgespec: error:" in err.getvalue() and "context window" in err.getvalue()
+    assert s.messages == kept
+    s.ask("one two")
+    assert len(s.messages) == 4
+
+
+def test_stats_prints_numbers():
+    s, out, _ = session(tiny_engine(offload=True))
+    s.handle("/stats")
+    assert "none yet" in out.getvalue()
+    s.handle("hello world")
+    s.handle("/stats")
+    text = out.getvalue()
+    assert "tokens/s" in text and "accepted/pass" in text and "scheduler:" in text and "offload:" in text
+    assert s.last.new_tokens > 0 and s.totals["tokens"] == s.last.new_tokens
+
+
+def test_repl_reads_a_pipe_until_eof():
+    s, out, _ = session(prefix="assistant: ")
+    assert cli_repl(s, "hello world\n\n/stats\nthe cat\n") == 0
+    assert out.getvalue().count("assistant: ") == 2 and len(s.messages) == 4
+
+
+def cli_repl(s, text: str) -> int:
+    from edgespec.chat import repl
+
+    return repl(s, io.StringIO(text))
+
+
+# ---- main([...]) ---------------------------------------------------------------------------------
+@pytest.fixture
+def injected(monkeypatch):
+    engine = tiny_engine(budget=4, offload=True)
+    monkeypatch.setattr(cli, "make_engine", lambda args: engine)
+    return engine
+
+
+def test_generate_json(injected, capsys):
+    assert cli.main(["generate", "what is the capital of france", "--json", "--max-new-tokens", "10"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ids = injected.encode([{"role": "user", "content": "what is the capital of france"}])
+    assert data["ids"] == greedy_reference(injected.target, ids, 10)
+    assert data["text"] == decode(injected, data["ids"])
+    assert data["stats"]["new_tokens"] == 10 and len(data["steps"]) == data["stats"]["steps"] > 0
+    assert {"accepted", "tree_size", "draft_time", "verify_time"} <= set(data["steps"][0])
+    assert "offload" in data and "scheduler" in data
+
+
+def test_generate_raw_from_stdin(injected, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat and the dog"))
+    assert cli.main(["generate", "--raw", "--max-new-tokens", "6"]) == 0
+    ids = injected.encode("the cat and the dog")
+    assert capsys.readouterr().out == decode(injected, greedy_reference(injected.target, ids, 6)) + "\n"
+
+
+def test_user_errors_exit_2_without_traceback(injected, capsys):
+    assert cli.main(["generate", "hello", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgespec: error: temperature") and "Traceback" not in err
+    assert cli.main(["generate", "   "]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "hello", "--budget", "lots"])
+    assert e.value.code == 2
+
+
+# ---- the embedded default, as a user runs it ------------------------------------------------------
+def run_cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "edgespec.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=900, check=False)
+
+
+@pytest.mark.slow
+def test_chat_on_the_embedded_default_through_a_pipe():
+    proc = run_cli("chat", "--max-new-tokens", "16", stdin="What is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = proc.stdout.split("assistant: ", 1)[1].strip()
+    assert answer, proc.stdout
+
+
+@pytest.mark.slow
+def test_generate_prints_the_targets_greedy_answer(real_pair):
+    target, _, tok = real_pair
+    question = "What is the capital of France?"
+    proc = run_cli("generate", question, "--max-new-tokens", "24")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    expected = tok.decode(greedy_reference(target, ids, 24), skip_special_tokens=True)
+    assert proc.stdout == expected + "\n"

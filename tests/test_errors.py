@@ -1,0 +1,97 @@
+"""Bad input gets an edgespec error that names the problem and the fix (no deep torch traceback)."""
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+
+from edgespec import Engine
+from edgespec.errors import (
+    ContextLengthError, InvalidArgumentError, ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError,
+)
+from edgespec.models import check_tokenizers, load_model
+from edgespec.scheduler import make_scheduler
+from tests.conftest import greedy_reference, tiny_pair
+from tests.test_greedy import Fixed
+from edgespec.stats import Plan
+
+
+def word_tokenizer(words):
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_tokenizer_mismatch():
+    check_tokenizers(word_tokenizer(["a", "b"]), word_tokenizer(["a", "b"]))  # same vocabulary: fine
+    with pytest.raises(TokenizerMismatchError, match="tokenizers differ.*same tokenizer"):
+        check_tokenizers(word_tokenizer(["a", "b", "c"]), word_tokenizer(["a", "x"]))
+
+
+def test_missing_folder_and_gguf(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found.*Check the path"):
+        load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(str(tmp_path / "missing" / "model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json.*model folder or a .gguf"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_corrupt_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(ModelNotFoundError, match="Could not read GGUF.*Re-download"):
+        load_model(str(bad), progress=False)
+
+
+def test_unsupported_architecture():
+    from edgespec.offload import offload_layers
+
+    with pytest.raises(UnsupportedModelError):
+        offload_layers(nn.Sequential(nn.Linear(4, 4)), "cpu", progress=False)
+
+
+def test_prompt_longer_than_context():
+    target, drafter = tiny_pair("llama")
+    engine = Engine(target, drafter, budget=4, max_context=32)
+    with pytest.raises(ContextLengthError, match="40 tokens.*context window is 32.*shorten"):
+        engine.generate(list(range(1, 41)), max_new_tokens=4)
+
+
+def test_generation_stops_at_the_context_window():
+    target, drafter = tiny_pair("llama", init=0.1)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(16, 8, 4, 16)), max_context=30)
+    ids = [1, 2, 3, 4, 5]
+    out = engine.generate(ids, max_new_tokens=100)
+    assert out.stats.stop_reason == "context"
+    assert len(ids) + len(out.ids) == 30
+    assert out.ids == greedy_reference(target, ids, 100)[: len(out.ids)]
+    assert engine.state.tcache.get_seq_length() < 30
+
+
+@pytest.mark.parametrize("budget", [-1, "fast", 2.5, None])
+def test_invalid_budgets(budget):
+    with pytest.raises(InvalidArgumentError, match="budget"):
+        make_scheduler(budget)
+
+
+@pytest.mark.parametrize("kw,word", [({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                                     ({"top_p": 2.0}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens")])
+def test_invalid_generation_arguments(kw, word):
+    target, drafter = tiny_pair("llama")
+    engine = Engine(target, drafter, budget=4)
+    with pytest.raises(InvalidArgumentError, match=word):
+        engine.generate([1, 2, 3], **{"max_new_tokens": 4, **kw})
+
+
+def test_empty_prompt():
+    target, drafter = tiny_pair("llama")
+    engine = Engine(target, drafter, budget=4, tokenizer=word_tokenizer(["a"]))
+    for empty in ("", [], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(InvalidArgumentError, match="prompt is empty"):
+            engine.generate(empty, max_new_tokens=4)
