@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 from edgespec.cache import crop, new_cache, prune_to_path
 from edgespec.draft import TreeSearch
 from edgespec.errors import (
+    BackoffWarning,
     ContextLengthError,
     EdgespecError,
     InvalidArgumentError,
@@ -208,9 +210,19 @@ class Engine:
                         "layers resident, or use a smaller drafter."
                     ) from err
                 retries += 1
-                plan = Plan(plan.budget // 2, plan.max_depth, plan.branch, max(1, plan.batch // 2))
-                self.scheduler.set_max_budget(plan.budget)
-                _empty_device_cache()
+                plan = self._back_off(plan)
+
+    def _back_off(self, plan: Plan) -> Plan:
+        """After an out-of-memory: halve the tree (and cap the scheduler there), stream an eighth of
+        the target's resident layers, free the allocator's cache, and say so."""
+        smaller = Plan(plan.budget // 2, plan.max_depth, plan.branch, max(1, plan.batch // 2))
+        self.scheduler.set_max_budget(smaller.budget)
+        moved = self.offload.demote(max(1, self.offload.resident_layers // 8)) if self.offload else 0
+        _empty_device_cache()
+        layers = f", {moved} fewer resident target layers" if moved else ""
+        warnings.warn(f"edgespec: out of device memory; retrying the step with a tree of {smaller.budget}{layers}",
+                      BackoffWarning, stacklevel=4)
+        return smaller
 
     def _rollback(self, before: tuple[int, int]) -> None:
         st = self.state

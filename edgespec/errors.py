@@ -27,3 +27,7 @@ class InvalidArgumentError(EdgespecError, ValueError):
 
 class OutOfMemoryError(EdgespecError):
     """Device memory ran out and backing off did not help."""
+
+
+class BackoffWarning(UserWarning):
+    """Device memory ran out during a step; edgespec shrank the plan and retried it."""

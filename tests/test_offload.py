@@ -199,6 +199,30 @@ def test_cuda_transport_logic_on_fake_cuda(monkeypatch):
         handle.remove()
 
 
+@pytest.mark.parametrize("resident,count,quantize", [(4, 1, None), (4, 4, None), (2, 1, None), (3, 2, "int8")])
+def test_demote_keeps_logits(resident, count, quantize):
+    """The out-of-memory back-off streams resident layers from then on; outputs do not change,
+    also in the middle of a cached sequence."""
+    model, plain, handle = pair("llama", resident, 2, quantize=quantize)
+    cache, ref_cache = DynamicCache(), DynamicCache()
+    with torch.no_grad():
+        model(IDS[:, :6], cache=cache, use_cache=True)
+        ref = plain(IDS[:, :6], cache=ref_cache, use_cache=True)
+        assert handle.demote(count) == count
+        assert handle.resident_layers == resident - count and handle.streamed_layers == 4 - resident + count
+        assert 1 <= handle.ring <= 2  # the ring never grows in a back-off (it may stay clamped)
+        got = model(IDS[:, 6:9], cache=cache, use_cache=True).logits
+        ref = plain(IDS[:, 6:9], cache=ref_cache, use_cache=True).logits
+    tol = 0.05 if quantize else 1e-5
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    left = handle.resident_layers
+    assert handle.demote(10) == left and handle.resident_layers == 0 and handle.demote(1) == 0
+    with torch.no_grad():
+        got = model(IDS[:, 9:12], cache=cache, use_cache=True).logits
+        ref = plain(IDS[:, 9:12], cache=ref_cache, use_cache=True).logits
+    torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
 # ---- 2. generate ----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("resident", [0, 2, 4])

@@ -44,6 +44,23 @@ def test_injected_oom_is_recovered(monkeypatch, module, after_forward):
     assert tlen <= len(ids) + 30 - 1 and dlen <= len(ids) + 30 - 1
 
 
+def test_oom_streams_resident_layers_and_says_so(monkeypatch):
+    """With an offloaded target, the back-off also moves resident layers to streaming; same output."""
+    from edgespec.errors import BackoffWarning
+    from edgespec.offload import offload_layers
+
+    target, drafter = tiny_pair("qwen2", init=0.1, layers=4)
+    ids = prompts(1)[0]
+    ref = greedy_reference(target, ids, 30)
+    handle = offload_layers(target, "cpu", resident_layers=4, progress=False)
+    engine = Engine(target, drafter, scheduler=Fixed(Plan(64, 8, 4, 16)), overlap=False)
+    monkeypatch.setattr(verify, "hidden_states", failing(verify.hidden_states, {2, 5}, True))
+    with pytest.warns(BackoffWarning, match="retrying the step with a tree of 32, 1 fewer resident"):
+        out = engine.generate(ids, max_new_tokens=30)
+    assert out.ids == ref
+    assert sum(s.retries for s in out.stats.steps) == 2 and handle.resident_layers == 2
+
+
 def test_oom_at_budget_zero_raises_clearly(monkeypatch):
     target, drafter = tiny_pair("llama")
     engine = Engine(target, drafter, scheduler=Fixed(Plan(0, 8, 4, 16)))

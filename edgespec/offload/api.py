@@ -7,7 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgespec.errors import InvalidArgumentError
-from edgespec.offload.layout import LayerPack, Slot
+from edgespec.offload.layout import LayerPack, make_slots
 from edgespec.offload.placement import auto_resident, check_no_sharing, decoder_layers, move_outside
 from edgespec.offload.quant import CODECS, make_codec
 from edgespec.offload.streamer import OffloadHandle
@@ -49,11 +49,9 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
         desc = "edgespec: pinning layers" if pin else "edgespec: packing layers"
         packs = [LayerPack.pack(i, layers[i], codec, pin) for i in tqdm(range(resident, n), desc=desc,
                                                                          unit="layer", disable=not progress)]
-        slots = _make_slots(packs, min(ring, len(packs)), device)
-        for pack in packs:
-            for slot in slots:
-                pack.attach(slot)
-    handle = OffloadHandle(model, layers, device, packs, slots, make_transport(device, float(link_delay)), quantize)
+        slots = make_slots(packs, min(ring, len(packs)), device)
+    handle = OffloadHandle(model, layers, device, packs, slots, make_transport(device, float(link_delay)), quantize,
+                           codec=codec, ring_size=ring)
     model._edgespec_offload = handle
     return handle
 
@@ -78,13 +76,3 @@ def _check(ring, link_delay, quantize, resident_layers) -> None:
         raise InvalidArgumentError(f"quantize must be None or one of {sorted(CODECS)}, got {quantize!r}.")
     if resident_layers is not None and (not isinstance(resident_layers, int) or resident_layers < 0):
         raise InvalidArgumentError(f"resident_layers must be None or an int >= 0, got {resident_layers!r}.")
-
-
-def _make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[Slot]:
-    if not packs:
-        return []
-    dense = max(p.dense_bytes for p in packs)
-    staging = max(p.host_bytes for p in packs) if any(p.codec for p in packs) else 0
-    return [Slot(i, torch.empty(dense, dtype=torch.uint8, device=device),
-                 torch.empty(staging, dtype=torch.uint8, device=device) if staging else None)
-            for i in range(ring)]

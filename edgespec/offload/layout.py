@@ -171,3 +171,24 @@ class LayerPack:
         self._views.clear()
         self._loads.clear()
         unpin(self)
+
+
+def make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[Slot]:
+    """`ring` device slots big enough for every pack, each pack's views attached to each slot."""
+    if not packs:
+        return []
+    dense = max(p.dense_bytes for p in packs)
+    staging = max(p.host_bytes for p in packs) if any(p.codec for p in packs) else 0
+    slots = [Slot(i, torch.empty(dense, dtype=torch.uint8, device=device),
+                  torch.empty(staging, dtype=torch.uint8, device=device) if staging else None)
+             for i in range(ring)]
+    for pack in packs:
+        for slot in slots:
+            pack.attach(slot)
+    return slots
+
+
+def fits(pack: LayerPack, slot: Slot) -> bool:
+    """Whether `pack` can load into `slot` (dense bytes, and staging for its encoded bytes)."""
+    staged = pack.codec is None or (slot.staging is not None and slot.staging.numel() >= pack.host_bytes)
+    return pack.dense_bytes <= slot.dense.numel() and staged

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgespec.errors import InvalidArgumentError
-from edgespec.offload.layout import LayerPack, Slot
+from edgespec.offload.layout import LayerPack, Slot, fits, make_slots
 from edgespec.offload.placement import move_outside
 from edgespec.offload.stats import LayerTrace, OffloadStats, PassTrace
 
@@ -24,9 +24,10 @@ class OffloadHandle:
     """Returned by `offload_layers`: stats, knobs, and `remove()` to undo the offloading."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, device: torch.device, packs: list[LayerPack],
-                 slots: list[Slot], transport, quantize: str | None):
+                 slots: list[Slot], transport, quantize: str | None, codec=None, ring_size: int | None = None):
         self.model, self.layers, self.device = model, layers, device
         self.packs, self.slots, self.transport, self.quantize = packs, slots, transport, quantize
+        self.codec, self.ring_size = codec, ring_size or max(1, len(slots))
         self._slot_of = {p.index: i for i, p in enumerate(packs)}  # layer index -> streamed position
         self._next = 0  # next streamed use to run
         self._issued = 0  # uses submitted so far
@@ -126,16 +127,46 @@ class OffloadHandle:
 
     def _restart(self, pos: int) -> None:
         """Out of step (an interrupted pass): drain, unbind everything, restart the ring at `pos`."""
-        for slot in self.slots:
-            self.transport.release(slot)  # after whatever the interrupted pass launched
-        self.transport.drain()
-        for pack in self.packs:
-            pack.unbind()
-        self._running, self._tickets = None, {}
+        self._stop()
         n = len(self.packs)
         self._next = self._issued + (pos - self._issued) % n
         self._issued = self._next
         self._issue_until(self._next + len(self.slots))
+
+    def _stop(self) -> None:
+        """Let every copy in flight finish and unbind every streamed layer."""
+        for slot in self.slots:
+            self.transport.release(slot)  # after whatever the last (maybe interrupted) pass launched
+        self.transport.drain()
+        for pack in self.packs:
+            pack.unbind()
+        self._running, self._tickets = None, {}
+
+    # ---- back-off ---------------------------------------------------------------------------
+    def demote(self, count: int = 1) -> int:
+        """Stream the last `count` resident layers from now on, freeing their device memory (the
+        out-of-memory back-off). Call between passes. Returns how many layers moved."""
+        count = min(int(count), self.resident_layers)
+        if count <= 0 or self._removed:
+            return 0
+        self._resolve()
+        self._stop()
+        first = self.resident_layers - count
+        with torch.no_grad():
+            new = [LayerPack.pack(i, self.layers[i], self.codec, self.device.type == "cuda")
+                   for i in range(first, first + count)]
+        self.packs = new + self.packs
+        if self.slots and all(fits(p, self.slots[0]) for p in new):
+            for pack in new:
+                for slot in self.slots:
+                    pack.attach(slot)
+        else:
+            self.slots = []
+            self.slots = make_slots(self.packs, min(self.ring_size, len(self.packs)), self.device)
+        self._slot_of = {p.index: i for i, p in enumerate(self.packs)}
+        self._next = self._issued = 0
+        self._issue_until(len(self.slots))
+        return count
 
     # ---- hooks ------------------------------------------------------------------------------
     def _pre_hook(self, index: int):
