@@ -79,8 +79,10 @@ class Engine:
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
                  branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
-                 overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False):
+                 overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False,
+                 progress: bool = True):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
+        self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
         self.offload = getattr(target, "_edgespec_offload", None)
         self.device = model_device(target)
         if scheduler is None:
@@ -130,20 +132,25 @@ class Engine:
         else:
             target_model = load_model(target, device=dev, progress=progress)
         engine_kw.setdefault("calibrate", True)
-        return cls(target_model, draft_model, tok, budget=budget, **engine_kw)
+        return cls(target_model, draft_model, tok, budget=budget, progress=progress, **engine_kw)
 
     def _calibration(self) -> dict:
-        """A short profiling run of the target pass vs tree size, cached per machine, model and link."""
-        from edgespec.measure import time_passes
+        """A short profiling run (target pass vs tree size, drafting vs budget), cached per machine,
+        models and link; shows a progress bar while it measures."""
+        from edgespec.measure import time_drafts, time_passes
         from edgespec.scheduler import machine_key
 
         off = self.offload
         extra = "plain" if off is None else (
             f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
-        key = machine_key(str(getattr(self.target.config, "name_or_path", "")) or type(self.target).__name__,
+        key = machine_key(f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}",
                           f"{extra}:{next(self.target.parameters()).dtype}")
+        bar = _LazyBar("edgespec: calibrating the scheduler", self.progress)
+        prefix = torch.randint(0, self.drafter.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
+        sched_plan = lambda k: Plan(k, self.max_depth, self.branch, self.batch)  # noqa: E731
         return {"cache_key": key,
-                "measure_fn": lambda n: time_passes(self.target, self.device, [n], past=64)[0]["pass_s"]}
+                "measure_fn": bar.wrap(lambda n: time_passes(self.target, self.device, [n], past=64)[0]["pass_s"]),
+                "draft_fn": bar.wrap(lambda k: time_drafts(self.drafter, prefix.tolist(), [k], sched_plan)[0]["draft_s"])}
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -414,6 +421,34 @@ class Run:
             if len(tok.decode(self.new[:n], skip_special_tokens=True)) > len(kept):
                 del self.new[n:]
                 return
+
+
+def _model_name(model) -> str:
+    name = str(getattr(model.config, "name_or_path", "")) or type(model).__name__
+    quant = getattr(model, "quantization_config", None) or getattr(model.config, "quantization_config", None)
+    bits = getattr(quant, "bnb_4bit_quant_type", None) if getattr(quant, "load_in_4bit", False) else (
+        "int8" if getattr(quant, "load_in_8bit", False) else None)
+    return f"{name}:{bits}" if bits else name
+
+
+class _LazyBar:
+    """A progress bar that appears only if the wrapped measurements actually run (a cache miss)."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def wrap(self, fn):
+        def measured(n):
+            if self.bar is None and self.enabled:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc=self.desc, unit="run")
+            value = fn(n)
+            if self.bar is not None:
+                self.bar.update()
+            return value
+
+        return measured
 
 
 def _overlap_wanted(offload) -> bool:

@@ -1,5 +1,6 @@
 """Measurements shared by the scheduler's calibration, `edgespec profile` and the scripts:
-timing a target pass over a tree of n tokens, and the largest tree that fits in memory."""
+timing a target pass over a tree of n tokens, timing the drafter building a tree of budget k, and
+the largest tree that fits in memory."""
 from __future__ import annotations
 
 import statistics
@@ -51,6 +52,40 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
                 times.append(time.perf_counter() - t0)
                 stats.append(handle.last_pass if handle else None)
         rows.append({"tokens": size, "pass_s": statistics.median(times), "stats": stats})
+    return rows
+
+
+@torch.inference_mode()
+def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1) -> list[dict]:
+    """Median seconds to build a tree of each budget under `prefix` (its last token the root), as a
+    step does: feed the root, grow best-first, take the top-`budget` tree. `plan_for(k)` gives the
+    Plan (depth, branch, batch). The prefix's drafter cache is filled once, outside the timing."""
+    from edgespec.cache import crop, new_cache
+    from edgespec.draft import TreeSearch
+    from edgespec.forward import hidden_states, model_device
+    from edgespec.sampling import Sampler
+
+    device = model_device(drafter)
+    cache = new_cache(drafter)
+    stem = torch.tensor(prefix)
+    hidden_states(drafter, cache, stem[:-1], torch.arange(stem.numel() - 1), None)
+    rows = []
+    for budget in budgets:
+        plan = plan_for(budget)
+        times, tree = [], None
+        for r in range(repeats + 1):  # the first run warms up
+            crop(cache, stem.numel() - 1)
+            sync(device)
+            t0 = time.perf_counter()
+            search = TreeSearch.start(drafter, cache, stem[-1:], Sampler(0.0), plan.branch)
+            search.grow(plan)
+            tree = search.tree(budget)
+            sync(device)
+            if r:
+                times.append(time.perf_counter() - t0)
+        rows.append({"budget": budget, "draft_s": statistics.median(times), "tree_size": tree.size,
+                     "tree_depth": tree.depth})
+    crop(cache, 0)
     return rows
 
 

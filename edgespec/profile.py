@@ -60,32 +60,15 @@ def pass_times(engine, sizes: list[int], prefix: int, bar) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
 def draft_times(engine, prompt_ids: list[int], budgets: list[int], bar) -> list[dict]:
     """Time to build a tree of each budget under the prompt (drafter prefix cached, not timed)."""
-    from edgespec.cache import crop, new_cache
-    from edgespec.draft import TreeSearch
-    from edgespec.forward import hidden_states
-    from edgespec.measure import sync
-    from edgespec.sampling import Sampler
+    from edgespec.measure import time_drafts
     from edgespec.stats import Plan
 
-    drafter, sched = engine.drafter, engine.scheduler
-    cache = new_cache(drafter)
-    stem = torch.tensor(prompt_ids)
-    hidden_states(drafter, cache, stem[:-1], torch.arange(stem.numel() - 1), None)
-    rows = []
-    for budget in budgets:
-        plan = Plan(budget, sched.max_depth, sched.branch, sched.batch)
-        crop(cache, stem.numel() - 1)
-        t0 = time.perf_counter()
-        search = TreeSearch.start(drafter, cache, stem[-1:], Sampler(0.0), plan.branch)
-        search.grow(plan)
-        tree = search.tree(budget)
-        sync(engine.device)
-        rows.append({"budget": budget, "draft_s": time.perf_counter() - t0, "tree_size": tree.size,
-                     "tree_depth": tree.depth})
-        bar.update()
+    sched = engine.scheduler
+    rows = time_drafts(engine.drafter, prompt_ids, budgets,
+                       lambda k: Plan(k, sched.max_depth, sched.branch, sched.batch))
+    bar.update(len(budgets))
     return rows
 
 

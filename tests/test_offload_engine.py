@@ -36,8 +36,8 @@ def test_overlap_auto_follows_the_link():
 
 
 def test_auto_budget_calibrates_once_and_stays_exact(tmp_path, monkeypatch):
-    """budget="auto" with calibration: the pass-time curve is measured at start-up, cached per
-    machine/model/link, reused by the next engine; output still exact."""
+    """budget="auto" with calibration: the pass-time and draft-time curves are measured at start-up,
+    cached per machine/models/link, reused by the next engine; output still exact."""
     import edgespec.measure as measure
 
     monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path))
@@ -50,6 +50,8 @@ def test_auto_budget_calibrates_once_and_stays_exact(tmp_path, monkeypatch):
     engine = Engine(target, drafter, budget="auto", calibrate=True)
     assert calls, "calibration must measure the pass"
     assert engine.scheduler.cost.pass_curve.known and engine.scheduler.cost.pass_time(64) > 0
+    assert engine.scheduler.cost.ready, "drafting must be calibrated too: the first step is then planned"
+    assert 0 < engine.scheduler.cost.draft_time(4) <= engine.scheduler.cost.draft_time(256)
     measured = len(calls)
     Engine(target, drafter, budget="auto", calibrate=True)
     assert len(calls) == measured, "the second engine must reuse the cached calibration"

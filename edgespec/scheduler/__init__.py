@@ -31,16 +31,18 @@ __all__ = [
 def make_scheduler(budget="auto", *, max_depth: int = 32, branch: int = 16, batch: int = 64,
                    max_budget: int | None = None, cost: CostModel | None = None,
                    cache_key: str | None = None, measure_fn: Callable[[int], float] | None = None,
-                   sizes: Iterable[int] = CALIBRATION_SIZES, cache_path=None, **auto_kwargs) -> BaseScheduler:
+                   sizes: Iterable[int] = CALIBRATION_SIZES, draft_fn: Callable[[int], float] | None = None,
+                   cache_path=None, **auto_kwargs) -> BaseScheduler:
     """`budget="auto"` → AutoScheduler; an int (or digit string) → FixedScheduler.
 
     For "auto", the cost model is `cost` if given, else the cached calibration for `cache_key`
-    (measured with `measure_fn(n) -> seconds` on a cache miss), else an empty model learnt online.
+    (measured with `measure_fn(n) -> seconds` per pass size and `draft_fn(k) -> seconds` per draft
+    budget on a cache miss), else an empty model learnt online.
     Extra keyword arguments (explore, seed, budgets, initial_budget) go to AutoScheduler.
     """
     if isinstance(budget, str) and budget.strip().lower() == "auto":
         if cost is None and cache_key and measure_fn:
-            cost = CostModel.load_or_calibrate(cache_path, cache_key, measure_fn, sizes)
+            cost = CostModel.load_or_calibrate(cache_path, cache_key, measure_fn, sizes, draft_fn)
         return AutoScheduler(cost, max_budget=max_budget, max_depth=max_depth, branch=branch,
                              batch=batch, **auto_kwargs)
     try:

@@ -16,6 +16,7 @@ from edgespec.scheduler.curve import DEFAULT_BUCKETS, Curve
 from edgespec.stats import StepStats
 
 CALIBRATION_SIZES = (1, 4, 16, 64, 256, 1024)
+DRAFT_CALIBRATION_SIZES = (1, 4, 16, 64, 256)  # larger budgets extrapolate (drafting grows ~linearly)
 LONG_STEM = 16  # steps feeding more pending tokens than this (prefill) say little about drafting
 
 
@@ -52,12 +53,13 @@ class CostModel:
             self.draft_curve.observe(step.budget, step.draft_time)
 
     def calibrate(self, measure_fn: Callable[[int], float], sizes: Iterable[int] = CALIBRATION_SIZES,
-                  draft_fn: Callable[[int], float] | None = None) -> "CostModel":
-        """Measure the pass (and optionally drafting) at each size; fills the buckets directly."""
+                  draft_fn: Callable[[int], float] | None = None,
+                  draft_sizes: Iterable[int] = DRAFT_CALIBRATION_SIZES) -> "CostModel":
+        """Measure the pass at each size (and drafting at each draft size); fills the buckets directly."""
         for n in sorted(sizes):
             self.pass_curve.set(self.pass_curve.nearest(n), float(measure_fn(int(n))))
-            if draft_fn is not None:
-                self.draft_curve.set(self.draft_curve.nearest(n), float(draft_fn(int(n))))
+        for k in sorted(draft_sizes) if draft_fn is not None else ():
+            self.draft_curve.set(self.draft_curve.nearest(k), float(draft_fn(int(k))))
         return self
 
     # ---- persistence ------------------------------------------------------------------------
@@ -78,7 +80,8 @@ class CostModel:
     @classmethod
     def load_or_calibrate(cls, path: str | os.PathLike | None, key: str, measure_fn: Callable[[int], float],
                           sizes: Iterable[int] = CALIBRATION_SIZES,
-                          draft_fn: Callable[[int], float] | None = None) -> "CostModel":
+                          draft_fn: Callable[[int], float] | None = None,
+                          draft_sizes: Iterable[int] = DRAFT_CALIBRATION_SIZES) -> "CostModel":
         """The cached model for `key`, or a fresh calibration that is then cached under it."""
         path = Path(path) if path else default_cache_path()
         entries = _read_cache(path)
@@ -87,7 +90,7 @@ class CostModel:
                 return cls.from_dict(entries[key])
             except (KeyError, TypeError, ValueError):
                 pass  # a damaged entry: measure again
-        model = cls().calibrate(measure_fn, sizes, draft_fn)
+        model = cls().calibrate(measure_fn, sizes, draft_fn, draft_sizes)
         entries[key] = model.to_dict()
         _write_cache(path, entries)
         return model
