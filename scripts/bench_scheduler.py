@@ -6,8 +6,10 @@ Target: SmolLM2-135M-Instruct fp32 (embedded default), all decoder layers stream
 offload engine; on a CPU-only machine `--link-delay` seconds per streamed layer emulate the
 host→device link (30 layers x 0.04 s ≈ 1.2 s per pass, a 70B-on-PCIe-like regime where the pass
 costs about the same for 1 or 1,000 tokens). Drafter: its nf4 copy. Every configuration runs
-greedy on the same MT-Bench first turns in the same process, each with a fresh engine (the
-scheduler starts knowing nothing about this workload), and all outputs must be identical.
+greedy on the same MT-Bench first turns in the same process, each with a fresh engine, and all
+outputs must be identical. The auto scheduler starts as a user's engine does: with the start-up
+calibration of pass and draft costs on this machine (cached, not timed), knowing nothing about the
+prompts' acceptance or which fixed budget wins.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def load_prompts(path: str, n: int) -> list[str]:
 
 
 def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int) -> dict:
-    engine = Engine(base.target, base.drafter, base.tokenizer, budget=budget, overlap=overlap)
+    engine = Engine(base.target, base.drafter, base.tokenizer, budget=budget, overlap=overlap,
+                    calibrate=budget == "auto")
     outputs, tokens, passes, wall, budgets = [], 0, 0, 0.0, []
     for question in prompts:
         engine.reset()
