@@ -7,6 +7,7 @@ distribution.
 """
 from edgespec.engine import Engine, Generation
 from edgespec.errors import (
+    BackoffWarning,
     ContextLengthError,
     EdgespecError,
     InvalidArgumentError,
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine", "Generation", "Plan", "RunStats", "StepStats", "EdgespecError", "ContextLengthError",
     "InvalidArgumentError", "ModelNotFoundError", "OutOfMemoryError", "TokenizerMismatchError",
-    "UnsupportedModelError",
+    "UnsupportedModelError", "BackoffWarning",
 ]
