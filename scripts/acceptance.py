@@ -27,7 +27,7 @@ from edgespec import Engine  # noqa: E402
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budgets", default="1,16,64,256,1024")
+    ap.add_argument("--budgets", default="1,16,64,256,1024", help="edgespec tree budgets ('none': chains only)")
     ap.add_argument("--n-prompts", type=int, default=80)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--chains", default="default,4,8", help="assisted generation: default schedule and constant chain lengths")
@@ -66,13 +66,26 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs)
 
 
 def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs) -> dict:
-    kw = {} if chain == "default" else {"num_assistant_tokens": int(chain), "num_assistant_tokens_schedule": "constant"}
+    import copy
+
+    saved = copy.deepcopy(drafter.generation_config)
+    if chain != "default":  # read from the assistant's own generation config, not generate()'s kwargs
+        cfg = drafter.generation_config
+        cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule = int(chain), "constant"
+        cfg.assistant_confidence_threshold = 0.0  # no early stop: chains of exactly `chain` tokens
+    try:
+        return _assisted(target, drafter, chain, prompts, max_new, refs)
+    finally:
+        drafter.generation_config = saved
+
+
+def _assisted(target, drafter, chain: str, prompts, max_new: int, refs) -> dict:
     per_prompt, tokens, passes, equal, t = [], 0, 0, True, 0.0
     for ids, ref in zip(prompts, refs):
         counter = PassCounter(target)
         start = time.perf_counter()
         out = target.generate(torch.tensor([ids]), assistant_model=drafter, do_sample=False,
-                              max_new_tokens=max_new, **kw)[0, len(ids):].tolist()
+                              max_new_tokens=max_new)[0, len(ids):].tolist()
         t += time.perf_counter() - start
         counter.handle.remove()
         equal &= out == ref
@@ -97,7 +110,8 @@ def main(argv=None, pair=None, prompts=None) -> list[dict]:
     refs = [target.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)[0, len(ids):].tolist()
             for ids in prompts]
     rows = [assisted_row(target, drafter, c.strip(), prompts, args.max_new_tokens, refs) for c in args.chains.split(",")]
-    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs) for k in args.budgets.split(",")]
+    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs)
+             for k in args.budgets.split(",") if k.strip() and k.strip() != "none"]
     report(rows, args, len(prompts))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
