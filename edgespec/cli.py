@@ -24,7 +24,7 @@ def make_engine(args: argparse.Namespace):
     drafter = args.draft or args.target  # no --draft: the target's own quantized copy drafts for it
     return Engine.from_pretrained(args.target, drafter, device=args.device, draft_quant=args.draft_quant,
                                   offload=not args.no_offload, resident_layers=args.resident_layers,
-                                  link_delay=args.link_delay, budget=args.budget)
+                                  link_delay=args.link_delay, budget=args.budget, target_shape=args.target_shape)
 
 
 def budget_arg(text: str):
@@ -36,6 +36,8 @@ def budget_arg(text: str):
 
 
 def model_options() -> argparse.ArgumentParser:
+    from edgespec.offload.shapes import SHAPES
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model options")
     g.add_argument("--target", default=None,
@@ -53,6 +55,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--resident-layers", type=int, default=None, help="target layers kept on the device (default: fit)")
     g.add_argument("--link-delay", type=float, default=0.0, help="emulated seconds per streamed layer (slow link)")
     g.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
+    g.add_argument("--target-shape", default=None, choices=sorted(SHAPES),
+                   help="benchmarks: zero-pad the (Llama) target into this bigger shape, so it streams and "
+                        "computes like that model while predicting exactly as the loaded one")
     return p
 
 

@@ -102,13 +102,16 @@ class Engine:
     @classmethod
     def from_pretrained(cls, target: str | None = None, drafter: str | None = None, *, device: str = "auto",
                         draft_quant: str | None = "nf4", offload: bool = True, resident_layers: int | None = None,
-                        link_delay: float = 0.0, budget="auto", progress: bool = True, **engine_kw) -> "Engine":
+                        link_delay: float = 0.0, budget="auto", progress: bool = True, target_shape: str | None = None,
+                        **engine_kw) -> "Engine":
         """Load a pair and build an engine. target/drafter: hub id, local folder, .gguf file, or None for
         the embedded default (SmolLM2-135M-Instruct; its nf4 copy drafts for it).
 
         The target's decoder layers are streamed from host RAM (`offload=True`); `resident_layers`
         of them stay on the device (None = as many as fit). `link_delay` (seconds per streamed layer)
-        emulates a slow host-device link on CPU-only machines."""
+        emulates a slow host-device link on CPU-only machines. `target_shape` (benchmarks: a name from
+        offload.shapes.SHAPES, e.g. "llama-8b") zero-pads a Llama target into that bigger shape, so it
+        streams and computes like the big model while predicting exactly as the loaded one."""
         from edgespec.models import (
             check_tokenizers,
             load_model,
@@ -122,13 +125,20 @@ class Engine:
         check_tokenizers(tok, draft_tok, "target", "drafter")
         quant = draft_quant if draft_quant not in ("none", "") else None
         draft_model = load_model(drafter, quantize=quant, device=dev, progress=progress)
+        if offload or target_shape:
+            target_model = load_model(target, device="cpu", dtype=_host_dtype(dev), progress=progress)
+            if target_shape:
+                from edgespec.offload.padded import pad_to_shape
+
+                target_model = pad_to_shape(target_model, target_shape)
         if offload:
             from edgespec.offload import offload_layers
 
-            target_model = load_model(target, device="cpu", dtype=_host_dtype(dev), progress=progress)
             handle = offload_layers(target_model, dev, resident_layers=resident_layers, link_delay=link_delay,
                                     progress=progress)
             target_model._edgespec_offload = handle
+        elif target_shape:
+            target_model = target_model.to(dev)
         else:
             target_model = load_model(target, device=dev, progress=progress)
         engine_kw.setdefault("calibrate", True)

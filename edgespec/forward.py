@@ -1,6 +1,9 @@
 """One model forward over a pending stem plus tree nodes, with a tree attention mask."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from edgespec.cache import cache_len
@@ -26,14 +29,22 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     """
     dev = model_device(model)
     mask = to_model_mask(allowed, model) if allowed is not None else None
-    out = model.get_decoder()(
+    decoder = model.get_decoder()
+    out = decoder(
         input_ids=tokens[None].to(dev),
         position_ids=positions[None].to(dev),
         attention_mask=mask,
-        cache=cache,
         use_cache=True,
+        **{cache_kwarg(type(decoder)): cache},
     )
     return out.last_hidden_state[0]
+
+
+@functools.cache
+def cache_kwarg(decoder_cls) -> str:
+    """The decoder's name for the KV cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    params = inspect.signature(decoder_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,12 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
     """Median pass time per tree size (plus the streamer's stats of those passes when offloaded)."""
     from transformers import DynamicCache
 
+    from edgespec.forward import cache_kwarg
+
     vocab = vocab or model.config.vocab_size
     cache = DynamicCache()
-    model(torch.randint(0, vocab, (1, past), device=device), cache=cache, use_cache=True)  # prefix
+    prefix = torch.randint(0, vocab, (1, past), device=device)
+    model(prefix, use_cache=True, **{cache_kwarg(type(model)): cache})
     rows = []
     for size in sizes:
         ids, pos, mask = tree_inputs(size, past, vocab, device)
@@ -45,7 +48,9 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
         for r in range(repeats + 1):  # the first run warms up
             sync(device)
             t0 = time.perf_counter()
-            model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            decoder = model.get_decoder()
+            decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_kwarg(type(decoder)): cache})
             sync(device)
             cache.crop(past - cache.get_seq_length())  # negative: drop the tree's entries
             if r:

@@ -37,6 +37,10 @@ def parse_args(argv=None):
     ap.add_argument("--overlap", default="off,on", help="overlap settings to run: off, on or both")
     ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--target-shape", default=None,
+                    help="GPU runs: zero-pad the target into this shape (e.g. llama-8b): realistic streaming cost, "
+                         "the real model's predictions (see edgespec/offload/padded.py)")
+    ap.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -71,7 +75,8 @@ def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int) -> di
 def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> list[dict]:
     args = parse_args(argv)
     base = base or Engine.from_pretrained(device=args.device, offload=True, resident_layers=0,
-                                          link_delay=args.link_delay, budget=16)
+                                          link_delay=args.link_delay, budget=16, target_shape=args.target_shape,
+                                          draft_quant=args.draft_quant)
     prompts = prompts or load_prompts(args.questions, args.n_prompts)
     overlaps = [o.strip() == "on" for o in args.overlap.split(",")]
     configs = [(int(b), o) for o in overlaps for b in args.budgets.split(",")] + [("auto", o) for o in overlaps]
@@ -87,8 +92,10 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
 
 def report(rows: list[dict], args) -> None:
     same = all(r["outputs"] == rows[0]["outputs"] for r in rows)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\n# scheduler vs fixed budgets (link delay {args.link_delay} s/layer, {args.n_prompts} prompts, "
-          f"{args.max_new_tokens} new tokens, {platform.machine()} {torch.__version__})\n")
+          f"{args.max_new_tokens} new tokens, target shape {args.target_shape or 'as loaded'}, "
+          f"{platform.machine()} {gpu} torch {torch.__version__})\n")
     print("| config | tok/s | accepted/pass | mean budget | passes | wall s |")
     print("|---|---|---|---|---|---|")
     for r in rows:

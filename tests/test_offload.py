@@ -14,6 +14,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from edgespec.errors import InvalidArgumentError, UnsupportedModelError
+from edgespec.forward import cache_kwarg
 from edgespec.offload import offload_layers
 from tests.conftest import tiny_model
 
@@ -48,11 +49,11 @@ def run_steps(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Prefill, three single-token steps, then a tree step with a custom 4-D mask; all logits."""
     cache, out = DynamicCache(), []
     with torch.no_grad():
-        out.append(model(ids[:, :6], cache=cache, use_cache=True).logits)
+        out.append(model(ids[:, :6], use_cache=True, **kv(cache)).logits)
         for t in range(6, 9):
-            out.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+            out.append(model(ids[:, t : t + 1], use_cache=True, **kv(cache)).logits)
         mask, pos = tree_step(cache.get_seq_length())
-        out.append(model(ids[:, 9:14], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).logits)
+        out.append(model(ids[:, 9:14], attention_mask=mask, position_ids=pos, use_cache=True, **kv(cache)).logits)
     return out
 
 
@@ -206,20 +207,20 @@ def test_demote_keeps_logits(resident, count, quantize):
     model, plain, handle = pair("llama", resident, 2, quantize=quantize)
     cache, ref_cache = DynamicCache(), DynamicCache()
     with torch.no_grad():
-        model(IDS[:, :6], cache=cache, use_cache=True)
-        ref = plain(IDS[:, :6], cache=ref_cache, use_cache=True)
+        model(IDS[:, :6], use_cache=True, **kv(cache))
+        ref = plain(IDS[:, :6], use_cache=True, **kv(ref_cache))
         assert handle.demote(count) == count
         assert handle.resident_layers == resident - count and handle.streamed_layers == 4 - resident + count
         assert 1 <= handle.ring <= 2  # the ring never grows in a back-off (it may stay clamped)
-        got = model(IDS[:, 6:9], cache=cache, use_cache=True).logits
-        ref = plain(IDS[:, 6:9], cache=ref_cache, use_cache=True).logits
+        got = model(IDS[:, 6:9], use_cache=True, **kv(cache)).logits
+        ref = plain(IDS[:, 6:9], use_cache=True, **kv(ref_cache)).logits
     tol = 0.05 if quantize else 1e-5
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
     left = handle.resident_layers
     assert handle.demote(10) == left and handle.resident_layers == 0 and handle.demote(1) == 0
     with torch.no_grad():
-        got = model(IDS[:, 9:12], cache=cache, use_cache=True).logits
-        ref = plain(IDS[:, 9:12], cache=ref_cache, use_cache=True).logits
+        got = model(IDS[:, 9:12], use_cache=True, **kv(cache)).logits
+        ref = plain(IDS[:, 9:12], use_cache=True, **kv(ref_cache)).logits
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
@@ -351,3 +352,8 @@ def test_profile_script_smoke(tmp_path, capsys):
     assert all(r["streamed_mb"] > 0 and r["pass_ms"] > 0 for r in result["rows"])
     assert json.loads(out.read_text())["shape"] == "tiny"
     assert "not meaningful" in capsys.readouterr().out
+
+
+def kv(cache) -> dict:
+    """The cache keyword of this transformers version (`cache` or `past_key_values`)."""
+    return {cache_kwarg(LlamaForCausalLM): cache}

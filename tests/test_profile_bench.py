@@ -51,7 +51,7 @@ def test_bench_prints_three_rows_with_the_same_output(injected, tmp_path, capsys
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["edgespec", "plain", "hf-assisted"]
-    assert all(r.rstrip(" |").endswith("True") for r in rows), out
+    assert [r.rstrip(" |").rsplit("|", 1)[-1].strip() for r in rows] == ["yes", "reference", "yes"], out
     text = report.read_text()
     assert "- command: `edgespec bench --n-prompts 2" in text and "torch" in text and "| plain |" in text
 
@@ -63,3 +63,28 @@ def test_bench_json(injected, capsys):
     assert rows["plain"]["tokens_per_pass"] == pytest.approx(1.0)
     assert rows["edgespec"]["tokens_per_pass"] > 1.0
     assert all(r["same_output"] and r["new_tokens"] == 6 for r in rows.values())
+    assert data["divergences"] == []
+
+
+def test_bench_names_where_outputs_part_and_whether_it_is_a_tie():
+    """A method whose tokens leave plain decoding's is reported with the target's top-2 gap there."""
+    import torch
+
+    from edgespec import bench
+    from tests.conftest import greedy_reference, tiny_model
+
+    target = tiny_model("llama", init=0.5)
+    ids = [3, 14, 15, 9, 2]
+    ref = greedy_reference(target, ids, 6)
+    with torch.no_grad():
+        logits = target(torch.tensor([ids + ref[:3]])).logits[0, -1]
+    second = logits.topk(2).indices[1].item()
+    other = ref[:3] + [second, 7, 7]
+    runs = lambda seq: [{"ids": seq}]  # noqa: E731
+    outputs = {"edgespec": runs(ref), "plain": runs(ref), "hf-assisted": runs(other)}
+    found = bench.divergences(target, [ids], outputs)
+    assert [(d["method"], d["prompt"], d["token"]) for d in found] == [("hf-assisted", 0, 3)]
+    gap = (logits.topk(2).values[0] - logits.topk(2).values[1]).item()
+    assert found[0]["gap"] == pytest.approx(gap, rel=1e-4) and found[0]["ulp"] < 1e-5
+    assert found[0]["tie"] is (gap <= bench.TIE_ULPS * found[0]["ulp"])  # fp32: only a genuine tie is one
+    assert bench.first_difference([1, 2], [1, 2]) is None and bench.first_difference([1, 2], [1, 2, 3]) == 2
