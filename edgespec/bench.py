@@ -62,8 +62,9 @@ def run_engine(engine, ids: list[int], max_new: int) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
     out = engine.generate(ids, max_new_tokens=max_new)
     steps = out.stats.steps
+    split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in ("draft", "verify", "overhead", "overlap")}
     return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": len(steps),
-            "tree_tokens": sum(s.tree_size for s in steps)}
+            "tree_tokens": sum(s.tree_size for s in steps), "split": split}
 
 
 def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id) -> dict:
@@ -163,7 +164,10 @@ def summarize(outputs: dict, diverged: list[dict] | None = None) -> list[dict]:
         agreement = "reference" if name == "plain" else agreement
         rate = tokens / secs if secs else 0.0
         plain_rate = rate if name == "plain" else plain_rate
-        rows.append({"method": name, "tokens_per_s": rate, "tokens_per_pass": tokens / passes if passes else 0.0,
+        split = None
+        if all("split" in r for r in rs):
+            split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if rs else None
+        rows.append({"method": name, "split": split, "tokens_per_s": rate, "tokens_per_pass": tokens / passes if passes else 0.0,
                      "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
                      "new_tokens": tokens, "seconds": secs, "same_output": same, "agreement": agreement})
     for row in rows:
@@ -231,7 +235,20 @@ def report(result: dict, engine, args, argv_text: str) -> str:
          "same as plain = token-identical to plain greedy decoding of the same target on every prompt "
          "(near-tie: see the notes under the table)"), "", ""
     ]
-    return "\n".join(head) + markdown_table(result["rows"]) + "\n" + divergence_notes(result) + "\n"
+    return ("\n".join(head) + markdown_table(result["rows"]) + "\n" + time_split(result["rows"])
+            + divergence_notes(result) + "\n")
+
+
+def time_split(rows: list[dict]) -> str:
+    """Where the engine methods' seconds went: drafting before the pass, the passes, the rest."""
+    lines = []
+    for r in rows:
+        sp = r.get("split")
+        if sp:
+            lines.append(f"- {r['method']} time split: drafting {sp['draft']:.2f} s before the passes "
+                         f"(+{sp['overlap']:.2f} s during them), target passes {sp['verify']:.2f} s, "
+                         f"per-step rest {sp['overhead']:.2f} s (pruning, re-rooting, planning, text)")
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def divergence_notes(result: dict) -> str:

@@ -380,15 +380,18 @@ class Run:
     def _loop(self) -> Iterator[str]:
         eng = self.engine
         while True:
+            start = time.perf_counter()
             plan = eng.plan_for(self.max_new - len(self.new))
             if plan is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return
             tokens, step = eng.step(plan, self.sampler)
-            eng.scheduler.observe(step)
-            self.stats.steps.append(step)
             done = self._commit(tokens)
             piece, stopped = self._new_text()
+            spent = time.perf_counter() - start
+            step.overhead_time = max(0.0, spent - step.draft_time - step.verify_time)
+            eng.scheduler.observe(step)
+            self.stats.steps.append(step)
             if piece:
                 yield piece
             if done or stopped:

@@ -31,10 +31,12 @@ class StepStats:
     retries: int = 0  # out-of-memory back-offs taken in this step
     reused: int = 0  # draft nodes carried over from the previous step's search (already drafted)
     overlap_time: float = 0.0  # drafting done while the target pass ran (off the critical path)
+    # the rest of the step: pruning caches, re-rooting the search, planning, detokenizing
+    overhead_time: float = 0.0
 
     @property
     def step_time(self) -> float:
-        return self.draft_time + self.verify_time
+        return self.draft_time + self.verify_time + self.overhead_time
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RunStats:
             "mean_tree_size": round(sum(s.tree_size for s in steps) / len(steps), 1) if steps else 0.0,
             "draft_time": round(sum(s.draft_time for s in steps), 4),
             "verify_time": round(sum(s.verify_time for s in steps), 4),
+            "overhead_time": round(sum(s.overhead_time for s in steps), 4),
+            "overlap_time": round(sum(s.overlap_time for s in steps), 4),
             "wall_time": round(self.wall_time, 4),
             "stop_reason": self.stop_reason,
         }

@@ -54,6 +54,7 @@ def test_bench_prints_three_rows_with_the_same_output(injected, tmp_path, capsys
     assert [r.rstrip(" |").rsplit("|", 1)[-1].strip() for r in rows] == ["yes", "reference", "yes"], out
     text = report.read_text()
     assert "- command: `edgespec bench --n-prompts 2" in text and "torch" in text and "| plain |" in text
+    assert "- edgespec time split: drafting" in text and "- plain time split" in text
 
 
 def test_bench_json(injected, capsys):

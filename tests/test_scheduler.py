@@ -73,8 +73,9 @@ class Drafter:
 
 
 class Machine:
-    def __init__(self, link, compute, d0=0.01, d1=1e-4):
+    def __init__(self, link, compute, d0=0.01, d1=1e-4, overhead=0.0):
         self.link, self.compute, self.d0, self.d1 = link, compute, d0, d1
+        self.overhead = overhead  # seconds per step outside drafting and the pass
 
     def draft(self, k: int) -> float:
         return 0.0 if k == 0 else self.d0 + self.d1 * k
@@ -84,7 +85,7 @@ class Machine:
 
 
 def true_rate(drafter: Drafter, machine: Machine, k: int) -> float:
-    return drafter.expected(k) / (machine.draft(k) + machine.verify(k + 1))
+    return drafter.expected(k) / (machine.draft(k) + machine.verify(k + 1) + machine.overhead)
 
 
 def optimum(drafter: Drafter, machine: Machine, cap: int = MAX_K) -> int:
@@ -102,7 +103,8 @@ def simulate(sched, world, steps: int, rng: random.Random, room=lambda i: 10**6,
         jitter = lambda: 1 + noise * (2 * rng.random() - 1)  # noqa: E731
         accepted = 1 + (drafter.sample(k, rng) if k else 0)
         step = StepStats(k, k, min(k, plan.max_depth), accepted, machine.draft(k) * jitter(),
-                         machine.verify(k + 1) * jitter(), k + 1, drafter.probs[:k].tolist())
+                         machine.verify(k + 1) * jitter(), k + 1, drafter.probs[:k].tolist(),
+                         overhead_time=machine.overhead * jitter() if machine.overhead else 0.0)
         sched.observe(step)
         plans.append(k)
         tokens += accepted
@@ -312,3 +314,18 @@ def test_stats_compare_predictions_with_outcomes():
     assert s["tokens_per_second"] == pytest.approx(rate, rel=1e-3)
     assert s["predicted_tokens_per_second"] > 0
     json.dumps(s)
+
+
+def test_per_step_overhead_grows_the_tree_and_is_learnt():
+    """Time outside drafting and the pass (pruning, re-rooting, detokenizing) is paid once per step,
+    so it makes every committed token per step worth more: the tree must grow, as the optimum does."""
+    lean = Machine(0.05, 1e-3, d0=0.005, d1=2e-4)
+    heavy = Machine(0.05, 1e-3, d0=0.005, d1=2e-4, overhead=0.3)
+    assert optimum(GOOD, heavy) > optimum(GOOD, lean)
+    sched = AutoScheduler(seed=0)
+    plans, _ = simulate(sched, (GOOD, heavy), 80, random.Random(0))
+    assert sched.cost.overhead == pytest.approx(0.3, rel=0.05)
+    k_heavy, k_lean = statistics.median(plans[-20:]), steady_budget((GOOD, lean))
+    assert k_heavy > k_lean
+    best = true_rate(GOOD, heavy, optimum(GOOD, heavy))
+    assert true_rate(GOOD, heavy, int(k_heavy)) >= 0.9 * best

@@ -1,4 +1,6 @@
-"""Cost model: seconds per target pass against pass tokens, and per tree build against budget.
+"""Cost model: seconds per target pass against pass tokens, per tree build against budget, and a
+per-step overhead (cache pruning, re-rooting the search, planning, detokenizing: fixed per step, so
+ignoring it would make every step look cheaper than it is and favour too-small trees).
 
 Both are `Curve`s (monotone piecewise-linear over log-spaced buckets, EMA-refined online). The
 pass curve can be calibrated up front by a short profiling run supplied by the engine and cached
@@ -28,6 +30,8 @@ class CostModel:
         self.pass_curve = pass_curve or Curve(buckets, alpha, prior_exponent=0.0, mode="add", jump=0.15)
         # drafting takes milliseconds and is noisier: only a 30% surprise counts as a change
         self.draft_curve = draft_curve or Curve(buckets, alpha, prior_exponent=1.0, mode="mul", jump=0.3)
+        self.alpha = alpha
+        self.overhead: float | None = None  # seconds per step besides drafting and the pass (EMA)
 
     @property
     def ready(self) -> bool:
@@ -42,12 +46,15 @@ class CostModel:
 
     def step_time(self, k: int, pending: int = 1) -> float:
         """Predicted seconds for one step with budget k and `pending` stem tokens."""
-        return self.draft_time(k) + self.pass_time(k + pending)
+        return self.draft_time(k) + self.pass_time(k + pending) + (self.overhead or 0.0)
 
     def observe(self, step: StepStats) -> None:
         """Refine both curves from one engine step."""
         if step.verify_tokens > 0:
             self.pass_curve.observe(step.verify_tokens, step.verify_time)
+        if step.overhead_time > 0:
+            o = step.overhead_time
+            self.overhead = o if self.overhead is None else (1 - self.alpha) * self.overhead + self.alpha * o
         pending = step.verify_tokens - step.tree_size
         if step.budget > 0 and step.tree_size > 0 and pending <= LONG_STEM:
             self.draft_curve.observe(step.budget, step.draft_time)
