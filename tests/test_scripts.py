@@ -42,3 +42,10 @@ def test_bench_scheduler_script(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert len(rows) == 6 and "all outputs identical: True" in out
     assert all(r["tokens"] == 20 for r in rows)
+
+
+def test_profile_draft_script(capsys):
+    load("profile_draft").main(["--device", "cpu", "--quant", "none", "--budgets", "1,4", "--layers", "2"])
+    out = capsys.readouterr().out
+    assert "unquantized drafter forward, 64 tokens:" in out
+    assert "tree build K=4:" in out and "(size 4," in out
