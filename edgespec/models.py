@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
         if quantize not in configs:
             raise EdgespecError(f"Unknown drafter quantization {quantize!r}: use nf4, int8 or none.")
         kwargs.update(quantization_config=configs[quantize](), device_map={"": str(device)})
+        _quiet_bitsandbytes()
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
@@ -162,6 +164,18 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
     if not quantize:
         model.to(device)
     return model.eval()
+
+
+def _quiet_bitsandbytes() -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional kernel from the hub
+    (`kernels` package) is missing; its built-in kernel runs instead, so the warning only confuses."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(getattr(f, "edgespec", False) for f in log.filters):
+        def keep(record: logging.LogRecord) -> bool:
+            return "kernels-community" not in record.getMessage()
+
+        keep.edgespec = True
+        log.addFilter(keep)
 
 
 def load_tokenizer(spec: str | None = None, progress: bool = True):
