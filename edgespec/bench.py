@@ -62,7 +62,8 @@ def run_engine(engine, ids: list[int], max_new: int) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
     out = engine.generate(ids, max_new_tokens=max_new)
     steps = out.stats.steps
-    split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in ("draft", "verify", "overhead", "overlap")}
+    parts = ("draft", "verify", "overhead", "overlap")
+    split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in parts}
     return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": len(steps),
             "tree_tokens": sum(s.tree_size for s in steps), "split": split}
 
@@ -167,7 +168,8 @@ def summarize(outputs: dict, diverged: list[dict] | None = None) -> list[dict]:
         split = None
         if all("split" in r for r in rs):
             split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if rs else None
-        rows.append({"method": name, "split": split, "tokens_per_s": rate, "tokens_per_pass": tokens / passes if passes else 0.0,
+        rows.append({"method": name, "split": split, "tokens_per_s": rate,
+                     "tokens_per_pass": tokens / passes if passes else 0.0,
                      "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
                      "new_tokens": tokens, "seconds": secs, "same_output": same, "agreement": agreement})
     for row in rows:

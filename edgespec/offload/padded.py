@@ -71,8 +71,9 @@ def padded_config(cfg, shape: str | dict) -> LlamaConfig:
     for name, small_v in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
                           ("num_hidden_layers", cfg.num_hidden_layers), ("head_dim", small_hd)):
         if fields[name] < small_v:
-            raise UnsupportedModelError(f"Cannot pad into shape {_shape_name(shape)!r}: its {name} ({fields[name]}) is smaller "
-                                        f"than the model's ({small_v}). Pick a larger shape.")
+            raise UnsupportedModelError(f"Cannot pad into shape {_shape_name(shape)!r}: its {name} "
+                                        f"({fields[name]}) is smaller than the model's ({small_v}). "
+                                        "Pick a larger shape.")
     out = LlamaConfig(**fields)
     out._attn_implementation = getattr(cfg, "_attn_implementation", None) or "sdpa"
     return out
