@@ -329,3 +329,18 @@ def test_per_step_overhead_grows_the_tree_and_is_learnt():
     assert k_heavy > k_lean
     best = true_rate(GOOD, heavy, optimum(GOOD, heavy))
     assert true_rate(GOOD, heavy, int(k_heavy)) >= 0.9 * best
+
+
+def test_plain_decoding_optimum_is_rarely_left_for_a_far_worse_tree():
+    """When plain steps win by far (drafting costs more than the target), exploring a tree costs the
+    drafter's catch-up too: it happens only rarely. Where a tree is nearly as good, it still does."""
+    far = (GOOD, Machine(0.001, 1e-4, d0=0.05, d1=1e-3))
+    assert optimum(*far) == 0 and true_rate(*far, 1) < 0.1 * true_rate(*far, 0)
+    sched = AutoScheduler(seed=0, explore=0.2)
+    plans, _ = simulate(sched, far, 300, random.Random(0))
+    assert sum(k > 0 for k in plans[10:]) <= 12  # about 300 x 0.2 x 0.1 = 6 expected; 60 without the margin
+    near = (POOR, Machine(0.01, 1e-4, d0=0.005, d1=3e-4))
+    assert optimum(*near) == 0 and true_rate(*near, 1) > 0.8 * true_rate(*near, 0)
+    sched = AutoScheduler(seed=0, explore=0.2)
+    plans, _ = simulate(sched, near, 300, random.Random(0))
+    assert sum(k > 0 for k in plans[10:]) >= 20

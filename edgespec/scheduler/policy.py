@@ -2,14 +2,15 @@
 
 For each candidate budget K within min(max_budget, context_room):
 
-    rate(K) = expected_accepted(K) / (draft_time(K) + pass_time(K + pending))
+    rate(K) = expected_accepted(K) / (draft_time(K) + pass_time(K + pending) + per-step overhead)
 
 and the best K is planned. Until both cost curves hold a measurement, `initial_budget` is planned
 instead (its step provides the first measurements). With probability `explore` the candidate
 nearest half or twice the best is planned instead, so the cost curve keeps being measured in the
 neighbouring buckets (the shape around the optimum is what decides it); from budget 0 (plain
-steps, which teach nothing about drafting) the best non-zero budget is tried instead. The draws
-come from a generator seeded with `seed`, so a run is reproducible.
+steps, which teach nothing about drafting) the best non-zero budget is tried instead — rarely when
+it is predicted far worse, since that step also pays the drafter's catch-up on every token it
+missed. The draws come from a generator seeded with `seed`, so a run is reproducible.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from edgespec.scheduler.base import BaseScheduler
 from edgespec.scheduler.cost import CostModel
 from edgespec.stats import Plan
 
+ZERO_MARGIN = 0.75  # from budget 0, explore a tree predicted at >= this fraction of the best rate...
+ZERO_RARE = 0.1  # ...and one predicted worse only with this fraction of the exploration rate
 DEFAULT_BUDGETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
                    1536, 2048)
 
@@ -78,9 +81,15 @@ class AutoScheduler(BaseScheduler):
         best = int(np.argmax(rates))
         if self.explore <= 0 or len(ks) < 2 or self.rng.random() >= self.explore:
             return best
-        self.explored += 1
         if ks[best] == 0:  # a plain step teaches nothing about drafting: try the best real tree
-            return 1 + int(np.argmax(rates[1:]))
+            alt = 1 + int(np.argmax(rates[1:]))
+            # ...but after plain steps the drafter must first catch up on every token it missed, so
+            # when that tree is predicted far worse, explore it only rarely (bounded loss)
+            if rates[alt] < ZERO_MARGIN * rates[best] and self.rng.random() >= ZERO_RARE:
+                return best
+            self.explored += 1
+            return alt
+        self.explored += 1
         target = ks[best] * self.rng.choice((0.5, 2.0))
         dist = np.abs(np.log2(np.maximum(ks, 0.5) / target))
         dist[best] = np.inf
