@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from edgespec.forward import compute_dtype, model_device
+
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -71,7 +73,7 @@ def run_engine(engine, ids: list[int], max_new: int) -> dict:
 def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id) -> dict:
     counter = [0]
     hook = target.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
-    x = torch.tensor([ids], device=target.get_input_embeddings().weight.device)
+    x = torch.tensor([ids], device=model_device(target))
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -144,10 +146,9 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def top2_gap(target, ids: list[int]) -> tuple[float, float]:
     """The target's top-1 minus top-2 logit after `ids`, and one unit in the last place of the top
     logit in the target's compute dtype."""
-    dtype = next(p.dtype for p in target.parameters() if p.is_floating_point())
-    x = torch.tensor([ids], device=target.get_input_embeddings().weight.device)
+    x = torch.tensor([ids], device=model_device(target))
     top = target(x, logits_to_keep=1).logits[0, -1].float().topk(2).values
-    ulp = torch.finfo(dtype).eps * 2.0 ** torch.floor(torch.log2(top[0].abs().clamp(min=1e-30)))
+    ulp = torch.finfo(compute_dtype(target)).eps * 2.0 ** torch.floor(torch.log2(top[0].abs().clamp(min=1e-30)))
     return (top[0] - top[1]).item(), ulp.item()
 
 
@@ -161,13 +162,14 @@ def summarize(outputs: dict, diverged: list[dict] | None = None) -> list[dict]:
         trees = None if any(r["tree_tokens"] is None for r in rs) else sum(r["tree_tokens"] for r in rs)
         same = all(outputs["plain"][i]["ids"] == r["ids"] for i, r in enumerate(rs))
         mine = [d for d in diverged or [] if d["method"] == name]
-        agreement = "yes" if same else ("near-tie" if mine and all(d["tie"] for d in mine) else "NO")
-        agreement = "reference" if name == "plain" else agreement
+        if name == "plain":
+            agreement = "reference"
+        else:
+            agreement = "yes" if same else ("near-tie" if mine and all(d["tie"] for d in mine) else "NO")
         rate = tokens / secs if secs else 0.0
         plain_rate = rate if name == "plain" else plain_rate
-        split = None
-        if all("split" in r for r in rs):
-            split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if rs else None
+        timed = rs and all("split" in r for r in rs)
+        split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if timed else None
         rows.append({"method": name, "split": split, "tokens_per_s": rate,
                      "tokens_per_pass": tokens / passes if passes else 0.0,
                      "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,

@@ -13,9 +13,14 @@ def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its first floating-point parameter's)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def to_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     """Boolean (q, kv) visibility → the 4D mask the model's attention expects."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = compute_dtype(model)
     mask = allowed[None, None].to(model_device(model))
     if model.config._attn_implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

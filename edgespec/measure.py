@@ -41,6 +41,8 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
     cache = DynamicCache()
     prefix = torch.randint(0, vocab, (1, past), device=device)
     model(prefix, use_cache=True, **{cache_kwarg(type(model)): cache})
+    decoder = model.get_decoder()
+    kv = {cache_kwarg(type(decoder)): cache}
     rows = []
     for size in sizes:
         ids, pos, mask = tree_inputs(size, past, vocab, device)
@@ -48,9 +50,7 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
         for r in range(repeats + 1):  # the first run warms up
             sync(device)
             t0 = time.perf_counter()
-            decoder = model.get_decoder()
-            decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{cache_kwarg(type(decoder)): cache})
+            decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kv)
             sync(device)
             cache.crop(past - cache.get_seq_length())  # negative: drop the tree's entries
             if r:

@@ -168,14 +168,13 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
 
 def _quiet_bitsandbytes() -> None:
     """On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional kernel from the hub
-    (`kernels` package) is missing; its built-in kernel runs instead, so the warning only confuses."""
-    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(getattr(f, "edgespec", False) for f in log.filters):
-        def keep(record: logging.LogRecord) -> bool:
-            return "kernels-community" not in record.getMessage()
+    (`kernels` package) is missing; its built-in kernel runs instead, so the warning only confuses.
+    (`addFilter` ignores a filter it already holds, so calling this again adds nothing.)"""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_warning)
 
-        keep.edgespec = True
-        log.addFilter(keep)
+
+def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
 
 
 def load_tokenizer(spec: str | None = None, progress: bool = True):
