@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from edgespec import lean
+from edgespec.static_cache import StaticCache
 
-def new_cache(model) -> DynamicCache:
+
+def new_cache(model) -> DynamicCache | StaticCache:
     """A full-attention cache: tree entries must stay addressable, so no sliding-window layers
-    (the engine caps the context at the model's sliding window instead)."""
+    (the engine caps the context at the model's sliding window instead). A drafter on the lean
+    static path (edgespec/lean.py) gets preallocated buffers its forwards can replay graphs over."""
+    lean_forward = lean.lookup(model)
+    if lean_forward is not None and lean_forward.static:
+        return lean_forward.new_cache()
     return DynamicCache()
 
 
@@ -18,6 +25,8 @@ def cache_len(cache: DynamicCache) -> int:
 
 def keep_positions(cache: DynamicCache, keep: torch.Tensor) -> None:
     """Keep only the cache entries at positions `keep` (ascending), in that order."""
+    if isinstance(cache, StaticCache):
+        return cache.keep(keep)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
@@ -29,6 +38,8 @@ def keep_positions(cache: DynamicCache, keep: torch.Tensor) -> None:
 def crop(cache: DynamicCache, length: int) -> None:
     """Drop every entry from position `length` on, layer by layer (layers may differ in length after
     a forward that failed half-way)."""
+    if isinstance(cache, StaticCache):
+        return cache.crop(length)
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.numel() and keys.shape[-2] > length:

@@ -62,7 +62,7 @@ class TreeSearch:
             nodes = self._frontier(plan.max_depth, threshold, plan.batch)
             if nodes.numel() == 0:
                 return True
-            self._add_children(nodes, self._feed(nodes, plan.max_depth), plan.branch)
+            self._add_children(nodes, self._feed(nodes), plan.branch)
             done += 1
         return False
 
@@ -157,12 +157,12 @@ class TreeSearch:
             idx = idx[self.scores[idx].sort(descending=True, stable=True).indices[:batch]]
         return idx.sort().values
 
-    def _feed(self, nodes: torch.Tensor, max_depth: int) -> torch.Tensor:
+    def _feed(self, nodes: torch.Tensor) -> torch.Tensor:
         """One drafter forward over `nodes`; each sees the committed prefix, its ancestors and itself."""
         start = self.cache.get_seq_length()
         b = nodes.numel()
         self.fed[nodes] = start + torch.arange(b)
-        chains = ancestor_chains(self.parents, nodes, max_depth)  # node, parent, …, root, -1…
+        chains = ancestor_chains(self.parents, nodes, int(self.depths[nodes].max()))  # node, parent, …, root
         cols = torch.where(chains >= 0, self.fed[chains.clamp(min=0)], torch.full_like(chains, -1))
         allowed = torch.zeros(b, start + b, dtype=torch.bool)
         allowed[:, : self.root_pos] = True  # committed tokens before the root

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgespec import lean
 from edgespec.cache import crop, new_cache, prune_to_path
 from edgespec.draft import TreeSearch
 from edgespec.errors import (
@@ -82,6 +83,8 @@ class Engine:
                  overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False,
                  progress: bool = True):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
+        if drafter is not target:
+            lean.enable(drafter)  # the drafter's forwards on a lighter path (the target's stay transformers')
         self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
         self.offload = getattr(target, "_edgespec_offload", None)
         self.device = model_device(target)
@@ -94,6 +97,7 @@ class Engine:
         self.max_context = max_context or _context_window(target, drafter)
         self.eos_ids = _eos_ids(target, tokenizer)
         self.state = _State(target, drafter)
+        lean.prepare(drafter, self.state.dcache)
         self.overlap = _overlap_wanted(self.offload) if overlap == "auto" else bool(overlap)
         self.overlap_factor = overlap_factor
         self._pass_estimate, self._round_estimate = float("inf"), 0.0  # seconds, learnt while overlapping
@@ -153,7 +157,7 @@ class Engine:
         off = self.offload
         extra = "plain" if off is None else (
             f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
-        key = machine_key(f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}",
+        key = machine_key(f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}:{lean.describe(self.drafter)}",
                           f"{extra}:{next(self.target.parameters()).dtype}")
         bar = _LazyBar("edgespec: calibrating the scheduler", self.progress)
         prefix = torch.randint(0, self.drafter.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
@@ -181,8 +185,9 @@ class Engine:
         return Run(self, self.encode(prompt), max_new_tokens, Sampler(temperature, top_p, seed), stop or [])
 
     def reset(self) -> None:
-        """Forget the cached conversation."""
-        self.state = _State(self.target, self.drafter)
+        """Forget the cached conversation (the caches' buffers, and the graphs replayed over them, stay)."""
+        self.state.ids = []
+        self.state.trim(0)
 
     def encode(self, prompt) -> list[int]:
         """str → token ids (no template); list of {role, content} → chat template; ids pass through."""

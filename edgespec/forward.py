@@ -6,6 +6,7 @@ import inspect
 
 import torch
 
+from edgespec import lean
 from edgespec.cache import cache_len
 
 
@@ -31,7 +32,11 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     """Run the decoder on `tokens` (1-D) appended to `cache`; returns last hidden states (q, H).
 
     `allowed` is a (q, cache_len + q) bool visibility matrix, or None for plain causal attention.
+    A model opted into the lean forward (the drafter, edgespec/lean.py) runs that instead.
     """
+    lean_forward = lean.lookup(model)
+    if lean_forward is not None:
+        return lean_forward(cache, tokens, positions, allowed)
     dev = model_device(model)
     mask = to_model_mask(allowed, model) if allowed is not None else None
     decoder = model.get_decoder()

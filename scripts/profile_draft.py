@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Drafter speed: one forward of 1/16/64 tokens and one best-first tree build per budget.
 
-    python scripts/profile_draft.py --device cuda --quant nf4,none
+    python scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static
     python scripts/profile_draft.py --device cpu --quant none --budgets 1,16,64     # any machine
+
+`--forward` picks how the drafter's forwards run (edgespec/lean.py): `transformers` (the model's own
+forward), `lean` (edgespec's lean forward over transformers' cache), `static` (the lean forward over
+preallocated buffers, replayed from CUDA graphs on a GPU; eager on a CPU).
 
 The drafter is SmolLM2-135M-shaped (30 layers, 576 hidden) with random weights (initializer range
 0.25, so its distributions are peaked and trees grow deep as with a real model), saved once and
@@ -22,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgespec import lean  # noqa: E402
 from edgespec.cache import crop, new_cache  # noqa: E402
 from edgespec.forward import hidden_states  # noqa: E402
 from edgespec.measure import sync, time_drafts  # noqa: E402
@@ -45,12 +50,13 @@ def random_drafter_folder(layers: int = 30) -> str:
 
 def forward_ms(model, device, prefix: list[int], n: int, repeats: int = 5) -> float:
     cache = new_cache(model)
+    allowed = torch.ones(n, PREFIX - 1 + n, dtype=torch.bool).tril(PREFIX - 1)
     hidden_states(model, cache, torch.tensor(prefix[:-1]), torch.arange(PREFIX - 1), None)
     times = []
     for _ in range(repeats + 1):  # the first warms up
         sync(device)
         t0 = time.perf_counter()
-        hidden_states(model, cache, torch.tensor(prefix[:n]), torch.arange(PREFIX - 1, PREFIX - 1 + n), None)
+        hidden_states(model, cache, torch.tensor(prefix[:n]), torch.arange(PREFIX - 1, PREFIX - 1 + n), allowed)
         sync(device)
         times.append(time.perf_counter() - t0)
         crop(cache, PREFIX - 1)
@@ -63,6 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quant", default="nf4,none", help="comma list of nf4, int8, none")
     ap.add_argument("--budgets", default="1,4,16,64,256,1024")
     ap.add_argument("--layers", type=int, default=30, help="decoder layers (30 = SmolLM2-135M)")
+    ap.add_argument("--forward", default="transformers,lean,static", help="comma list of transformers, lean, static")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     folder = random_drafter_folder(args.layers)
@@ -70,12 +77,17 @@ def main(argv=None) -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     for quant in args.quant.split(","):
         model = load_model(folder, quantize=None if quant == "none" else quant, device=args.device, progress=False)
-        name = "unquantized" if quant == "none" else quant
-        for n in (1, 16, 64):
-            print(f"{name} drafter forward, {n} tokens: {forward_ms(model, device, prefix, n):.1f} ms", flush=True)
-        for r in time_drafts(model, prefix, budgets, lambda k: Plan(k, 32, 16, 64), repeats=2):
-            print(f"{name} tree build K={r['budget']}: {r['draft_s'] * 1e3:.1f} ms "
-                  f"(size {r['tree_size']}, depth {r['tree_depth']})", flush=True)
+        for how in args.forward.split(","):
+            lean.disable(model)
+            if how != "transformers" and not lean.enable(model, static=how == "static"):
+                print(f"{how}: not available for this model", flush=True)
+                continue
+            name = f"{'unquantized' if quant == 'none' else quant} {how}"
+            for n in (1, 16, 64):
+                print(f"{name} drafter forward, {n} tokens: {forward_ms(model, device, prefix, n):.1f} ms", flush=True)
+            for r in time_drafts(model, prefix, budgets, lambda k: Plan(k, 32, 16, 64), repeats=2):
+                print(f"{name} tree build K={r['budget']}: {r['draft_s'] * 1e3:.1f} ms "
+                      f"(size {r['tree_size']}, depth {r['tree_depth']})", flush=True)
         del model
 
 

@@ -47,5 +47,7 @@ def test_bench_scheduler_script(capsys, monkeypatch):
 def test_profile_draft_script(capsys):
     load("profile_draft").main(["--device", "cpu", "--quant", "none", "--budgets", "1,4", "--layers", "2"])
     out = capsys.readouterr().out
-    assert "unquantized drafter forward, 64 tokens:" in out
-    assert "tree build K=4:" in out and "(size 4," in out
+    for how in ("transformers", "lean", "static"):
+        assert f"unquantized {how} drafter forward, 64 tokens:" in out
+        assert f"unquantized {how} tree build K=4:" in out
+    assert out.count("(size 4,") == 3
