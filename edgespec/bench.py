@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from edgespec import lean
 from edgespec.forward import compute_dtype, model_device
 
 BUILTIN_PROMPTS = [
@@ -222,7 +223,8 @@ def setup_line(engine, args) -> str:
     shape = getattr(args, "target_shape", None)
     padded = f" zero-padded into the {shape} shape" if shape else ""
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {args.draft or 'embedded'} "
-            f"({args.draft_quant}); {where}; device {engine.device}; budget {args.budget}; greedy")
+            f"({args.draft_quant}, {lean.describe(engine.drafter, engine.state.dcache)} forward); {where}; "
+            f"device {engine.device}; budget {args.budget}; greedy")
 
 
 def report(result: dict, engine, args, argv_text: str) -> str:

@@ -157,8 +157,8 @@ class Engine:
         off = self.offload
         extra = "plain" if off is None else (
             f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
-        key = machine_key(f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}:{lean.describe(self.drafter)}",
-                          f"{extra}:{next(self.target.parameters()).dtype}")
+        pair = f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}:{lean.describe(self.drafter)}"
+        key = machine_key(pair, f"{extra}:{next(self.target.parameters()).dtype}")
         bar = _LazyBar("edgespec: calibrating the scheduler", self.progress)
         prefix = torch.randint(0, self.drafter.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
         sched_plan = lambda k: Plan(k, self.max_depth, self.branch, self.batch)  # noqa: E731
@@ -255,6 +255,7 @@ class Engine:
     @torch.no_grad()
     def _step(self, plan: Plan, sampler: Sampler) -> tuple[list[int], StepStats]:
         st = self.state
+        lean.prepare(self.drafter, st.dcache)  # (re)captures the drafter's graphs, if any are missing
         t0 = time.perf_counter()
         with _on_stream(self._draft_stream):
             search, reused = self._search(plan, sampler)

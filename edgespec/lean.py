@@ -66,7 +66,8 @@ def prepare(model, cache) -> None:
     """Capture the drafter's CUDA graphs over `cache` now, if it is a graph-replaying static cache."""
     lean = lookup(model)
     if lean is not None and isinstance(cache, StaticCache) and cache.use_graphs:
-        cache.capture(lean._static_forward)
+        with torch.no_grad():
+            cache.capture(lean._static_forward)
 
 
 def disable(model) -> None:
@@ -77,10 +78,15 @@ def lookup(model) -> "LeanDecoder | None":
     return _enabled.get(model)
 
 
-def describe(model) -> str:
-    """How the model's forwards run: "transformers", "lean" or "lean+static" (CUDA graphs on a GPU)."""
+def describe(model, cache=None) -> str:
+    """How the model's forwards run: "transformers", "lean" or "lean+static"; given the cache they
+    run over, "lean+cuda-graphs" where its forwards replay graphs."""
     lean = lookup(model)
-    return "transformers" if lean is None else "lean+static" if lean.static else "lean"
+    if lean is None:
+        return "transformers"
+    if isinstance(cache, StaticCache) and cache.use_graphs:
+        return "lean+cuda-graphs"
+    return "lean+static" if lean.static else "lean"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,7 @@ class LeanDecoder:
         weight = self.decoder.embed_tokens.weight
         return StaticCache(len(self.layers), kv_heads, attn.head_dim, weight.dtype, weight.device)
 
+    @torch.no_grad()
     def __call__(self, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
         """Same contract as `forward.hidden_states`: last hidden states (q, H) of `tokens` appended to
         `cache`, `allowed` a (q, past + q) bool visibility matrix or None for causal attention."""

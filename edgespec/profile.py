@@ -17,6 +17,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from edgespec import lean
 from edgespec.errors import EdgespecError
 
 DEFAULTS = {  # sizes, budgets, prompts, max new tokens: small on CPU, the real range on a GPU
@@ -154,7 +155,8 @@ def profile(engine, args, before_load: int, load_s: float) -> dict:
 def model_info(engine) -> dict:
     off = engine.offload
     info = {"target": str(getattr(engine.target.config, "name_or_path", "")) or type(engine.target).__name__,
-            "layers": engine.target.config.num_hidden_layers, "offloaded": off is not None}
+            "layers": engine.target.config.num_hidden_layers, "offloaded": off is not None,
+            "drafter_forward": lean.describe(engine.drafter, engine.state.dcache)}
     if off is not None:
         info.update(streamed_layers=off.streamed_layers, resident_layers=off.resident_layers, ring=off.ring,
                     link_delay=off.transport.link_delay)
@@ -238,7 +240,8 @@ def table(r: dict) -> str:
     for p in r["pass_time"]:
         cols = " ".join(f"{1e3 * p[k]:9.1f}" if k in p else f"{'-':>9}" for k in ("transfer_s", "compute_s", "wait_s"))
         lines.append(f"  {p['tokens']:>6} {1e3 * p['pass_s']:9.1f} {cols}")
-    lines += ["", "draft vs budget", f"  {'budget':>6} {'draft ms':>9} {'size':>5} {'depth':>5}"]
+    lines += ["", f"draft vs budget (drafter forward: {r['model'].get('drafter_forward', '?')})",
+              f"  {'budget':>6} {'draft ms':>9} {'size':>5} {'depth':>5}"]
     for d in r["draft_time"]:
         lines.append(f"  {d['budget']:>6} {1e3 * d['draft_s']:9.1f} {d['tree_size']:>5} {d['tree_depth']:>5}")
     speed = f"{g['tokens_per_s']:.2f} tokens/s, {g['accepted_per_pass']:.2f} accepted/pass over {g['steps']} steps"

@@ -41,6 +41,7 @@ class StaticCache:
         self.dtype, self.device, self.n_layers = dtype, torch.device(device), layers
         self.length = 0
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.lazy = True  # capture a bucket on its first use (until `capture` is called)
         self._graphs: dict[int, _Captured] = {}
         self._pool = None
         self.keys: list[torch.Tensor] = []
@@ -68,15 +69,26 @@ class StaticCache:
 
     # ---- forwards ------------------------------------------------------------------------------
     def capture(self, forward) -> None:
-        """Capture every bucket now (at start-up, with nothing else running on the device) instead of
-        on first use, which may fall while the target streams its layers in another thread."""
+        """Capture every bucket now (at start-up or before a step, with nothing else running on the
+        device) instead of on first use, which may fall while the target streams its layers in
+        another thread. From then on this cache captures only here: after a growth drops its graphs,
+        forwards run eagerly until the next call."""
+        self.lazy = False
+        if not self.use_graphs or all(b in self._graphs for b in BUCKETS):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # pruning may still run on the drafting stream
         start = self.length
         self._reserve(start + BUCKETS[-1])  # growing later would drop the graphs captured here
+        self.lazy = True
         for b in BUCKETS:
             if self.use_graphs and b not in self._graphs:
                 allowed = torch.ones(b, start + b, dtype=torch.bool).tril(start)
                 self.run(forward, torch.zeros(b, dtype=torch.long), torch.arange(start, start + b), allowed)
                 self.crop(start)
+        self.lazy = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # dummy entries written before any stream reuses the slots
 
     def run(self, forward, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (q,) at `positions` with visibility `allowed` (q, length + q) through
@@ -90,7 +102,7 @@ class StaticCache:
             hidden = self._graphs[b].replay(inputs)
         else:
             hidden = forward(self, inputs)
-            if graphed:
+            if graphed and self.lazy:
                 self._capture(forward, inputs, hidden, b)
         self.length += q
         return hidden[:q]
@@ -148,6 +160,7 @@ class _Captured:
         side = torch.cuda.Stream(device=cache.device)
         side.wait_stream(torch.cuda.current_stream(cache.device))
         with torch.cuda.stream(side):
+            forward(cache, self.inputs)  # warm-up on the capture stream (rewrites the same entries)
             with torch.cuda.graph(self.graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
                 self.output = forward(cache, self.inputs)
         torch.cuda.current_stream(cache.device).wait_stream(side)

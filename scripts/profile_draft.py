@@ -48,6 +48,7 @@ def random_drafter_folder(layers: int = 30) -> str:
     return folder
 
 
+@torch.inference_mode()
 def forward_ms(model, device, prefix: list[int], n: int, repeats: int = 5) -> float:
     cache = new_cache(model)
     allowed = torch.ones(n, PREFIX - 1 + n, dtype=torch.bool).tril(PREFIX - 1)

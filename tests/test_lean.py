@@ -125,6 +125,12 @@ def test_static_cache_replays_captured_buckets(monkeypatch):
     assert sorted(fresh._graphs) == list(static_cache.BUCKETS) and fresh.get_seq_length() == 0
     for want, got in zip(reference, feeds(model, fresh)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a long feed grows the buffers, which drops the graphs ...
+        hidden_states(model, fresh, torch.arange(1100) % 64, torch.arange(26, 1126), None)
+        hidden_states(model, fresh, torch.tensor([1]), torch.tensor([1126]), None)
+    assert fresh._graphs == {} and fresh.capacity >= 1127  # ... and only `prepare` captures again
+    lean.prepare(model, fresh)
+    assert sorted(fresh._graphs) == list(static_cache.BUCKETS) and fresh.get_seq_length() == 1127
     lean.disable(model)
 
 
