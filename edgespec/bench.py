@@ -218,7 +218,8 @@ def versions() -> str:
 
 def setup_line(engine, args) -> str:
     off = engine.offload
-    where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers, "
+    encoded = f", streamed {off.quantize}-encoded" if off is not None and off.quantize else ""
+    where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers{encoded}, "
              f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
     shape = getattr(args, "target_shape", None)
     padded = f" zero-padded into the {shape} shape" if shape else ""

@@ -24,7 +24,8 @@ def make_engine(args: argparse.Namespace):
     drafter = args.draft or args.target  # no --draft: the target's own quantized copy drafts for it
     return Engine.from_pretrained(args.target, drafter, device=args.device, draft_quant=args.draft_quant,
                                   offload=not args.no_offload, resident_layers=args.resident_layers,
-                                  link_delay=args.link_delay, budget=args.budget, target_shape=args.target_shape)
+                                  link_delay=args.link_delay, budget=args.budget, target_shape=args.target_shape,
+                                  stream_quant=args.stream_quant)
 
 
 def budget_arg(text: str):
@@ -55,6 +56,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--resident-layers", type=int, default=None, help="target layers kept on the device (default: fit)")
     g.add_argument("--link-delay", type=float, default=0.0, help="emulated seconds per streamed layer (slow link)")
     g.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
+    g.add_argument("--stream-quant", default="none", choices=["none", "int8", "nf4"],
+                   help="keep the target's streamed layers int8/nf4-encoded in host RAM, decoded on the device: "
+                        "fewer bytes per pass and less RAM, for a quantized target (output exact for that target)")
     g.add_argument("--target-shape", default=None, choices=sorted(SHAPES),
                    help="benchmarks: zero-pad the (Llama) target into this bigger shape, so it streams and "
                         "computes like that model while predicting exactly as the loaded one")

@@ -240,3 +240,25 @@ def test_generate_prints_the_targets_greedy_answer(real_pair):
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     expected = tok.decode(greedy_reference(target, ids, 24), skip_special_tokens=True)
     assert proc.stdout == expected + "\n"
+
+
+def test_model_options_reach_the_engine(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw) or "engine"))
+    args = cli.build_parser().parse_args(["generate", "hi", "--stream-quant", "nf4", "--draft-quant", "int8",
+                                          "--resident-layers", "3", "--link-delay", "0.01"])
+    assert cli.make_engine(args) == "engine"
+    assert seen["stream_quant"] == "nf4" and seen["draft_quant"] == "int8"
+    assert seen["resident_layers"] == 3 and seen["link_delay"] == 0.01
+
+
+@pytest.mark.slow
+def test_int8_streamed_target_answers_as_that_target(real_pair):
+    """--stream-quant int8 on the embedded default: every streamed layer int8-encoded in host RAM; the
+    engine's greedy answer is exactly the greedy answer of that (offloaded, int8) target."""
+    _, _, tok = real_pair
+    engine = Engine.from_pretrained(device="cpu", stream_quant="int8", budget=16, calibrate=False, progress=False)
+    assert engine.offload.quantize == "int8" and engine.offload.streamed_layers > 0
+    ids = engine.encode([{"role": "user", "content": "Name three rivers in Europe."}])
+    out = engine.generate(ids, max_new_tokens=24)
+    assert out.ids == greedy_reference(engine.target, ids, 24)

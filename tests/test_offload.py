@@ -357,3 +357,22 @@ def test_profile_script_smoke(tmp_path, capsys):
 def kv(cache) -> dict:
     """The cache keyword of this transformers version (`cache` or `past_key_values`)."""
     return {cache_kwarg(LlamaForCausalLM): cache}
+
+
+def test_copy_workers_stop_with_their_transport_and_at_exit():
+    """A copy worker that outlives its transport, or the interpreter's shutdown, would free tensors while
+    the interpreter finalizes and abort the process: collected transports stop theirs at once, and the
+    exit hook joins the rest."""
+    import gc
+
+    from edgespec.offload import transport
+
+    t = transport.ThreadTransport()
+    worker = t._entry[0]
+    del t
+    gc.collect()
+    assert not worker.is_alive()
+    live = transport.ThreadTransport()
+    assert live._entry in transport._WORKERS
+    transport._stop_workers()
+    assert not live._entry[0].is_alive() and live._entry not in transport._WORKERS

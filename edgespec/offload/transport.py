@@ -16,6 +16,7 @@ the emulated transfer overlaps compute exactly as the DMA engine does on a GPU.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -42,9 +43,13 @@ class ThreadTransport:
     def __init__(self, link_delay: float = 0.0):
         self.set_link_delay(link_delay)
         self._jobs: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=_copy_worker, args=(self._jobs, weakref.ref(self)),
-                                        name="edgespec-offload-copy", daemon=True)
-        self._worker.start()
+        stopping = threading.Event()
+        worker = threading.Thread(target=_copy_worker, args=(self._jobs, weakref.ref(self), stopping),
+                                  name="edgespec-offload-copy", daemon=True)
+        worker.start()
+        self._entry = (worker, self._jobs, stopping)
+        _WORKERS.add(self._entry)
+        weakref.finalize(self, _stop_worker, self._entry)  # collected: the worker stops now, not at its next poll
 
     def set_link_delay(self, seconds: float) -> None:
         self.link_delay = seconds  # read by the worker before each sleep
@@ -79,12 +84,35 @@ class ThreadTransport:
 
     def close(self) -> None:
         self.drain()
-        self._jobs.put(None)
-        self._worker.join(timeout=5)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the worker after the copy it is running (queued prefetches are dropped) and join it."""
+        _stop_worker(self._entry)
 
 
-def _copy_worker(jobs: queue.Queue, transport_ref) -> None:
-    """Run copy jobs in order; exit on None, or once the transport has been garbage-collected."""
+_WORKERS: set = set()  # (thread, job queue, stop event) of every copy worker not yet stopped
+
+
+def _stop_worker(entry) -> None:
+    thread, jobs, stopping = entry
+    stopping.set()
+    jobs.put(None)
+    if thread is not threading.current_thread():
+        thread.join(timeout=5)
+    _WORKERS.discard(entry)
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Join every copy worker before the interpreter shuts down: a daemon thread that still holds or
+    frees tensors while the interpreter finalizes aborts the process ("terminate called ...")."""
+    for entry in list(_WORKERS):
+        _stop_worker(entry)
+
+
+def _copy_worker(jobs: queue.Queue, transport_ref, stopping: threading.Event) -> None:
+    """Run copy jobs in order; exit on None or `stopping`, or once the transport has been garbage-collected."""
     while True:
         try:
             job = jobs.get(timeout=1.0)
@@ -92,7 +120,7 @@ def _copy_worker(jobs: queue.Queue, transport_ref) -> None:
             if transport_ref() is None:
                 return
             continue
-        if job is None:
+        if job is None or stopping.is_set():
             return
         pack, slot, ticket = job
         ticket.start = time.perf_counter()
@@ -106,6 +134,7 @@ def _copy_worker(jobs: queue.Queue, transport_ref) -> None:
             ticket.error = err
         ticket.end = time.perf_counter()
         ticket.done.set()
+        del job, pack, slot, ticket  # hold no tensors while waiting for the next job
 
 
 class _Noop:
