@@ -125,9 +125,10 @@ class StaticCache:
             captured = _Captured(forward, self, inputs, self._pool)
             self._pool = captured.pool
             replayed = captured.replay(inputs)  # rewrites the same cache entries with the same values
-            if not torch.allclose(replayed.float(), eager_hidden.float(), rtol=1e-2, atol=1e-2):
-                raise RuntimeError(f"replayed bucket {b} differs from the eager forward by "
-                                   f"{(replayed.float() - eager_hidden.float()).abs().max():.3g}")
+            want = eager_hidden.float()
+            err = float((replayed.float() - want).norm() / want.norm().clamp(min=1e-6))
+            if not err <= 0.02:  # a broken capture (stale inputs, wrong buffers) is off by O(1), or NaN
+                raise RuntimeError(f"replayed bucket {b} differs from the eager forward (relative error {err:.3g})")
             self._graphs[b] = captured
         except Exception as exc:  # noqa: BLE001 — any capture failure: run eagerly from now on
             self.use_graphs, self._graphs, self._pool = False, {}, None

@@ -1,12 +1,19 @@
 """Accepted tokens per target pass on the real pair: edgespec trees vs HF assisted generation (chain).
 
     python scripts/acceptance.py --n-prompts 5 --max-new-tokens 64
+    python scripts/acceptance.py --n-prompts 5 --max-new-tokens 64 --temperature 0.7   # sampling
 
 Target: SmolLM2-135M-Instruct fp32 (the embedded default); drafter: its nf4 copy (bitsandbytes).
 Greedy on MT-Bench first turns. A "pass" is one target forward: for edgespec one step (the first
 also carries the prompt's prefill), for assisted generation one call of the target's forward
 (counted with a hook; its first call is the prefill). Both outputs are checked against the
 target's own greedy generate.
+
+With `--temperature T` both sample from the target's full distribution at T (no top-k/top-p):
+edgespec keeps a draft node only if it carries the token the target samples there; HF assisted
+generation accepts each drafted token with probability min(1, p/q) (speculative sampling). Outputs
+are then draws, not comparable token by token (the exactness of the distribution is
+tests/test_sampling.py's job); the table shows tokens per pass.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--chains", default="default,4,8", help="assisted generation: default schedule and constant chain lengths")
     ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0: sample at this temperature")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -47,13 +56,13 @@ class PassCounter:
         self.n += 1
 
 
-def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs) -> dict:
+def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
     engine = Engine(target, drafter, tok, budget=budget, overlap=False)
     per_prompt, tokens, passes, equal, sizes, depths, dt, vt = [], 0, 0, True, [], [], 0.0, 0.0
-    for ids, ref in zip(prompts, refs):
+    for i, (ids, ref) in enumerate(zip(prompts, refs)):
         engine.reset()
-        out = engine.generate(ids, max_new_tokens=max_new)
-        equal &= out.ids == ref
+        out = engine.generate(ids, max_new_tokens=max_new, temperature=temperature, seed=seed + i)
+        equal = None if ref is None else equal and out.ids == ref
         steps = out.stats.steps
         per_prompt.append(len(out.ids) / len(steps))
         tokens, passes = tokens + len(out.ids), passes + len(steps)
@@ -65,7 +74,7 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs)
             "draft_s": dt, "verify_s": vt}
 
 
-def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs) -> dict:
+def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
     import copy
 
     saved = copy.deepcopy(drafter.generation_config)
@@ -74,21 +83,24 @@ def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs) -> di
         cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule = int(chain), "constant"
         cfg.assistant_confidence_threshold = 0.0  # no early stop: chains of exactly `chain` tokens
     try:
-        return _assisted(target, drafter, chain, prompts, max_new, refs)
+        return _assisted(target, drafter, chain, prompts, max_new, refs, temperature, seed)
     finally:
         drafter.generation_config = saved
 
 
-def _assisted(target, drafter, chain: str, prompts, max_new: int, refs) -> dict:
+def _assisted(target, drafter, chain: str, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
     per_prompt, tokens, passes, equal, t = [], 0, 0, True, 0.0
-    for ids, ref in zip(prompts, refs):
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False}
+    for i, (ids, ref) in enumerate(zip(prompts, refs)):
         counter = PassCounter(target)
+        torch.manual_seed(seed + i)
         start = time.perf_counter()
-        out = target.generate(torch.tensor([ids]), assistant_model=drafter, do_sample=False,
-                              max_new_tokens=max_new)[0, len(ids):].tolist()
+        out = target.generate(torch.tensor([ids]), assistant_model=drafter, max_new_tokens=max_new,
+                              **sampling)[0, len(ids):].tolist()
         t += time.perf_counter() - start
         counter.handle.remove()
-        equal &= out == ref
+        equal = None if ref is None else equal and out == ref
         per_prompt.append(len(out) / counter.n)
         tokens, passes = tokens + len(out), passes + counter.n
     name = "assisted (HF default schedule)" if chain == "default" else f"assisted (constant chain {chain})"
@@ -107,10 +119,15 @@ def main(argv=None, pair=None, prompts=None) -> list[dict]:
         questions = [json.loads(x)["turns"][0] for x in Path(args.questions).read_text().splitlines() if x.strip()]
         prompts = [Engine(target, drafter, tok, budget=1).encode([{"role": "user", "content": q}])
                    for q in questions[: args.n_prompts]]
-    refs = [target.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)[0, len(ids):].tolist()
-            for ids in prompts]
-    rows = [assisted_row(target, drafter, c.strip(), prompts, args.max_new_tokens, refs) for c in args.chains.split(",")]
-    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs)
+    if args.temperature > 0:
+        refs = [None] * len(prompts)  # draws: nothing to compare token by token
+    else:
+        refs = [target.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)[0, len(ids):]
+                .tolist() for ids in prompts]
+    sample = (args.temperature, args.seed)
+    rows = [assisted_row(target, drafter, c.strip(), prompts, args.max_new_tokens, refs, *sample)
+            for c in args.chains.split(",")]
+    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs, *sample)
              for k in args.budgets.split(",") if k.strip() and k.strip() != "none"]
     report(rows, args, len(prompts))
     if args.json:
@@ -122,14 +139,15 @@ def report(rows: list[dict], args, n: int) -> None:
     chain = rows[0]
     base = chain["tokens"] / chain["passes"]
     print(f"\n# accepted tokens per target pass: SmolLM2-135M-Instruct fp32 target, nf4 drafter, {n} MT-Bench "
-          f"first turns, {args.max_new_tokens} new tokens, greedy\n")
+          f"first turns, {args.max_new_tokens} new tokens, "
+          f"{'greedy' if args.temperature == 0 else f'sampling at temperature {args.temperature}'}\n")
     print("| method | tokens/pass (mean of prompts) | tokens/pass (pooled) | vs HF chain | greedy-equal | mean tree | mean depth | draft s | verify s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pooled = r["tokens"] / r["passes"]
         fmt = lambda v, f="{:.1f}": "–" if v is None else f.format(v)  # noqa: E731
         print(f"| {r['method']} | {statistics.fmean(r['per_prompt']):.2f} | {pooled:.2f} | {pooled / base:.2f}x | "
-              f"{'yes' if r['equal'] else 'NO'} | {fmt(r['tree'])} | {fmt(r['depth'])} | {fmt(r['draft_s'])} | {fmt(r['verify_s'])} |")
+              f"{'–' if r['equal'] is None else 'yes' if r['equal'] else 'NO'} | {fmt(r['tree'])} | {fmt(r['depth'])} | {fmt(r['draft_s'])} | {fmt(r['verify_s'])} |")
     k256 = next((r for r in rows if r["method"] == "edgespec K=256"), None)
     if k256:
         ratio = (k256["tokens"] / k256["passes"]) / base

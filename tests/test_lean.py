@@ -150,3 +150,25 @@ def test_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert not cache.use_graphs
     lean.disable(model)
+
+
+
+class ReplayWrong(ReplayByRerun):
+    """A broken capture: its replays return something else than the forward."""
+
+    def replay(self, inputs):
+        return torch.zeros_like(super().replay(inputs))
+
+
+def test_a_capture_that_replays_wrong_is_refused(monkeypatch):
+    model = tiny_model("llama")
+    reference = feeds(model, new_cache(model))
+    monkeypatch.setattr(static_cache, "_Captured", ReplayWrong)
+    lean.enable(model, static=True)
+    cache = small_static(model, capacity=64, graphs=True)
+    with pytest.warns(GraphFallbackWarning, match="differs from the eager forward"):
+        got = feeds(model, cache)
+    for w, g in zip(reference, got):  # the eager results were returned, never the replay's
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not cache.use_graphs and cache._graphs == {}
+    lean.disable(model)

@@ -32,6 +32,18 @@ def test_acceptance_script(capsys):
     assert "| edgespec K=8 |" in out
 
 
+def test_acceptance_script_sampling(capsys):
+    target = tiny_model("llama", init=0.5)
+    drafter = noisy_copy(target, scale=0.002)
+    rows = load("acceptance").main(["--budgets", "8", "--chains", "default", "--max-new-tokens", "12",
+                                    "--temperature", "0.7", "--seed", "3"],
+                                   pair=(target, drafter, None), prompts=[[1, 2, 3], [4, 5, 6, 7]])
+    out = capsys.readouterr().out
+    assert "sampling at temperature 0.7" in out
+    assert all(r["equal"] is None and r["tokens"] == 24 for r in rows)
+    assert rows[1]["tokens"] / rows[1]["passes"] > 1.0  # a close drafter's samples are often accepted
+
+
 def test_bench_scheduler_script(capsys, monkeypatch):
     target, drafter = tiny_pair("llama", init=0.1, layers=4)
     offload_layers(target, "cpu", resident_layers=0, progress=False, link_delay=0.001)
