@@ -127,8 +127,8 @@ class TreeSearch:
 
     # ---- internals ---------------------------------------------------------------------------
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
-        logprobs = self.sampler.draft_logprobs(logits)
-        top_lp, top_tok = logprobs.topk(min(branch, logprobs.shape[-1]), dim=-1)
+        positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
+        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch)
         k = top_tok.shape[1]
         n = parents.numel() * k
         self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])

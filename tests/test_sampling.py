@@ -49,8 +49,8 @@ def test_walk_preserves_distribution_on_a_bushy_tree():
     probs = [sampler.probs(logits[i]) for i in range(8)]
     n = 20000
     counts: dict = {}
-    for _ in range(n):
-        toks = tuple(walk(tree, lambda i: logits[i], sampler).tokens[:2])
+    for seed in range(n):
+        toks = tuple(walk(tree, lambda i: logits[i], Sampler(temperature=0.8, top_p=0.9, seed=seed), 7).tokens[:2])
         counts[toks] = counts.get(toks, 0) + 1
     # exact law of the first two committed tokens under ancestral sampling from the target
     kids = tree.children()
@@ -114,3 +114,44 @@ def test_seed_reproducible():
 def test_invalid_sampling_args(kw):
     with pytest.raises(InvalidArgumentError):
         Sampler(**kw)
+
+
+def test_sampled_output_depends_only_on_target_and_seed():
+    """The target's draws come from noise keyed by (seed, position): different drafters and budgets, and
+    plain decoding, give the same tokens for the same seed."""
+    target, drafter = tiny_pair("llama", init=0.3)
+    other = noisy_copy(target, scale=0.3, seed=7)
+    outs = [Engine(target, d, scheduler=Fixed(Plan(k, 6, 4, 16))).generate([1, 2, 3], max_new_tokens=24,
+                                                                          temperature=0.9, seed=11).ids
+            for d, k in [(drafter, 16), (other, 4), (drafter, 0)]]
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] != Engine(target, drafter, budget=0).generate([1, 2, 3], max_new_tokens=24, temperature=0.9,
+                                                                 seed=12).ids
+
+
+def test_drafter_sees_the_targets_noise(monkeypatch):
+    """With a drafter equal to the target, sampling accepts (almost) as much as greedy decoding: the
+    drafter proposes the target's own perturbed argmax. Drafting under other noise loses most of it."""
+    import copy
+
+    target, _ = tiny_pair("llama", init=0.3, vocab=64)
+    twin = copy.deepcopy(target)
+
+    def accepted(temperature, seed=0):
+        engine = Engine(target, twin, scheduler=Fixed(Plan(16, 8, 4, 16)))
+        out = engine.generate([1, 2, 3], max_new_tokens=40, temperature=temperature, seed=seed)
+        return len(out.ids) / len(out.stats.steps)
+
+    greedy, coupled = accepted(0.0), accepted(1.0)
+    assert coupled >= 0.8 * greedy, (coupled, greedy)
+    real_noise = Sampler.noise
+    monkeypatch.setattr(Sampler, "draft_children", _draft_under_other_noise(real_noise))
+    assert accepted(1.0) < 0.7 * coupled
+
+
+def _draft_under_other_noise(real_noise):
+    def draft_children(self, logits, positions, k):
+        logprobs = self.draft_logprobs(logits)
+        noise = torch.stack([real_noise(self, int(p) + 10_000, logprobs.shape[-1], logprobs.device) for p in positions])
+        return torch.log_softmax(logprobs + noise, dim=-1).topk(k, dim=-1)
+    return draft_children
