@@ -76,13 +76,16 @@ class Sampler:
         return perturbed.topk(k, dim=-1)
 
     def noise(self, position: int, vocab: int, device) -> torch.Tensor:
-        """Gumbel noise (vocab,) for the token at `position` (cached)."""
+        """Gumbel noise (vocab,) for the token at `position` (cached; the drafter and the verifying
+        thread may ask at the same time, hence no check-then-read)."""
         key = (position, vocab, str(device))
-        if key not in self._noise:
+        noise = self._noise.get(key)
+        if noise is None:
+            noise = gumbel(self.key, position, vocab, device)
             if len(self._noise) > 4096:
                 self._noise.clear()
-            self._noise[key] = gumbel(self.key, position, vocab, device)
-        return self._noise[key]
+            self._noise[key] = noise
+        return noise
 
 
 _GOLD, _M1, _M2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
