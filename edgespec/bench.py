@@ -61,9 +61,9 @@ def _shown(file: Path) -> str:
 
 
 # ---- the three methods --------------------------------------------------------------------------
-def run_engine(engine, ids: list[int], max_new: int) -> dict:
+def run_engine(engine, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
-    out = engine.generate(ids, max_new_tokens=max_new)
+    out = engine.generate(ids, max_new_tokens=max_new, **(sampling or {}))
     steps = out.stats.steps
     parts = ("draft", "verify", "overhead", "overlap")
     split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in parts}
@@ -71,39 +71,45 @@ def run_engine(engine, ids: list[int], max_new: int) -> dict:
             "tree_tokens": sum(s.tree_size for s in steps), "split": split}
 
 
-def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id) -> dict:
+def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling: dict | None = None) -> dict:
     counter = [0]
     hook = target.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
     x = torch.tensor([ids], device=model_device(target))
+    how = {"do_sample": False}
+    if sampling:  # its own random stream: speculative sampling, full distribution at T, top-p as asked
+        torch.manual_seed(sampling["seed"])
+        how = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=drafter, do_sample=False,
-                                  max_new_tokens=max_new, pad_token_id=pad_id)
+            out = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=drafter,
+                                  max_new_tokens=max_new, pad_token_id=pad_id, **how)
         seconds = time.perf_counter() - t0
     finally:
         hook.remove()
     return {"ids": out[0, len(ids):].tolist(), "seconds": seconds, "passes": counter[0], "tree_tokens": None}
 
 
-def runners(engine):
+def runners(engine, sampling: dict | None = None):
     from edgespec.engine import Engine
 
     plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
     pad = next(iter(engine.eos_ids), 0)
     return {
-        "edgespec": lambda ids, n: run_engine(engine, ids, n),
-        "plain": lambda ids, n: run_engine(plain, ids, n),
-        "hf-assisted": lambda ids, n: run_assisted(engine.target, engine.drafter, ids, n, pad),
+        "edgespec": lambda ids, n: run_engine(engine, ids, n, sampling),
+        "plain": lambda ids, n: run_engine(plain, ids, n, sampling),
+        "hf-assisted": lambda ids, n: run_assisted(engine.target, engine.drafter, ids, n, pad, sampling),
     }
 
 
 def run_bench(engine, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
-              progress: bool = True) -> dict:
-    """Every method on every prompt; returns per-method totals and per-prompt outputs."""
+              progress: bool = True, sampling: dict | None = None) -> dict:
+    """Every method on every prompt; returns per-method totals and per-prompt outputs. `sampling`
+    ({temperature, top_p, seed}) samples instead of decoding greedily: edgespec and plain decoding
+    then draw the same tokens for the same seed (edgespec/sampling.py), HF assisted its own."""
     from edgespec.cli import chat_messages
 
-    methods = runners(engine)
+    methods = runners(engine, sampling)
     encoded = [engine.encode(chat_messages(p, system)) for p in prompts]
     if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings
         for fn in methods.values():
@@ -115,18 +121,20 @@ def run_bench(engine, prompts: list[str], max_new: int, system: str | None = Non
                 bar.set_postfix_str(name)
                 outputs[name].append(fn(ids, max_new))
                 bar.update()
-    diverged = divergences(engine.target, encoded, outputs)
-    return {"prompts": len(prompts), "max_new_tokens": max_new, "rows": summarize(outputs, diverged),
+    own_stream = {"hf-assisted"} if sampling else set()  # draws from its own random stream: not comparable
+    diverged = divergences(engine.target, encoded, outputs, skip=own_stream)
+    return {"prompts": len(prompts), "max_new_tokens": max_new, "sampling": sampling,
+            "rows": summarize(outputs, diverged, own_stream),
             "divergences": diverged, "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()}}
 
 
 TIE_ULPS = 8  # a gap within this many units in the last place of the top logit counts as a rounding tie
 
 
-def divergences(target, encoded: list[list[int]], outputs: dict) -> list[dict]:
+def divergences(target, encoded: list[list[int]], outputs: dict, skip=()) -> list[dict]:
     """Where a method's tokens first differ from plain decoding's, with the target's top-2 logit gap."""
     found = []
-    for name in METHODS:
+    for name in (m for m in METHODS if m not in skip):
         for i, (ids, run) in enumerate(zip(encoded, outputs[name])):
             ref = outputs["plain"][i]["ids"]
             at = first_difference(run["ids"], ref)
@@ -153,7 +161,7 @@ def top2_gap(target, ids: list[int]) -> tuple[float, float]:
     return (top[0] - top[1]).item(), ulp.item()
 
 
-def summarize(outputs: dict, diverged: list[dict] | None = None) -> list[dict]:
+def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) -> list[dict]:
     rows = []
     plain_rate = None
     for name in METHODS:
@@ -165,6 +173,8 @@ def summarize(outputs: dict, diverged: list[dict] | None = None) -> list[dict]:
         mine = [d for d in diverged or [] if d["method"] == name]
         if name == "plain":
             agreement = "reference"
+        elif name in own_stream:
+            agreement = "n/a (own sampler)"
         else:
             agreement = "yes" if same else ("near-tie" if mine and all(d["tie"] for d in mine) else "NO")
         rate = tokens / secs if secs else 0.0
@@ -223,9 +233,11 @@ def setup_line(engine, args) -> str:
              f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
     shape = getattr(args, "target_shape", None)
     padded = f" zero-padded into the {shape} shape" if shape else ""
+    temperature = getattr(args, "temperature", 0.0)
+    how = f"sampling at temperature {temperature}, top-p {args.top_p}" if temperature else "greedy"
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {args.draft or 'embedded'} "
             f"({args.draft_quant}, {lean.describe(engine.drafter, engine.state.dcache)} forward); {where}; "
-            f"device {engine.device}; budget {args.budget}; greedy")
+            f"device {engine.device}; budget {args.budget}; {how}")
 
 
 def report(result: dict, engine, args, argv_text: str) -> str:
@@ -239,11 +251,17 @@ def report(result: dict, engine, args, argv_text: str) -> str:
         f"- prompts: {result['prompts']} from {result['source']}, max {result['max_new_tokens']} new tokens",
         ("- tokens/pass = new tokens / target forward passes (prefill included in the first pass); "
          "mean tree = draft tokens verified per target pass; "
-         "same as plain = token-identical to plain greedy decoding of the same target on every prompt "
-         "(near-tie: see the notes under the table)"), "", ""
+         "same as plain = token-identical to plain " + ("greedy decoding" if not result.get("sampling") else
+                                                         f"decoding with the same sampling seed ({sampling_text(result)})")
+         + " of the same target on every prompt (near-tie: see the notes under the table)"), "", ""
     ]
     return ("\n".join(head) + markdown_table(result["rows"]) + "\n" + time_split(result["rows"])
             + divergence_notes(result) + "\n")
+
+
+def sampling_text(result: dict) -> str:
+    sp = result["sampling"]
+    return f"temperature {sp['temperature']}, top-p {sp['top_p']}, seed {sp['seed']}"
 
 
 def time_split(rows: list[dict]) -> str:
@@ -275,7 +293,10 @@ def divergence_notes(result: dict) -> str:
 def main(args, load) -> int:
     prompts, source = load_prompts(args.n_prompts, args.questions)
     engine = load()
-    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system)
+    sampling = None
+    if getattr(args, "temperature", 0.0):
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed or 0}
+    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system, sampling=sampling)
     result["source"] = source
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))

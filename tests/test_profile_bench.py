@@ -57,6 +57,24 @@ def test_bench_prints_three_rows_with_the_same_output(injected, tmp_path, capsys
     assert "- edgespec time split: drafting" in text and "- plain time split" in text
 
 
+def test_bench_samples_when_asked(injected, tmp_path, capsys):
+    """--temperature is not ignored: every method samples; edgespec draws exactly plain decoding's tokens
+    for the same seed, HF assisted draws from its own random stream (not compared)."""
+    report = tmp_path / "bench.md"
+    argv = ["bench", "--n-prompts", "2", "--max-new-tokens", "10", "--temperature", "0.9", "--seed", "4",
+            "--out", str(report)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.rstrip(" |").rsplit("|", 1)[-1].strip() for r in rows] == ["yes", "reference", "n/a (own sampler)"]
+    text = report.read_text()
+    assert "sampling at temperature 0.9" in text and "same sampling seed (temperature 0.9, top-p 1.0, seed 4)" in text
+    greedy = injected.generate(injected.encode([{"role": "user", "content": "x"}]), max_new_tokens=10).ids
+    sampled = injected.generate(injected.encode([{"role": "user", "content": "x"}]), max_new_tokens=10,
+                                temperature=0.9, seed=4).ids
+    assert greedy != sampled  # the tiny target's distribution is broad enough for sampling to show
+
+
 def test_bench_json(injected, capsys):
     assert cli.main(["bench", "--n-prompts", "1", "--max-new-tokens", "6", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
