@@ -131,8 +131,7 @@ class Engine:
         tok = load_tokenizer(target, progress)
         draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
         check_tokenizers(tok, draft_tok, "target", "drafter")
-        quant = draft_quant if draft_quant not in ("none", "") else None
-        draft_model = load_model(drafter, quantize=quant, device=dev, progress=progress)
+        draft_model = load_model(drafter, quantize=_codec(draft_quant), device=dev, progress=progress)
         if offload or target_shape:
             target_model = load_model(target, device="cpu", dtype=_host_dtype(dev), progress=progress)
             if target_shape:
@@ -143,7 +142,7 @@ class Engine:
             from edgespec.offload import offload_layers
 
             handle = offload_layers(target_model, dev, resident_layers=resident_layers, link_delay=link_delay,
-                                    quantize=stream_quant if stream_quant not in ("none", "") else None,
+                                    quantize=_codec(stream_quant),
                                     progress=progress)
             target_model._edgespec_offload = handle
         elif target_shape:
@@ -498,6 +497,11 @@ def _on_stream(stream):
 def _wait_stream(stream) -> None:
     if stream is not None:
         torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
+def _codec(name: str | None) -> str | None:
+    """A quantization option as the loaders take it: "none" or "" means None."""
+    return None if name in ("none", "") else name
 
 
 def _host_dtype(dev: torch.device) -> torch.dtype:

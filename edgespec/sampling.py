@@ -70,9 +70,8 @@ class Sampler:
         k = min(k, logprobs.shape[-1])
         if self.greedy:
             return logprobs.topk(k, dim=-1)
-        vocab, dev = logprobs.shape[-1], logprobs.device
-        rows = {int(p): self.noise(int(p), vocab, dev) for p in positions.unique()}
-        perturbed = torch.log_softmax(logprobs + torch.stack([rows[int(p)] for p in positions]), dim=-1)
+        noise = torch.stack([self.noise(int(p), logprobs.shape[-1], logprobs.device) for p in positions])
+        perturbed = torch.log_softmax(logprobs + noise, dim=-1)
         return perturbed.topk(k, dim=-1)
 
     def noise(self, position: int, vocab: int, device) -> torch.Tensor:

@@ -80,19 +80,20 @@ class StaticCache:
             torch.cuda.synchronize(self.device)  # pruning may still run on the drafting stream
         start = self.length
         self._reserve(start + BUCKETS[-1])  # growing later would drop the graphs captured here
-        self.lazy = True
         for b in BUCKETS:
             if self.use_graphs and b not in self._graphs:
                 allowed = torch.ones(b, start + b, dtype=torch.bool).tril(start)
-                self.run(forward, torch.zeros(b, dtype=torch.long), torch.arange(start, start + b), allowed)
+                self.run(forward, torch.zeros(b, dtype=torch.long), torch.arange(start, start + b), allowed,
+                         capture=True)
                 self.crop(start)
-        self.lazy = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # dummy entries written before any stream reuses the slots
 
-    def run(self, forward, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def run(self, forward, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+            capture: bool | None = None) -> torch.Tensor:
         """Append `tokens` (q,) at `positions` with visibility `allowed` (q, length + q) through
-        `forward(cache, inputs) -> hidden (b, H)`; returns the q real rows' hidden states."""
+        `forward(cache, inputs) -> hidden (b, H)`; returns the q real rows' hidden states. A bucket
+        not captured yet is captured after this forward if `capture` (default: `self.lazy`)."""
         q = tokens.numel()
         b = bucket_for(q) or q
         self._reserve(self.length + b)
@@ -102,7 +103,7 @@ class StaticCache:
             hidden = self._graphs[b].replay(inputs)
         else:
             hidden = forward(self, inputs)
-            if graphed and self.lazy:
+            if graphed and (self.lazy if capture is None else capture):
                 self._capture(forward, inputs, hidden, b)
         self.length += q
         return hidden[:q]

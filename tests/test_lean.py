@@ -43,6 +43,21 @@ def feeds(model, cache) -> list[torch.Tensor]:
     return out
 
 
+def assert_same(reference: list[torch.Tensor], got: list[torch.Tensor], tol: float = 1e-5) -> None:
+    for want, have in zip(reference, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=tol, atol=tol)
+
+
+def graphed(monkeypatch, captured):
+    """A tiny Llama on the lean static path whose "graphs" are `captured` (a CPU stand-in), its
+    transformers-forward reference outputs, and an empty graph-replaying cache."""
+    model = tiny_model("llama")
+    reference = feeds(model, new_cache(model))
+    monkeypatch.setattr(static_cache, "_Captured", captured)
+    lean.enable(model, static=True)
+    return model, reference, small_static(model, capacity=64, graphs=True)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_lean_forwards_match_transformers(arch):
     model = qwen3() if arch == "qwen3" else tiny_model(arch)
@@ -52,8 +67,7 @@ def test_lean_forwards_match_transformers(arch):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert lean.enable(model, static=True)
     cache = small_static(model, capacity=8)  # grows twice on the way
-    for want, got in zip(reference, feeds(model, cache)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same(reference, feeds(model, cache))
     assert cache.capacity >= 32 and cache.get_seq_length() == 26
     lean.disable(model)
 
@@ -108,23 +122,16 @@ class ReplayByRerun:
 
 
 def test_static_cache_replays_captured_buckets(monkeypatch):
-    model = tiny_model("llama")
-    reference = feeds(model, new_cache(model))
-    monkeypatch.setattr(static_cache, "_Captured", ReplayByRerun)
-    lean.enable(model, static=True)
-    cache = small_static(model, capacity=64, graphs=True)
-    for want, got in zip(reference, feeds(model, cache)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model, reference, cache = graphed(monkeypatch, ReplayByRerun)
+    assert_same(reference, feeds(model, cache))
     assert sorted(cache._graphs) == [1, 8, 16, 32]  # 10, 5, 20 and 1 tokens, bucketed
     crop(cache, 0)
-    for want, got in zip(reference, feeds(model, cache)):  # the second round replays every bucket
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same(reference, feeds(model, cache))  # the second round replays every bucket
     assert all(g.replays >= 2 for g in cache._graphs.values())
     fresh = small_static(model, capacity=64, graphs=True)
     lean.prepare(model, fresh)  # what an engine does at start-up: every bucket captured, nothing kept
     assert sorted(fresh._graphs) == list(static_cache.BUCKETS) and fresh.get_seq_length() == 0
-    for want, got in zip(reference, feeds(model, fresh)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same(reference, feeds(model, fresh))
     with torch.no_grad():  # a long feed grows the buffers, which drops the graphs ...
         hidden_states(model, fresh, torch.arange(1100) % 64, torch.arange(26, 1126), None)
         hidden_states(model, fresh, torch.tensor([1]), torch.tensor([1126]), None)
@@ -135,22 +142,15 @@ def test_static_cache_replays_captured_buckets(monkeypatch):
 
 
 def test_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
-    model = tiny_model("llama")
-    reference = feeds(model, new_cache(model))
-
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(static_cache, "_Captured", broken)
-    lean.enable(model, static=True)
-    cache = small_static(model, capacity=64, graphs=True)
+    model, reference, cache = graphed(monkeypatch, broken)
     with pytest.warns(GraphFallbackWarning, match="CUDA graphs turned off"):
         got = feeds(model, cache)
-    for w, g in zip(reference, got):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert_same(reference, got)
     assert not cache.use_graphs
     lean.disable(model)
-
 
 
 class ReplayWrong(ReplayByRerun):
@@ -161,14 +161,9 @@ class ReplayWrong(ReplayByRerun):
 
 
 def test_a_capture_that_replays_wrong_is_refused(monkeypatch):
-    model = tiny_model("llama")
-    reference = feeds(model, new_cache(model))
-    monkeypatch.setattr(static_cache, "_Captured", ReplayWrong)
-    lean.enable(model, static=True)
-    cache = small_static(model, capacity=64, graphs=True)
+    model, reference, cache = graphed(monkeypatch, ReplayWrong)
     with pytest.warns(GraphFallbackWarning, match="differs from the eager forward"):
         got = feeds(model, cache)
-    for w, g in zip(reference, got):  # the eager results were returned, never the replay's
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert_same(reference, got)  # the eager results were returned, never the replay's
     assert not cache.use_graphs and cache._graphs == {}
     lean.disable(model)
