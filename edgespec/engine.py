@@ -132,21 +132,20 @@ class Engine:
         draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
         check_tokenizers(tok, draft_tok, "target", "drafter")
         draft_model = load_model(drafter, quantize=_codec(draft_quant), device=dev, progress=progress)
-        if offload or target_shape:
-            target_model = load_model(target, device="cpu", dtype=_host_dtype(dev), progress=progress)
-            if target_shape:
-                from edgespec.offload.padded import pad_to_shape
-
-                target_model = pad_to_shape(target_model, target_shape)
-        if offload:
+        stream = dict(resident_layers=resident_layers, link_delay=link_delay, quantize=_codec(stream_quant))
+        if target_shape:
             from edgespec.offload import offload_layers
+            from edgespec.offload.padded import pad_to_shape
 
-            handle = offload_layers(target_model, dev, resident_layers=resident_layers, link_delay=link_delay,
-                                    quantize=_codec(stream_quant),
-                                    progress=progress)
-            target_model._edgespec_offload = handle
-        elif target_shape:
-            target_model = target_model.to(dev)
+            target_model = pad_to_shape(load_model(target, dtype=_host_dtype(dev), progress=progress), target_shape)
+            if offload:
+                offload_layers(target_model, dev, progress=progress, **stream)
+            else:
+                target_model = target_model.to(dev)
+        elif offload:
+            from edgespec.offload.checkpoint import load_offloaded
+
+            target_model = load_offloaded(target, dev, _host_dtype(dev), progress=progress, **stream)
         else:
             target_model = load_model(target, device=dev, progress=progress)
         engine_kw.setdefault("calibrate", True)

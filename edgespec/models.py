@@ -93,31 +93,51 @@ def resolve(spec: str | None) -> tuple[str, str | None]:
 
 
 def _dequantized_copy(folder: str, gguf: str, progress: bool) -> Path:
-    """De-quantize a GGUF once into a safetensors folder (cached); returns that folder."""
+    """De-quantize a GGUF once into a safetensors folder (cached); returns that folder.
+
+    One decoder layer at a time where the architecture allows (edgespec/convert.py: host RAM holds
+    one layer), else through transformers' whole-model GGUF loader."""
+    import shutil
+
+    from edgespec.convert import Unsupported, convert_gguf
+
     src = Path(folder) / gguf
     stat = src.stat()
     key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / f"{src.stem}-{key}"
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if progress:
         print(f"edgespec: de-quantizing {src.name} once (cached in {out})", flush=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    except Exception as err:  # a corrupt or unsupported GGUF surfaces here
-        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
-    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            convert_gguf(folder, gguf, tmp, progress)
+        except Unsupported as why:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if progress:
+                print(f"edgespec: converting {src.name} whole ({why})", flush=True)
+            _convert_whole(folder, gguf, tmp)
+    except Exception as err:  # a corrupt or unsupported GGUF surfaces here
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
     if not out.exists():
         tmp.rename(out)
     return out
+
+
+def _convert_whole(folder: str, gguf: str, out: Path) -> None:
+    """transformers' own GGUF load (every tensor de-quantized in memory at once), saved as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def local_folder(spec: str | None, progress: bool = True) -> str:

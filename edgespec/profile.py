@@ -9,6 +9,7 @@ a few real prompts. Writes `profile.json` and `profile.png` to --out-dir and pri
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,26 @@ DEFAULTS = {  # sizes, budgets, prompts, max new tokens: small on CPU, the real 
 
 def rss() -> int:
     return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    """This process's largest resident set so far, in bytes (0 where unknown).
+
+    Linux: VmHWM, the peak of this process image (getrusage's ru_maxrss would also count the RSS of
+    the parent a subprocess was forked from)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def weight_bytes(model) -> int:
@@ -108,8 +129,9 @@ def per_layer(handle) -> dict:
             "compute_s": total.compute_time / all_uses, "overlap": total.overlap, "bytes": total.bytes // uses}
 
 
-def memory(engine, before_load: int, after_load: int, after_gen: int) -> dict:
-    mem = {"rss_before_load": before_load, "rss_after_load": after_load, "rss_after_generate": after_gen,
+def memory(engine, before_load: int, after_load: int, after_gen: int, load_peak: int = 0) -> dict:
+    mem = {"rss_before_load": before_load, "rss_peak_while_loading": load_peak, "rss_after_load": after_load,
+           "rss_after_generate": after_gen,
            "target_weight_bytes": weight_bytes(engine.target), "drafter_weight_bytes": weight_bytes(engine.drafter),
            "pinned_bytes": engine.offload.pinned_bytes if engine.offload is not None else 0}
     mem["weight_bytes"] = mem["target_weight_bytes"] + mem["drafter_weight_bytes"]
@@ -137,7 +159,7 @@ def profile(engine, args, before_load: int, load_s: float) -> dict:
     from edgespec.bench import load_prompts
     from edgespec.cli import chat_messages
 
-    after_load = rss()
+    after_load, load_peak = rss(), peak_rss()
     sizes, budgets, n_prompts, max_new = settings(args, engine.device)
     texts, source = load_prompts(max(n_prompts, 1))
     prompts = [chat_messages(t, args.system) for t in texts[:n_prompts]]
@@ -148,7 +170,7 @@ def profile(engine, args, before_load: int, load_s: float) -> dict:
         drafts = draft_times(engine, engine.encode(chat_messages(texts[0], args.system)), budgets, bar)
         gen = generation(engine, prompts, max_new, bar)
     return {"device": str(engine.device), "load_s": load_s, "prompts_from": source, "max_new_tokens": max_new,
-            "model": model_info(engine), "memory": memory(engine, before_load, after_load, rss()),
+            "model": model_info(engine), "memory": memory(engine, before_load, after_load, rss(), load_peak),
             "bandwidth": link, "pass_time": passes, "draft_time": drafts, "generation": gen}
 
 
@@ -231,7 +253,8 @@ def table(r: dict) -> str:
     m, g, bw = r["memory"], r["generation"], r["bandwidth"]
     link = f"link ({bw['link']}) {bw['bytes_per_s'] / 1e9:.2f} GB/s"
     lines = [f"device {r['device']}, loaded in {r['load_s']:.1f} s; {link}", "", "memory"]
-    for key in ("weight_bytes", "pinned_bytes", "rss_before_load", "rss_after_load", "rss_after_generate",
+    for key in ("weight_bytes", "pinned_bytes", "rss_before_load", "rss_peak_while_loading", "rss_after_load",
+                "rss_after_generate",
                 "cuda_peak_allocated", "cuda_peak_reserved"):
         if key in m:
             lines.append(f"  {key:<22} {m[key] / 2**20:>10,.1f} MiB")

@@ -26,6 +26,7 @@ def test_profile_writes_json_and_png(injected, tmp_path, capsys):
     assert r["bandwidth"]["bytes_per_s"] > 0
     mem = r["memory"]
     assert mem["weight_bytes"] > 0 and mem["rss_after_load"] >= mem["weight_bytes"]
+    assert mem["rss_peak_while_loading"] >= mem["rss_after_load"]
     assert mem["pinned_bytes"] == injected.offload.pinned_bytes > 0
     assert [p["tokens"] for p in r["pass_time"]] == sizes and all(p["pass_s"] > 0 for p in r["pass_time"])
     assert all(p["transfer_s"] >= 0 and p["compute_s"] > 0 for p in r["pass_time"])

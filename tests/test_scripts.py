@@ -63,3 +63,13 @@ def test_profile_draft_script(capsys):
         assert f"unquantized {how} drafter forward, 64 tokens:" in out
         assert f"unquantized {how} tree build K=4:" in out
     assert out.count("(size 4,") == 3
+
+
+def test_profile_load_script(capsys, tmp_path):
+    """Two child processes (whole, layerwise); both must give the same logits and keep the same bytes."""
+    rows = load("profile_load").main(["--shape", "tiny", "--dtype", "fp32", "--quantize", "int8",
+                                      "--folder", str(tmp_path / "tiny")])
+    out = capsys.readouterr().out
+    assert [(r["way"], r["quant"]) for r in rows] == [("whole", "int8"), ("layerwise", "int8")]
+    assert "| int8 | layerwise |" in out and out.count("| yes |") == 2
+    assert rows[0]["streamed_host_bytes"] == rows[1]["streamed_host_bytes"] > 0

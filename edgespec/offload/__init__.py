@@ -8,7 +8,8 @@
 Modules: `api` (offload_layers), `streamer` (the ring and hooks), `layout` (packed layers and slots),
 `transport` (CUDA stream / CPU thread copies), `quant` (int8 / nf4 codecs), `stats`, `placement`,
 `bandwidth` (link measurement) and `shapes` (random-weight models of a named shape, for profiling),
-`pinned` (exact-size page-locked host buffers).
+`pinned` (exact-size page-locked host buffers), `checkpoint` (`load_offloaded`: a target read from its
+safetensors checkpoint one layer at a time, so host RAM never holds it whole).
 
 Limits: inference only (streamed weights are bound without autograd); one forward at a time per
 model (no concurrent forwards from several threads); do not `model.to(...)` or deepcopy an offloaded

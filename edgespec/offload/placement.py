@@ -7,8 +7,9 @@ from torch import nn
 from edgespec.errors import UnsupportedModelError
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """`model.get_decoder().layers`, or UnsupportedModelError naming the architecture and the fix."""
+def decoder_layers(model: nn.Module, meta_layers: bool = False) -> nn.ModuleList:
+    """`model.get_decoder().layers`, or UnsupportedModelError naming the architecture and the fix.
+    `meta_layers`: the layers may still be on the meta device (they are filled as they are placed)."""
     arch = type(model).__name__
     get = getattr(model, "get_decoder", None)
     decoder = get() if callable(get) else None
@@ -25,7 +26,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"Cannot offload {arch}: it is already dispatched by accelerate (device_map / cpu_offload hooks). "
             "Load it without `device_map` (on the CPU) and let edgespec place it."
         )
-    if any(t.is_meta for t in _tensors(model)):
+    inside = {id(t) for layer in layers for t in _tensors(layer)} if meta_layers else set()
+    if any(t.is_meta and id(t) not in inside for t in _tensors(model)):
         raise UnsupportedModelError(
             f"Cannot offload {arch}: some weights are on the meta device (not loaded). Load the real weights "
             "on the CPU first."
