@@ -48,7 +48,7 @@ class GGUFTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         import numpy as np
 
         out = {}
@@ -57,7 +57,7 @@ class GGUFTensors:
             weights = self.processor.process(weights=_dequantize(t.data, t.tensor_type), name=t.name).weights
             if not (weights.flags.writeable and weights.flags.c_contiguous):  # a view of the mapped file
                 weights = np.copy(weights)
-            out[name] = torch.from_numpy(weights).float()
+            out[name] = torch.from_numpy(weights).to(dtype)  # de-quantized in fp32, then cast, as transformers does
         return out
 
 
@@ -77,21 +77,21 @@ def _dequantize(data, kind, rows: int = 4096):
     return out
 
 
-def convert_gguf(folder: str, gguf: str, out: Path, progress: bool = True) -> None:
-    """Write the de-quantized (fp32) model of `folder/gguf` into the new folder `out`."""
+def convert_gguf(folder: str, gguf: str, out: Path, progress: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    """Write the de-quantized model of `folder/gguf`, in `dtype`, into the new folder `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     source = GGUFTensors(str(Path(folder) / gguf), skeleton)
     groups = _shards(skeleton, source)
     out.mkdir(parents=True)
-    config.dtype, config.architectures = torch.float32, [type(skeleton).__name__]
+    config.dtype, config.architectures = dtype, [type(skeleton).__name__]
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
-    _write(source, groups, out, progress)
+    _write(source, groups, out, progress, dtype)
 
 
 def _shards(skeleton: nn.Module, source: GGUFTensors) -> list[list[str]]:
@@ -109,14 +109,14 @@ def _shards(skeleton: nn.Module, source: GGUFTensors) -> list[list[str]]:
     return [outside, *per_layer]
 
 
-def _write(source: GGUFTensors, groups: list[list[str]], out: Path, progress: bool) -> None:
+def _write(source: GGUFTensors, groups: list[list[str]], out: Path, progress: bool, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
     weight_map, total = {}, 0
     bar = tqdm(groups, desc="edgespec: de-quantizing the GGUF", unit="shard", disable=not progress)
     for i, names in enumerate(bar):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = source.read(names)
+        tensors = source.read(names, dtype)
         save_file(tensors, out / file, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(names, file))

@@ -92,33 +92,51 @@ def resolve(spec: str | None) -> tuple[str, str | None]:
     return spec, None
 
 
-def _dequantized_copy(folder: str, gguf: str, progress: bool) -> Path:
-    """De-quantize a GGUF once into a safetensors folder (cached); returns that folder.
-
-    One decoder layer at a time where the architecture allows (edgespec/convert.py: host RAM holds
-    one layer), else through transformers' whole-model GGUF loader."""
-    import shutil
-
-    from edgespec.convert import Unsupported, convert_gguf
-
-    src = Path(folder) / gguf
+def _gguf_cache(src: Path, suffix: str = "") -> Path:
+    """Where the converted copy of the GGUF `src` lives (keyed by path, size and mtime)."""
     stat = src.stat()
     key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / f"{src.stem}-{key}"
+    return cache_dir() / f"{src.stem}-{key}{suffix}"
+
+
+def _dequantized_copy(folder: str, gguf: str, progress: bool, dtype: torch.dtype = torch.float32) -> Path:
+    """De-quantize a GGUF once into a safetensors folder of `dtype` (cached); returns that folder.
+
+    `dtype` is the one the model runs in here (fp32 on a CPU, bf16 on a GPU): a bf16 copy halves the
+    disk and the reading and loads as the same model as the fp32 copy cast on load. One decoder layer
+    at a time where the architecture allows (edgespec/convert.py: host RAM holds one layer), else
+    through transformers' whole-model GGUF loader."""
+    src = Path(folder) / gguf
+    out = _gguf_cache(src, "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}")
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
     if progress:
         print(f"edgespec: de-quantizing {src.name} once (cached in {out})", flush=True)
+    return _convert_into(out, src, lambda tmp: _convert(folder, gguf, tmp, dtype, progress))
+
+
+def _convert(folder: str, gguf: str, out: Path, dtype: torch.dtype, progress: bool) -> None:
+    import shutil
+
+    from edgespec.convert import Unsupported, convert_gguf
+
+    try:
+        convert_gguf(folder, gguf, out, progress, dtype)
+    except Unsupported as why:
+        shutil.rmtree(out, ignore_errors=True)
+        if progress:
+            print(f"edgespec: converting {gguf} whole ({why})", flush=True)
+        _convert_whole(folder, gguf, out, dtype)
+
+
+def _convert_into(out: Path, src: Path, write) -> Path:
+    """Run `write(tmp)` and move tmp to `out`; a failure names the GGUF and leaves no partial folder."""
+    import shutil
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        try:
-            convert_gguf(folder, gguf, tmp, progress)
-        except Unsupported as why:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if progress:
-                print(f"edgespec: converting {src.name} whole ({why})", flush=True)
-            _convert_whole(folder, gguf, tmp)
+        write(tmp)
     except Exception as err:  # a corrupt or unsupported GGUF surfaces here
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
@@ -127,11 +145,11 @@ def _dequantized_copy(folder: str, gguf: str, progress: bool) -> Path:
     return out
 
 
-def _convert_whole(folder: str, gguf: str, out: Path) -> None:
+def _convert_whole(folder: str, gguf: str, out: Path, dtype: torch.dtype = torch.float32) -> None:
     """transformers' own GGUF load (every tensor de-quantized in memory at once), saved as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
     if hasattr(model.config, "quantization_config"):
@@ -140,10 +158,22 @@ def _convert_whole(folder: str, gguf: str, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def local_folder(spec: str | None, progress: bool = True) -> str:
-    """A folder or hub id transformers can load directly (GGUFs are converted once)."""
+def _tokenizer_copy(folder: str, gguf: str) -> Path:
+    """The GGUF's tokenizer alone, converted once (no weights: a big target's tokenizer must not
+    cost a de-quantized copy of the model in a dtype it will not run in)."""
+    from transformers import AutoTokenizer
+
+    src = Path(folder) / gguf
+    out = _gguf_cache(src, "-tokenizer")
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    return _convert_into(out, src, lambda tmp: AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp))
+
+
+def local_folder(spec: str | None, progress: bool = True, dtype: torch.dtype = torch.float32) -> str:
+    """A folder or hub id transformers can load directly (GGUFs are converted once, to `dtype`)."""
     folder, gguf = resolve(spec)
-    return str(_dequantized_copy(folder, gguf, progress)) if gguf else folder
+    return str(_dequantized_copy(folder, gguf, progress, dtype)) if gguf else folder
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -161,9 +191,9 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
     """Load a causal LM. quantize: None, "nf4" or "int8" (bitsandbytes; for drafters)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    folder = local_folder(spec, progress)
     device = torch.device(device)
     kwargs: dict = {"dtype": dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)}
+    folder = local_folder(spec, progress, kwargs["dtype"])
     if quantize:
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
         configs = {
@@ -200,7 +230,8 @@ def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
 def load_tokenizer(spec: str | None = None, progress: bool = True):
     from transformers import AutoTokenizer
 
-    folder = local_folder(spec, progress)
+    folder, gguf = resolve(spec)
+    folder = str(_tokenizer_copy(folder, gguf)) if gguf else folder
     try:
         return AutoTokenizer.from_pretrained(folder)
     except OSError as err:

@@ -3,6 +3,7 @@ loading it whole, with never more than one decoder layer's weights on the host o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,17 +124,44 @@ def test_damaged_shard_names_the_file(tmp_path):
         load_offloaded(str(folder), CPU, torch.float32, progress=False)
 
 
-@pytest.mark.slow
-def test_gguf_converted_layer_by_layer_equals_transformers_whole_conversion(tmp_path):
-    """The embedded SmolLM2 Q4_1 GGUF (Llama: q/k un-permuted): edgespec's per-layer conversion gives
-    transformers' whole-model conversion bit for bit: weights, config, generation config, tokenizer."""
-    from edgespec.convert import convert_gguf
-    from edgespec.models import _convert_whole, embedded_gguf, load_tokenizer
+@pytest.fixture(scope="module")
+def gguf_copies(tmp_path_factory):
+    """The embedded SmolLM2 Q4_1 GGUF (Llama: q/k un-permuted) converted three ways, each in its own
+    cache: edgespec's per-layer conversion in fp32 and bf16 (the tokenizer converted alone first), and
+    transformers' whole-model conversion, reached through the fallback for unsupported architectures."""
+    import contextlib
+    import io
 
-    gguf = embedded_gguf()
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    convert_gguf(str(gguf.parent), gguf.name, ours, progress=False)
-    _convert_whole(str(gguf.parent), gguf.name, theirs)
+    import edgespec.convert as convert
+    from edgespec.models import embedded_gguf, load_tokenizer, local_folder
+
+    gguf, ours, theirs = str(embedded_gguf()), tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGESPEC_CACHE", str(ours))
+        out["tokenizer"] = load_tokenizer(gguf, progress=False)
+        out["after_tokenizer"] = sorted(p.name for p in ours.glob("*/*"))
+        out["fp32"], out["bf16"] = local_folder(gguf, False), local_folder(gguf, False, torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as said:
+        mp.setenv("EDGESPEC_CACHE", str(theirs))
+        mp.setattr(convert, "convert_gguf", _unsupported)
+        out["whole"] = local_folder(gguf, progress=True)
+    out["said"] = said.getvalue()
+    return out
+
+
+def _unsupported(*a, **kw):
+    from edgespec.convert import Unsupported
+
+    raise Unsupported("GGUF architecture test needs transformers' whole-file conversion")
+
+
+@pytest.mark.slow
+def test_gguf_converted_layer_by_layer_equals_transformers_whole_conversion(gguf_copies):
+    """Bit for bit: weights, config, generation config, tokenizer."""
+    from edgespec.models import load_tokenizer
+
+    ours, theirs = Path(gguf_copies["fp32"]), Path(gguf_copies["whole"])
     assert len(list(ours.glob("model-*.safetensors"))) == 31  # outside + one shard per decoder layer
     a, b = load_model(str(ours), progress=False), load_model(str(theirs), progress=False)
     sa, sb = a.state_dict(), b.state_dict()
@@ -146,16 +174,27 @@ def test_gguf_converted_layer_by_layer_equals_transformers_whole_conversion(tmp_
 
 
 @pytest.mark.slow
-def test_gguf_conversion_falls_back_to_transformers(tmp_path, monkeypatch, capsys):
+def test_gguf_conversion_falls_back_to_transformers(gguf_copies):
     """An architecture the per-layer converter does not handle is converted whole, with a note."""
-    import edgespec.convert as convert
-    from edgespec.models import embedded_gguf, local_folder
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf whole (GGUF architecture test" in gguf_copies["said"]
+    assert (Path(gguf_copies["whole"]) / "model.safetensors").is_file()
 
-    def unsupported(*a, **kw):
-        raise convert.Unsupported("GGUF architecture test needs transformers' whole-file conversion")
 
-    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(convert, "convert_gguf", unsupported)
-    folder = local_folder(str(embedded_gguf()), progress=True)
-    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf whole (GGUF architecture test" in capsys.readouterr().out
-    assert (tmp_path / folder).joinpath("model.safetensors").is_file()
+@pytest.mark.slow
+def test_gguf_cache_per_dtype_and_tokenizer_alone(gguf_copies):
+    """A GPU's bf16 copy is the fp32 copy cast to bf16 (so the same model on load, at half the disk);
+    the tokenizer is converted alone, without de-quantizing any weight."""
+    from edgespec.models import load_tokenizer
+
+    assert gguf_copies["after_tokenizer"] and not any(n.endswith(".safetensors") for n in gguf_copies["after_tokenizer"])
+    fp32, bf16 = gguf_copies["fp32"], gguf_copies["bf16"]
+    assert bf16 == fp32 + "-bfloat16"
+    a = load_model(fp32, dtype=torch.bfloat16, progress=False).state_dict()
+    b = load_model(bf16, dtype=torch.bfloat16, progress=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    size = lambda f: sum(p.stat().st_size for p in Path(f).glob("*.safetensors"))  # noqa: E731
+    assert size(bf16) < 0.51 * size(fp32)
+    tok, whole = gguf_copies["tokenizer"], load_tokenizer(fp32, progress=False)
+    assert tok.get_vocab() == whole.get_vocab() and tok.chat_template == whole.chat_template
+    text = "Hello, world! <|im_start|>user ünïcödé 123"
+    assert tok(text)["input_ids"] == whole(text)["input_ids"]

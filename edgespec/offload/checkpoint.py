@@ -107,7 +107,7 @@ def load_offloaded(spec: str | None, device: torch.device, dtype: torch.dtype, *
     from edgespec.models import load_model, local_folder
     from edgespec.offload.api import offload_layers
 
-    folder = local_folder(spec, progress)
+    folder = local_folder(spec, progress, dtype)  # a GGUF: de-quantized once, to the dtype it runs in
     try:
         model, ckpt, prefix = _from_safetensors(folder, dtype)
     except _Unsupported as why:
@@ -234,9 +234,12 @@ def _name_of(model: nn.Module, target: nn.Module) -> str | None:
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar for the two or three tensors outside the layers is noise
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
