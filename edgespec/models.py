@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -189,7 +190,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool = True):
     """Load a causal LM. quantize: None, "nf4" or "int8" (bitsandbytes; for drafters)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     device = torch.device(device)
     kwargs: dict = {"dtype": dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)}
@@ -204,16 +205,49 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
             raise EdgespecError(f"Unknown drafter quantization {quantize!r}: use nf4, int8 or none.")
         kwargs.update(quantization_config=configs[quantize](), device_map={"": str(device)})
         _quiet_bitsandbytes()
+        return _load_quantized(spec, folder, quantize, device, kwargs)
+    model = _from_pretrained(spec, folder, kwargs)
+    return model.to(device).eval()
+
+
+def _load_quantized(spec, folder: str, quantize: str, device: torch.device, kwargs: dict):
+    """A bitsandbytes drafter: its saved quantized copy if there is one, else quantized now (and saved)."""
+    from edgespec import quantized
+
+    path = quantized.copy_path(folder, quantize, device, kwargs["dtype"])
+    model = quantized.load(path, folder, device, kwargs["dtype"])
+    if model is None:
+        model = _from_pretrained(spec, folder, kwargs)
+        quantized.save(model, path or quantized.copy_path(folder, quantize, device, kwargs["dtype"]))
+    return model.eval()
+
+
+def _from_pretrained(spec, folder: str, kwargs: dict):
+    from transformers import AutoModelForCausalLM
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise ModelNotFoundError(
             f"Could not load model {spec!r}: {err}. Give a local folder, a .gguf file, or a hub id "
             "(hub ids need network access, or a model already in the Hugging Face cache)."
         ) from err
-    if not quantize:
-        model.to(device)
-    return model.eval()
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for a load or save edgespec reports itself."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _quiet_bitsandbytes() -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from edgespec.errors import ModelNotFoundError
+from edgespec.models import quiet_transformers
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 LAYER_COUNT_KEYS = ("num_hidden_layers", "layer_types")  # config entries that follow the layer count
@@ -192,7 +192,7 @@ def _outside_only(folder: str, config, dtype: torch.dtype) -> nn.Module:
 
     empty, saved = _zero_layers(config)
     try:
-        with _quiet_transformers():  # the layers' weights are "unexpected" to a zero-layer model
+        with quiet_transformers():  # the layers' weights are "unexpected" to a zero-layer model
             model = AutoModelForCausalLM.from_pretrained(folder, config=empty, dtype=dtype)
     except Exception as err:  # a damaged shard surfaces here first (transformers opens every file)
         raise ModelNotFoundError(f"Could not load {folder}: {type(err).__name__}: {err}. A checkpoint file is "
@@ -228,18 +228,3 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 def _name_of(model: nn.Module, target: nn.Module) -> str | None:
     return next((name for name, mod in model.named_modules() if mod is target), None)
-
-
-@contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a bar for the two or three tensors outside the layers is noise
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
