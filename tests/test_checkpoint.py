@@ -198,3 +198,24 @@ def test_gguf_cache_per_dtype_and_tokenizer_alone(gguf_copies):
     assert tok.get_vocab() == whole.get_vocab() and tok.chat_template == whole.chat_template
     text = "Hello, world! <|im_start|>user ünïcödé 123"
     assert tok(text)["input_ids"] == whole(text)["input_ids"]
+
+
+def test_an_architecture_that_needs_its_layers_loads_whole(tmp_path, monkeypatch, capsys):
+    """If transformers refuses the zero-layer copy (per-layer config lists it validates, say), the
+    target loads whole, with a note, instead of failing."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save(tmp_path, "llama")
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def picky(cls, *a, config=None, **kw):
+        if config is not None and config.num_hidden_layers == 0:
+            raise ValueError("layer_types must have num_hidden_layers entries")
+        return real(cls, *a, **({"config": config} if config is not None else {}), **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(picky))
+    fast = load_offloaded(str(folder), CPU, torch.float32, progress=True)
+    assert "loading the target whole before streaming it (transformers cannot load it without its layers: " \
+           "ValueError: layer_types" in capsys.readouterr().err
+    (la, ga), (lb, gb) = outputs(fast), outputs(whole(folder))
+    assert torch.equal(la, lb) and torch.equal(ga, gb)

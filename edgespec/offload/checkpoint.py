@@ -194,9 +194,8 @@ def _outside_only(folder: str, config, dtype: torch.dtype) -> nn.Module:
     try:
         with quiet_transformers():  # the layers' weights are "unexpected" to a zero-layer model
             model = AutoModelForCausalLM.from_pretrained(folder, config=empty, dtype=dtype)
-    except Exception as err:  # a damaged shard surfaces here first (transformers opens every file)
-        raise ModelNotFoundError(f"Could not load {folder}: {type(err).__name__}: {err}. A checkpoint file is "
-                                 "damaged or incomplete: download it again.") from None
+    except Exception as err:  # noqa: BLE001 — shards were checked in Checkpoint.find: an architecture
+        raise _Unsupported(f"transformers cannot load it without its layers: {type(err).__name__}: {err}") from None
     for k, v in saved.items():
         setattr(model.config, k, v)
     return model.eval()
