@@ -7,6 +7,7 @@ second and bitsandbytes can quantize the drafter from the cached copy.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import logging
@@ -140,6 +141,10 @@ def _convert_into(out: Path, src: Path, write) -> Path:
         write(tmp)
     except Exception as err:  # a corrupt or unsupported GGUF surfaces here
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise EdgespecError(f"Not enough disk space in {out.parent} for the de-quantized copy of {src.name} "
+                                f"(several times the file's {src.stat().st_size / 1e9:.1f} GB): free some space, or point "
+                                "EDGESPEC_CACHE at a bigger disk.") from None
         raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
     if not out.exists():
         tmp.rename(out)

@@ -95,3 +95,22 @@ def test_empty_prompt():
     for empty in ("", [], torch.tensor([], dtype=torch.long)):
         with pytest.raises(InvalidArgumentError, match="prompt is empty"):
             engine.generate(empty, max_new_tokens=4)
+
+
+def test_gguf_conversion_out_of_disk_space(tmp_path, monkeypatch):
+    import errno
+
+    import edgespec.convert as convert
+    from edgespec.errors import EdgespecError
+
+    monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x" * 1000)
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "convert_gguf", full)
+    with pytest.raises(EdgespecError, match="Not enough disk space in .*cache.*EDGESPEC_CACHE at a bigger disk"):
+        load_model(str(gguf), progress=False)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
