@@ -293,6 +293,22 @@ def test_quantized_streaming(quantize, tol, ratio):
     assert full.pinned_bytes / handle.pinned_bytes > ratio  # fewer bytes cross the link
 
 
+def test_nf4_decode_does_not_depend_on_its_step(monkeypatch):
+    """The decode runs in steps of whole blocks (bigger on a GPU): any step gives the same weights."""
+    from edgespec.offload.quant import NF4Blocks
+
+    codec, w = NF4Blocks(), torch.randn(320, 192, generator=torch.Generator().manual_seed(0))
+    region = torch.empty(codec.nbytes(w.shape), dtype=torch.uint8)
+    codec.encode_into(w, region)
+    outs = []
+    for step in (1 << 14, 7, 1):
+        monkeypatch.setattr(codec, "chunk_blocks", {"cpu": step})
+        outs.append(torch.empty_like(w))
+        codec.decode_into(region, outs[-1])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert 0.05 < float((outs[0] - w).norm() / w.norm()) < 0.12  # nf4's ≈ 9 % weight error
+
+
 def test_remove_restores_a_host_model():
     model, plain, handle = pair("llama", 2, 2)
     with torch.no_grad():
