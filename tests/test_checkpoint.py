@@ -142,7 +142,7 @@ def gguf_copies(tmp_path_factory):
         out["tokenizer"] = load_tokenizer(gguf, progress=False)
         out["after_tokenizer"] = sorted(p.name for p in ours.glob("*/*"))
         out["fp32"], out["bf16"] = local_folder(gguf, False), local_folder(gguf, False, torch.bfloat16)
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as said:
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(io.StringIO()) as said:
         mp.setenv("EDGESPEC_CACHE", str(theirs))
         mp.setattr(convert, "convert_gguf", _unsupported)
         out["whole"] = local_folder(gguf, progress=True)

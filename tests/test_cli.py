@@ -216,8 +216,8 @@ def test_user_errors_exit_2_without_traceback(injected, capsys):
 
 
 # ---- the embedded default, as a user runs it ------------------------------------------------------
-def run_cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_cli(*args, stdin: str = "", **env_extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra}
     return subprocess.run([sys.executable, "-m", "edgespec.cli", *args], input=stdin, capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=900, check=False)
 
@@ -231,15 +231,18 @@ def test_chat_on_the_embedded_default_through_a_pipe():
 
 
 @pytest.mark.slow
-def test_generate_prints_the_targets_greedy_answer(real_pair):
+def test_generate_prints_the_targets_greedy_answer(real_pair, tmp_path):
+    """From an empty cache (GGUF converted, drafter quantized, scheduler calibrated: progress on
+    stderr), stdout is exactly the target's greedy answer."""
     target, _, tok = real_pair
     question = "What is the capital of France?"
-    proc = run_cli("generate", question, "--max-new-tokens", "24")
+    proc = run_cli("generate", question, "--max-new-tokens", "24", EDGESPEC_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     expected = tok.decode(greedy_reference(target, ids, 24), skip_special_tokens=True)
     assert proc.stdout == expected + "\n"
+    assert "de-quantizing SmolLM2-135M-Instruct.Q4_1.gguf once" in proc.stderr
 
 
 def test_model_options_reach_the_engine(monkeypatch):
