@@ -162,7 +162,10 @@ class Engine:
             f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
         pair = f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}:{lean.describe(self.drafter)}"
         key = machine_key(pair, f"{extra}:{next(self.target.parameters()).dtype}")
-        bar = _LazyBar("edgespec: calibrating the scheduler", self.progress)
+        from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES
+
+        runs = len(CALIBRATION_SIZES) + len(DRAFT_CALIBRATION_SIZES)
+        bar = _LazyBar("edgespec: calibrating the scheduler (once per machine and models)", self.progress, runs)
         prefix = torch.randint(0, self.drafter.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
         sched_plan = lambda k: Plan(k, self.max_depth, self.branch, self.batch)  # noqa: E731
         return {"cache_key": key,
@@ -457,15 +460,15 @@ def _model_name(model) -> str:
 class _LazyBar:
     """A progress bar that appears only if the wrapped measurements actually run (a cache miss)."""
 
-    def __init__(self, desc: str, enabled: bool):
-        self.desc, self.enabled, self.bar = desc, enabled, None
+    def __init__(self, desc: str, enabled: bool, total: int | None = None):
+        self.desc, self.enabled, self.total, self.bar = desc, enabled, total, None
 
     def wrap(self, fn):
         def measured(n):
             if self.bar is None and self.enabled:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(desc=self.desc, unit="run")
+                self.bar = tqdm(desc=self.desc, unit="run", total=self.total)
             value = fn(n)
             if self.bar is not None:
                 self.bar.update()
