@@ -235,7 +235,8 @@ def setup_line(engine, args) -> str:
     padded = f" zero-padded into the {shape} shape" if shape else ""
     temperature = getattr(args, "temperature", 0.0)
     how = f"sampling at temperature {temperature}, top-p {args.top_p}" if temperature else "greedy"
-    return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {args.draft or 'embedded'} "
+    drafter = args.draft or ("the target's own copy" if args.target else "embedded")
+    return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
             f"({args.draft_quant}, {lean.describe(engine.drafter, engine.state.dcache)} forward); {where}; "
             f"device {engine.device}; budget {args.budget}; {how}")
 
