@@ -81,11 +81,12 @@ class Engine:
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
                  branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
                  overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, draft_temperature: float = 1.0):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
         if drafter is not target:
             lean.enable(drafter)  # the drafter's forwards on a lighter path (the target's stay transformers')
         self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
+        self.draft_temperature = draft_temperature  # greedy tree scoring (Sampler.draft_temperature)
         self.offload = getattr(target, "_edgespec_offload", None)
         self.device = model_device(target)
         if scheduler is None:
@@ -161,6 +162,8 @@ class Engine:
         extra = "plain" if off is None else (
             f"offload:resident={off.resident_layers}:delay={off.transport.link_delay}:q={off.quantize}")
         pair = f"{_model_name(self.target)}+draft:{_model_name(self.drafter)}:{lean.describe(self.drafter)}"
+        if self.draft_temperature != 1.0:  # other tree shapes, other drafting costs
+            pair += f":dt{self.draft_temperature:g}"
         key = machine_key(pair, f"{extra}:{next(self.target.parameters()).dtype}")
         from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES
 
@@ -170,7 +173,8 @@ class Engine:
         sched_plan = lambda k: Plan(k, self.max_depth, self.branch, self.batch)  # noqa: E731
         return {"cache_key": key,
                 "measure_fn": bar.wrap(lambda n: time_passes(self.target, self.device, [n], past=64)[0]["pass_s"]),
-                "draft_fn": bar.wrap(lambda k: time_drafts(self.drafter, prefix.tolist(), [k], sched_plan)[0]["draft_s"])}
+                "draft_fn": bar.wrap(lambda k: time_drafts(self.drafter, prefix.tolist(), [k], sched_plan,
+                                                           draft_temperature=self.draft_temperature)[0]["draft_s"])}
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -188,7 +192,8 @@ class Engine:
 
     def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None) -> "Run":
         """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
-        return Run(self, self.encode(prompt), max_new_tokens, Sampler(temperature, top_p, seed), stop or [])
+        sampler = Sampler(temperature, top_p, seed, draft_temperature=self.draft_temperature)
+        return Run(self, self.encode(prompt), max_new_tokens, sampler, stop or [])
 
     def reset(self) -> None:
         """Forget the cached conversation (the caches' buffers, and the graphs replayed over them, stay)."""

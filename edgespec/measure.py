@@ -61,7 +61,8 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
 
 
 @torch.inference_mode()
-def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1) -> list[dict]:
+def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
+                draft_temperature: float = 1.0) -> list[dict]:
     """Median seconds to build a tree of each budget under `prefix` (its last token the root), as a
     step does: feed the root, grow best-first, take the top-`budget` tree. `plan_for(k)` gives the
     Plan (depth, branch, batch). The prefix's drafter cache is filled once, outside the timing."""
@@ -82,7 +83,8 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1)
             crop(cache, stem.numel() - 1)
             sync(device)
             t0 = time.perf_counter()
-            search = TreeSearch.start(drafter, cache, stem[-1:], Sampler(0.0), plan.branch)
+            search = TreeSearch.start(drafter, cache, stem[-1:], Sampler(0.0, draft_temperature=draft_temperature),
+                                      plan.branch)
             search.grow(plan)
             tree = search.tree(budget)
             sync(device)

@@ -143,9 +143,10 @@ def _convert_into(out: Path, src: Path, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise EdgespecError(f"Not enough disk space in {out.parent} for the de-quantized copy of {src.name} "
-                                f"(several times the file's {src.stat().st_size / 1e9:.1f} GB): free some space, or point "
-                                "EDGESPEC_CACHE at a bigger disk.") from None
-        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another model.") from err
+                                f"(several times the file's {src.stat().st_size / 1e9:.1f} GB): free some space, "
+                                "or point EDGESPEC_CACHE at a bigger disk.") from None
+        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another "
+                                 "model.") from err
     if not out.exists():
         tmp.rename(out)
     return out
@@ -173,7 +174,8 @@ def _tokenizer_copy(folder: str, gguf: str) -> Path:
     out = _gguf_cache(src, "-tokenizer")
     if (out / "tokenizer_config.json").is_file():
         return out
-    return _convert_into(out, src, lambda tmp: AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp))
+    save = lambda tmp: AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)  # noqa: E731
+    return _convert_into(out, src, save)
 
 
 def local_folder(spec: str | None, progress: bool = True, dtype: torch.dtype = torch.float32) -> str:

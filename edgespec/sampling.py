@@ -25,12 +25,19 @@ class Sampler:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    # greedy: tree scores are the drafter's log-probs at this temperature. Below 1 they favour depth
+    # over siblings: a drafter close to the target is right more often than its probabilities say,
+    # because the target takes its argmax (benchmarks/acceptance_cpu.md, "draft temperature").
+    draft_temperature: float = 1.0
 
     def __post_init__(self):
         if not (self.temperature >= 0.0) or self.temperature != self.temperature:
             raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.draft_temperature > 0.0):
+            raise InvalidArgumentError(f"draft_temperature must be > 0 (1 = the drafter's own probabilities), "
+                                       f"got {self.draft_temperature}")
         self.key = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
         self._noise: dict[tuple, torch.Tensor] = {}
 
@@ -58,8 +65,8 @@ class Sampler:
         return int(torch.argmax(probs.log() + self.noise(position, probs.numel(), probs.device)))
 
     def draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Drafter scores: log-softmax at the sampling temperature (1 when greedy)."""
-        t = self.temperature if not self.greedy else 1.0
+        """Drafter scores: log-softmax at the sampling temperature (`draft_temperature` when greedy)."""
+        t = self.temperature if not self.greedy else self.draft_temperature
         return torch.log_softmax(logits.float() / t, dim=-1)
 
     def draft_children(self, logits: torch.Tensor, positions: torch.Tensor, k: int):

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0: sample at this temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    ap.add_argument("--draft-temperatures", default="1", help="greedy tree scoring: the drafter's log-probs at "
+                    "these temperatures (1 = as is; < 1 favours depth), e.g. 1,0.5")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -56,8 +58,9 @@ class PassCounter:
         self.n += 1
 
 
-def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
-    engine = Engine(target, drafter, tok, budget=budget, overlap=False)
+def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs, temperature=0.0, seed=0,
+                 draft_temperature: float = 1.0) -> dict:
+    engine = Engine(target, drafter, tok, budget=budget, overlap=False, draft_temperature=draft_temperature)
     per_prompt, tokens, passes, equal, sizes, depths, dt, vt = [], 0, 0, True, [], [], 0.0, 0.0
     for i, (ids, ref) in enumerate(zip(prompts, refs)):
         engine.reset()
@@ -69,7 +72,8 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs,
         sizes += [s.tree_size for s in steps]
         depths += [s.tree_depth for s in steps]
         dt, vt = dt + sum(s.draft_time for s in steps), vt + sum(s.verify_time for s in steps)
-    return {"method": f"edgespec K={budget}", "per_prompt": per_prompt, "tokens": tokens, "passes": passes,
+    name = f"edgespec K={budget}" + (f", draft T={draft_temperature:g}" if draft_temperature != 1.0 else "")
+    return {"method": name, "per_prompt": per_prompt, "tokens": tokens, "passes": passes,
             "equal": equal, "tree": statistics.fmean(sizes), "depth": statistics.fmean(depths),
             "draft_s": dt, "verify_s": vt}
 
@@ -127,7 +131,8 @@ def main(argv=None, pair=None, prompts=None) -> list[dict]:
     sample = (args.temperature, args.seed)
     rows = [assisted_row(target, drafter, c.strip(), prompts, args.max_new_tokens, refs, *sample)
             for c in args.chains.split(",")]
-    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs, *sample)
+    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs, *sample, float(t))
+             for t in args.draft_temperatures.split(",")
              for k in args.budgets.split(",") if k.strip() and k.strip() != "none"]
     report(rows, args, len(prompts))
     if args.json:

@@ -41,6 +41,8 @@ def parse_args(argv=None):
                     help="GPU runs: zero-pad the target into this shape (e.g. llama-8b): realistic streaming cost, "
                          "the real model's predictions (see edgespec/offload/padded.py)")
     ap.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
+    ap.add_argument("--draft-temperature", type=float, default=1.0,
+                    help="greedy tree scoring at this drafter temperature, for every configuration")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -50,9 +52,9 @@ def load_prompts(path: str, n: int) -> list[str]:
     return lines[:n]
 
 
-def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int) -> dict:
+def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft_temperature: float = 1.0) -> dict:
     engine = Engine(base.target, base.drafter, base.tokenizer, budget=budget, overlap=overlap,
-                    calibrate=budget == "auto")
+                    calibrate=budget == "auto", draft_temperature=draft_temperature)
     outputs, tokens, passes, wall, budgets = [], 0, 0, 0.0, []
     for question in prompts:
         engine.reset()
@@ -82,7 +84,7 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     configs = [(int(b), o) for o in overlaps for b in args.budgets.split(",")] + [("auto", o) for o in overlaps]
     rows = []
     for budget, overlap in configs:
-        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens))
+        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens, args.draft_temperature))
         print(f"  {rows[-1]['config']:<22} {rows[-1]['tok_per_s']:.3f} tok/s", flush=True)
     report(rows, args)
     if args.json:

@@ -186,7 +186,8 @@ def test_gguf_cache_per_dtype_and_tokenizer_alone(gguf_copies):
     the tokenizer is converted alone, without de-quantizing any weight."""
     from edgespec.models import load_tokenizer
 
-    assert gguf_copies["after_tokenizer"] and not any(n.endswith(".safetensors") for n in gguf_copies["after_tokenizer"])
+    files = gguf_copies["after_tokenizer"]
+    assert files and not any(n.endswith(".safetensors") for n in files)
     fp32, bf16 = gguf_copies["fp32"], gguf_copies["bf16"]
     assert bf16 == fp32 + "-bfloat16"
     a = load_model(fp32, dtype=torch.bfloat16, progress=False).state_dict()

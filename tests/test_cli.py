@@ -249,8 +249,10 @@ def test_model_options_reach_the_engine(monkeypatch):
     seen = {}
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw) or "engine"))
     args = cli.build_parser().parse_args(["generate", "hi", "--stream-quant", "nf4", "--draft-quant", "int8",
-                                          "--resident-layers", "3", "--link-delay", "0.01"])
+                                          "--resident-layers", "3", "--link-delay", "0.01",
+                                          "--draft-temperature", "0.5"])
     assert cli.make_engine(args) == "engine"
+    assert seen["draft_temperature"] == 0.5
     assert seen["stream_quant"] == "nf4" and seen["draft_quant"] == "int8"
     assert seen["resident_layers"] == 3 and seen["link_delay"] == 0.01
 

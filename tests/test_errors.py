@@ -114,3 +114,11 @@ def test_gguf_conversion_out_of_disk_space(tmp_path, monkeypatch):
     with pytest.raises(EdgespecError, match="Not enough disk space in .*cache.*EDGESPEC_CACHE at a bigger disk"):
         load_model(str(gguf), progress=False)
     assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_invalid_draft_temperature(bad):
+    from edgespec.sampling import Sampler
+
+    with pytest.raises(InvalidArgumentError, match="draft_temperature must be > 0"):
+        Sampler(draft_temperature=bad)

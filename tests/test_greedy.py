@@ -124,3 +124,20 @@ def test_overlap_reuses_drafted_subtrees():
         reused += sum(s.reused > 0 for s in out.stats.steps)
         assert all(s.overlap_time > 0 for s in out.stats.steps if s.tree_size)
     assert reused > 0, "no step ever reused a drafted subtree"
+
+
+@pytest.mark.parametrize("draft_temperature", [0.5, 2.0])
+def test_draft_temperature_reshapes_the_tree_not_the_output(draft_temperature):
+    """Scoring tree nodes at another drafter temperature changes which nodes are drafted (below 1:
+    deeper trees), never the tokens: they are still the target's greedy ones."""
+    target, drafter = tiny_pair("llama", init=0.1)
+    depths = {}
+    for t in (1.0, draft_temperature):
+        engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 16, 8, 32)), overlap=False, draft_temperature=t)
+        steps = []
+        for ids in prompts(4):
+            out = engine.generate(ids, max_new_tokens=30)
+            assert out.ids == greedy_reference(target, ids, 30)
+            steps += out.stats.steps
+        depths[t] = sum(s.tree_depth for s in steps) / len(steps)
+    assert (depths[draft_temperature] > depths[1.0]) == (draft_temperature < 1.0)
