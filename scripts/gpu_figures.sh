@@ -5,13 +5,15 @@
 #   bash scripts/gpu_figures.sh OUTDIR            # drafter forwards + scheduler vs fixed budgets (~7 min on an H200)
 #   FULL=1 bash scripts/gpu_figures.sh OUTDIR     # + edgespec bench against plain and HF assisted (~3 min more)
 #   STREAM=1 bash scripts/gpu_figures.sh OUTDIR   # + int8 / nf4 streaming of a random 8B (~2 min more)
+#   TEMP=1 bash scripts/gpu_figures.sh OUTDIR     # + the scheduler run at draft temperature 0.5 (~1 min more)
 #
 # 1. drafter forward and tree-build times: transformers' forward vs edgespec's lean forward vs the
 #    lean forward replayed from CUDA graphs (benchmarks/draft_gpu.md);
 # 2. the scheduler against fixed budgets 16/64/256/1024, drafting during the pass on and off, on the
 #    real pair with the target zero-padded into the Llama-3.1-8B shape and streamed (scheduler_gpu.md);
 # 3. (FULL=1) edgespec vs plain offloaded decoding vs HF assisted generation (bench_gpu.md);
-# 4. (STREAM=1) pass time with the streamed layers kept int8 / nf4 in host RAM (offload_gpu.md).
+# 4. (STREAM=1) pass time with the streamed layers kept int8 / nf4 in host RAM (offload_gpu.md);
+# 5. (TEMP=1) K=64 / 256 / auto with overlap at draft temperature 0.5 (compare with step 2's rows).
 set -euo pipefail
 out=${1:-gpu-figures}
 py=${PYTHON:-python3}
@@ -32,4 +34,8 @@ if [[ "${STREAM:-0}" == 1 ]]; then
         $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --quantize $q \
             --tree-sizes 1,256 --repeats 2 2>&1 | tee "$out/offload_$q.txt"
     done
+fi
+if [[ "${TEMP:-0}" == 1 ]]; then
+    $py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
+        "${common[@]}" --budgets 64,256 --overlap on --draft-temperature 0.5 2>&1 | tee "$out/scheduler_gpu_t05.txt"
 fi
