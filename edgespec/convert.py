@@ -29,8 +29,7 @@ class GGUFTensors:
     def __init__(self, path: str, skeleton: nn.Module):
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint,
-            read_field,
+            TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map, read_field,
         )
 
         reader = GGUFReader(path)
@@ -38,7 +37,7 @@ class GGUFTensors:
         kind = TENSOR_PROCESSORS.get(arch, TensorProcessor)
         if kind not in (TensorProcessor, LlamaTensorProcessor):  # the others rename or merge tensors
             raise Unsupported(f"GGUF architecture {arch} needs transformers' whole-file conversion")
-        self.processor = kind(config=load_gguf_checkpoint(path)["config"])
+        self.processor = kind(config=skeleton.config.to_dict())  # parsed from this GGUF's metadata already
         try:
             to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
         except (NotImplementedError, KeyError, ValueError) as err:  # an architecture gguf-py cannot name
@@ -101,9 +100,13 @@ def _shards(skeleton: nn.Module, source: GGUFTensors) -> list[list[str]]:
     missing = [k for k in names if k not in source and not (tied and k == "lm_head.weight")]
     if missing:
         raise Unsupported(f"the GGUF has no tensor for {missing[0]}")
-    layers = skeleton.get_decoder().layers
-    prefix = next(name for name, mod in skeleton.named_modules() if mod is layers)
-    per_layer = [[k for k in names if k.startswith(f"{prefix}.{i}.")] for i in range(len(layers))]
+    from edgespec.offload.checkpoint import layer_prefix
+
+    prefix = layer_prefix(skeleton)
+    if prefix is None:
+        raise Unsupported("its decoder layers are not at model.get_decoder().layers")
+    n = len(skeleton.get_decoder().layers)
+    per_layer = [[k for k in names if k.startswith(f"{prefix}.{i}.")] for i in range(n)]
     inside = {k for group in per_layer for k in group}
     outside = [k for k in names if k not in inside and k in source]
     return [outside, *per_layer]

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import torch
 
-from edgespec.models import quiet_transformers
+from edgespec.models import cache_dir, quiet_transformers
 
 
 def copy_path(folder: str, quantize: str, device: torch.device, dtype: torch.dtype) -> Path | None:
     """Where the quantized copy of the model in `folder` (a local folder or hub id) lives, or None
     when its files cannot be found."""
-    from edgespec.models import cache_dir
-
     source = _source_dir(folder)
     if source is None:
         return None

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
-from edgespec.profile import peak_rss  # noqa: E402
+from edgespec.profile import peak_rss, rss  # noqa: E402
 
 GB = 1e9
 
@@ -68,7 +68,7 @@ def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) ->
     dev = torch.device(device)
     if way.startswith("gguf-"):
         return convert_child(folder, way)
-    base = _rss()
+    base = rss()
     start = time.perf_counter()
     if way == "whole":
         model = load_model(folder, device="cpu", dtype=dtype, progress=False)
@@ -95,7 +95,7 @@ def convert_child(gguf: str, way: str) -> dict:
     src = Path(gguf)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        base = _rss()
+        base = rss()
         start = time.perf_counter()
         if way == "gguf-whole":
             _convert_whole(str(src.parent), src.name, out)
@@ -108,12 +108,6 @@ def convert_child(gguf: str, way: str) -> dict:
     return {"way": way, "quant": "gguf", "load_s": round(seconds, 2), "base_rss_gb": round(base / GB, 3),
             "peak_rss_gb": round(peak / GB, 3), "streamed_host_bytes": 0,
             "logits_sum": float(logits.double().sum()), "logits_absmax": float(logits.abs().max())}
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def run_child(args, folder: Path, way: str, quant: str) -> dict:

@@ -149,7 +149,7 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
 def _layer_names_in(skeleton: nn.Module, ckpt) -> tuple[nn.ModuleList, str]:
     """The skeleton's decoder layers and their name prefix, once `ckpt` is known to hold them all."""
     layers = _layers(skeleton)
-    prefix = _name_of(skeleton, layers)
+    prefix = layer_prefix(skeleton)
     if len(layers) != skeleton.config.num_hidden_layers or prefix is None:
         raise _Unsupported("its decoder layers are not at model.get_decoder().layers")
     missing = [k for i, layer in enumerate(layers) for k in _names(layer, f"{prefix}.{i}.") if k not in ckpt]
@@ -225,5 +225,7 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
-def _name_of(model: nn.Module, target: nn.Module) -> str | None:
-    return next((name for name, mod in model.named_modules() if mod is target), None)
+def layer_prefix(model: nn.Module) -> str | None:
+    """The state-dict name of the decoder layers' ModuleList ("model.layers" for Llama), or None."""
+    layers = _layers(model)
+    return next((name for name, mod in model.named_modules() if mod is layers), None)
