@@ -25,7 +25,8 @@ def make_engine(args: argparse.Namespace):
     return Engine.from_pretrained(args.target, drafter, device=args.device, draft_quant=args.draft_quant,
                                   offload=not args.no_offload, resident_layers=args.resident_layers,
                                   link_delay=args.link_delay, budget=args.budget, target_shape=args.target_shape,
-                                  stream_quant=args.stream_quant, draft_temperature=args.draft_temperature)
+                                  stream_quant=args.stream_quant, draft_temperature=args.draft_temperature,
+                                  tree_scores=args.tree_scores)
 
 
 def budget_arg(text: str):
@@ -63,6 +64,9 @@ def model_options() -> argparse.ArgumentParser:
                    help="greedy: score tree nodes by the drafter's log-probs at this temperature; below 1 favours "
                         "deeper trees (0.5: +7/14/21%% tokens per pass at budget 16/64/256 on the embedded pair, "
                         "~50%% more drafting)")
+    g.add_argument("--tree-scores", default="calibrated", choices=["calibrated", "draft"],
+                   help="rank tree nodes by hit rates learnt from the trees the target verified (calibrated, "
+                        "default) or by the drafter's raw probabilities (draft)")
     g.add_argument("--target-shape", default=None, choices=sorted(SHAPES),
                    help="benchmarks: zero-pad the (Llama) target into this bigger shape, so it streams and "
                         "computes like that model while predicting exactly as the loaded one")
@@ -144,6 +148,8 @@ def generation_json(engine, out) -> dict:
         result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
         result["offload"] = engine.offload.stats.as_dict()
+    if out.stats.hit_rates:
+        result["hit_rates"] = out.stats.hit_rates  # how often the target took draft nodes, by draft probability
     return result
 
 

@@ -5,7 +5,10 @@ Each round feeds up to `batch` of the most probable unexpanded nodes to the draf
 `branch` children. Only the global top-`budget` nodes survive; because a child never scores above
 its parent, the survivors always form a connected subtree, and the top-K sets for K < budget nest,
 which lets the scheduler read the acceptance curve off a single tree. The search stops when no
-unexpanded survivor can beat the K-th best node, or at `max_depth`.
+unexpanded survivor can beat the K-th best node, or at `max_depth`. With a calibration on the
+sampler (edgespec/scores.py) a node's score sums its edges' learnt hit rates instead of raw draft
+log-probabilities; each node keeps its raw log-probability and rank, for the calibration to learn
+from and for `rescore` when it has.
 
 A search outlives its step: it can keep growing while the target verifies (overlap), and after
 acceptance `advance` re-roots it at the target's new token, so the next step starts from the
@@ -36,7 +39,9 @@ class TreeSearch:
         self.tokens = torch.tensor([root_token])
         self.parents = torch.tensor([-1])
         self.depths = torch.tensor([0])
-        self.scores = torch.tensor([0.0])
+        self.scores = torch.tensor([0.0])  # cumulative edge scores (calibrated when sampler.calibration is set)
+        self.logp = torch.tensor([0.0])  # each node's raw draft log-prob given its parent
+        self.rank = torch.tensor([0])  # each node's rank among its parent's proposals
         self.fed = torch.tensor([root_pos])  # drafter cache position, -1 until fed
         self.expanded = torch.tensor([False])
         self.alive = torch.tensor([True])
@@ -77,7 +82,20 @@ class TreeSearch:
         remap[keep] = torch.arange(keep.numel())
         parents = self.parents[keep]
         parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-        return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep])
+        return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep],
+                    self.logp[keep], self.rank[keep])
+
+    def rescore(self) -> None:
+        """Recompute every node's score from its edges with the sampler's current calibration (which
+        learnt from the trees verified since these nodes were drafted)."""
+        calib = self.sampler.calibration
+        if calib is None or self.tokens.numel() <= 1:
+            return
+        edges = calib.edge_scores(self.logp, self.rank)
+        edges[0] = 0.0
+        nodes = torch.arange(self.tokens.numel())
+        chains = ancestor_chains(self.parents, nodes, int(self.depths.max()))
+        self.scores = edges[chains.clamp(min=0)].masked_fill(chains < 0, 0.0).sum(dim=1)
 
     # ---- after verification ------------------------------------------------------------------
     def advance(self, path: list[int], bonus: int) -> "TreeSearch | None":
@@ -115,6 +133,8 @@ class TreeSearch:
         nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
         nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
         nxt.scores = self.scores[sub] - self.scores[new_root]
+        nxt.logp, nxt.rank = self.logp[sub], self.rank[sub]
+        nxt.logp[0], nxt.rank[0] = 0.0, 0
         nxt.fed = torch.where(sub_fed >= 0, new_pos[sub_fed.clamp(min=0)], sub_fed)
         nxt.expanded, nxt.alive = self.expanded[sub], torch.ones(sub.numel(), dtype=torch.bool)
         assert int(nxt.fed[0]) == len(prefix), "the new root must sit right after the committed tokens"
@@ -129,12 +149,18 @@ class TreeSearch:
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
         positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
         top_lp, top_tok = self.sampler.draft_children(logits, positions, branch)
+        top_lp = top_lp.cpu()
         k = top_tok.shape[1]
         n = parents.numel() * k
+        rank = torch.arange(k).expand(parents.numel(), k)
+        calib = self.sampler.calibration
+        edge = calib.edge_scores(top_lp, rank) if calib is not None else top_lp
         self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
         self.parents = torch.cat([self.parents, parents.repeat_interleave(k)])
         self.depths = torch.cat([self.depths, (self.depths[parents] + 1).repeat_interleave(k)])
-        self.scores = torch.cat([self.scores, (self.scores[parents][:, None] + top_lp.cpu()).reshape(-1)])
+        self.scores = torch.cat([self.scores, (self.scores[parents][:, None] + edge).reshape(-1)])
+        self.logp = torch.cat([self.logp, top_lp.reshape(-1)])
+        self.rank = torch.cat([self.rank, rank.reshape(-1)])
         self.fed = torch.cat([self.fed, torch.full((n,), -1)])
         self.expanded = torch.cat([self.expanded, torch.zeros(n, dtype=torch.bool)])
         self.alive = torch.cat([self.alive, torch.ones(n, dtype=torch.bool)])

@@ -28,6 +28,7 @@ from edgespec.errors import (
 )
 from edgespec.forward import model_device
 from edgespec.sampling import Sampler
+from edgespec.scores import ScoreCalibration
 from edgespec.stats import Plan, RunStats, StepStats
 from edgespec.tree import Tree
 from edgespec.verify import Verdict, verify
@@ -75,18 +76,24 @@ class Engine:
     """Lossless tree speculative decoding with an (optionally offloaded) target and a small drafter.
 
     `budget` is the tree size (draft tokens verified per target pass): an int, or "auto" to let the
-    scheduler size each tree from measured costs and observed acceptance.
+    scheduler size each tree from measured costs and observed acceptance. `tree_scores` ranks draft
+    nodes by hit rates learnt from the trees the target verified ("calibrated", edgespec/scores.py) or
+    by the drafter's raw probabilities ("draft"); the output is the target's either way.
     """
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
                  branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
                  overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False,
-                 progress: bool = True, draft_temperature: float = 1.0):
+                 progress: bool = True, draft_temperature: float = 1.0, tree_scores: str = "calibrated"):
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
         if drafter is not target:
             lean.enable(drafter)  # the drafter's forwards on a lighter path (the target's stay transformers')
         self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
         self.draft_temperature = draft_temperature  # greedy tree scoring (Sampler.draft_temperature)
+        if tree_scores not in ("calibrated", "draft"):
+            raise InvalidArgumentError(f"tree_scores must be 'calibrated' or 'draft', got {tree_scores!r}")
+        self.tree_scores = tree_scores
+        self._calibrations: dict[tuple, ScoreCalibration] = {}  # per sampling setting, kept across runs
         self.offload = getattr(target, "_edgespec_offload", None)
         self.device = model_device(target)
         if scheduler is None:
@@ -193,7 +200,15 @@ class Engine:
     def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None) -> "Run":
         """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
         sampler = Sampler(temperature, top_p, seed, draft_temperature=self.draft_temperature)
+        sampler.calibration = self.score_calibration(sampler)
         return Run(self, self.encode(prompt), max_new_tokens, sampler, stop or [])
+
+    def score_calibration(self, sampler: Sampler) -> ScoreCalibration | None:
+        """The hit-rate calibration of tree scores for this sampling setting (None: raw draft scores)."""
+        if self.tree_scores != "calibrated":
+            return None
+        key = ("greedy",) if sampler.greedy else (sampler.temperature, sampler.top_p)
+        return self._calibrations.setdefault(key, ScoreCalibration())
 
     def reset(self) -> None:
         """Forget the cached conversation (the caches' buffers, and the graphs replayed over them, stay)."""
@@ -285,6 +300,8 @@ class Engine:
         else:
             verdict, overlap_time = self._verify(tstem, tree, sampler), 0.0
         t2 = time.perf_counter()
+        if sampler.calibration is not None:
+            sampler.calibration.observe_tree(tree, verdict.path)
         troot = tlen + tstem.numel()  # entries up to and including the root
         prune_to_path(st.tcache, troot, [troot - 1 + j for j in verdict.path])
         with _on_stream(self._draft_stream):
@@ -302,6 +319,7 @@ class Engine:
             return None, 0
         if st.search is not None:
             st.search.sampler = sampler
+            st.search.rescore()
             return st.search, int(st.search.alive.sum()) - 1
         dstem = torch.tensor(st.ids[st.dcache.get_seq_length():])
         return TreeSearch.start(self.drafter, st.dcache, dstem, sampler, plan.branch), 0
@@ -393,6 +411,8 @@ class Run:
             eng.state.trim(n_keep - 1)
             self.stats.wall_time = time.perf_counter() - start
             self.stats.new_tokens = len(self.new)
+            calib = self.sampler.calibration
+            self.stats.hit_rates = calib.state() if calib is not None and calib.trees else None
             self.result = Generation(self._text, list(self.new), self.stats)
 
     def _loop(self) -> Iterator[str]:

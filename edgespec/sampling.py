@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from edgespec.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from edgespec.scores import ScoreCalibration
 
 
 @dataclass
@@ -29,6 +33,8 @@ class Sampler:
     # over siblings: a drafter close to the target is right more often than its probabilities say,
     # because the target takes its argmax (benchmarks/acceptance_cpu.md, "draft temperature").
     draft_temperature: float = 1.0
+    # maps draft log-probs to calibrated log hit rates for tree scores (edgespec/scores.py); None = raw
+    calibration: "ScoreCalibration | None" = None
 
     def __post_init__(self):
         if not (self.temperature >= 0.0) or self.temperature != self.temperature:

@@ -48,6 +48,8 @@ class RunStats:
     prefill_time: float = 0.0
     wall_time: float = 0.0
     stop_reason: str = ""
+    # calibrated tree scores after the run (edgespec/scores.py): {"top"|"other": [(draft p, hit rate, tests)]}
+    hit_rates: dict | None = None
 
     @property
     def tokens_per_second(self) -> float:

@@ -16,8 +16,12 @@ class Tree:
     tokens: torch.Tensor  # (N+1,) long, tokens[0] is the root (last committed token)
     parents: torch.Tensor  # (N+1,) long, parents[0] = -1
     depths: torch.Tensor  # (N+1,) long, depths[0] = 0
-    scores: torch.Tensor  # (N+1,) float, cumulative draft log-probability (root 0)
+    scores: torch.Tensor  # (N+1,) float, cumulative (calibrated) draft log-probability (root 0)
     draft_pos: torch.Tensor  # (N+1,) long, drafter cache position of a node fed to the drafter, else -1
+    # what calibration learns from (edgespec/scores.py): each node's own draft log-probability given
+    # its parent, and its rank among its parent's proposals (0 = the drafter's top token); root: 0, 0
+    logp: torch.Tensor | None = None
+    rank: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ap.add_argument("--draft-temperatures", default="1", help="greedy tree scoring: the drafter's log-probs at "
                     "these temperatures (1 = as is; < 1 favours depth), e.g. 1,0.5")
+    ap.add_argument("--tree-scores", default="calibrated", help="'calibrated' (hit rates learnt from verified "
+                    "trees, the default), 'draft' (the drafter's raw probabilities), or both: draft,calibrated")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -59,8 +61,9 @@ class PassCounter:
 
 
 def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs, temperature=0.0, seed=0,
-                 draft_temperature: float = 1.0) -> dict:
-    engine = Engine(target, drafter, tok, budget=budget, overlap=False, draft_temperature=draft_temperature)
+                 draft_temperature: float = 1.0, tree_scores: str = "calibrated") -> dict:
+    engine = Engine(target, drafter, tok, budget=budget, overlap=False, draft_temperature=draft_temperature,
+                    tree_scores=tree_scores)
     per_prompt, tokens, passes, equal, sizes, depths, dt, vt = [], 0, 0, True, [], [], 0.0, 0.0
     for i, (ids, ref) in enumerate(zip(prompts, refs)):
         engine.reset()
@@ -73,6 +76,7 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs,
         depths += [s.tree_depth for s in steps]
         dt, vt = dt + sum(s.draft_time for s in steps), vt + sum(s.verify_time for s in steps)
     name = f"edgespec K={budget}" + (f", draft T={draft_temperature:g}" if draft_temperature != 1.0 else "")
+    name += ", raw draft scores" if tree_scores == "draft" else ""
     return {"method": name, "per_prompt": per_prompt, "tokens": tokens, "passes": passes,
             "equal": equal, "tree": statistics.fmean(sizes), "depth": statistics.fmean(depths),
             "draft_s": dt, "verify_s": vt}
@@ -131,7 +135,8 @@ def main(argv=None, pair=None, prompts=None) -> list[dict]:
     sample = (args.temperature, args.seed)
     rows = [assisted_row(target, drafter, c.strip(), prompts, args.max_new_tokens, refs, *sample)
             for c in args.chains.split(",")]
-    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs, *sample, float(t))
+    rows += [edgespec_row(target, drafter, tok, int(k), prompts, args.max_new_tokens, refs, *sample, float(t), ts)
+             for ts in args.tree_scores.split(",")
              for t in args.draft_temperatures.split(",")
              for k in args.budgets.split(",") if k.strip() and k.strip() != "none"]
     report(rows, args, len(prompts))

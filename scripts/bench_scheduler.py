@@ -43,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
     ap.add_argument("--draft-temperature", type=float, default=1.0,
                     help="greedy tree scoring at this drafter temperature, for every configuration")
+    ap.add_argument("--tree-scores", default="calibrated", choices=["calibrated", "draft"],
+                    help="tree node ranking for every configuration: learnt hit rates or raw draft probabilities")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -52,9 +54,10 @@ def load_prompts(path: str, n: int) -> list[str]:
     return lines[:n]
 
 
-def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft_temperature: float = 1.0) -> dict:
+def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft_temperature: float = 1.0,
+               tree_scores: str = "calibrated") -> dict:
     engine = Engine(base.target, base.drafter, base.tokenizer, budget=budget, overlap=overlap,
-                    calibrate=budget == "auto", draft_temperature=draft_temperature)
+                    calibrate=budget == "auto", draft_temperature=draft_temperature, tree_scores=tree_scores)
     outputs, tokens, passes, wall, budgets = [], 0, 0, 0.0, []
     for question in prompts:
         engine.reset()
@@ -84,7 +87,8 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     configs = [(int(b), o) for o in overlaps for b in args.budgets.split(",")] + [("auto", o) for o in overlaps]
     rows = []
     for budget, overlap in configs:
-        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens, args.draft_temperature))
+        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens, args.draft_temperature,
+                               args.tree_scores))
         print(f"  {rows[-1]['config']:<22} {rows[-1]['tok_per_s']:.3f} tok/s", flush=True)
     report(rows, args)
     if args.json:

@@ -195,6 +195,8 @@ def test_generate_json(injected, capsys):
     assert data["stats"]["new_tokens"] == 10 and len(data["steps"]) == data["stats"]["steps"] > 0
     assert {"accepted", "tree_size", "draft_time", "verify_time"} <= set(data["steps"][0])
     assert "offload" in data and "scheduler" in data
+    if any(s["tree_size"] for s in data["steps"]):  # every tree tests the drafter's top token under the root
+        assert data["hit_rates"]["top"] and all(0 <= rate <= 1 for _, rate, _ in data["hit_rates"]["top"])
 
 
 def test_generate_raw_from_stdin(injected, capsys, monkeypatch):
@@ -250,9 +252,9 @@ def test_model_options_reach_the_engine(monkeypatch):
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw) or "engine"))
     args = cli.build_parser().parse_args(["generate", "hi", "--stream-quant", "nf4", "--draft-quant", "int8",
                                           "--resident-layers", "3", "--link-delay", "0.01",
-                                          "--draft-temperature", "0.5"])
+                                          "--draft-temperature", "0.5", "--tree-scores", "draft"])
     assert cli.make_engine(args) == "engine"
-    assert seen["draft_temperature"] == 0.5
+    assert seen["draft_temperature"] == 0.5 and seen["tree_scores"] == "draft"
     assert seen["stream_quant"] == "nf4" and seen["draft_quant"] == "int8"
     assert seen["resident_layers"] == 3 and seen["link_delay"] == 0.01
 

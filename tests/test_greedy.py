@@ -133,7 +133,8 @@ def test_draft_temperature_reshapes_the_tree_not_the_output(draft_temperature):
     target, drafter = tiny_pair("llama", init=0.1)
     depths = {}
     for t in (1.0, draft_temperature):
-        engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 16, 8, 32)), overlap=False, draft_temperature=t)
+        engine = Engine(target, drafter, scheduler=Fixed(Plan(32, 16, 8, 32)), overlap=False, draft_temperature=t,
+                        tree_scores="draft")
         steps = []
         for ids in prompts(4):
             out = engine.generate(ids, max_new_tokens=30)
