@@ -6,6 +6,7 @@
 #   FULL=1 bash scripts/gpu_figures.sh OUTDIR     # + edgespec bench against plain and HF assisted (~3 min more)
 #   STREAM=1 bash scripts/gpu_figures.sh OUTDIR   # + int8 / nf4 streaming of a random 8B (~2 min more)
 #   TEMP=1 bash scripts/gpu_figures.sh OUTDIR     # + the scheduler run at draft temperature 0.5 (~1 min more)
+#   RAW=1 bash scripts/gpu_figures.sh OUTDIR      # + the scheduler run with raw draft scores (~1 min more)
 #
 # 1. drafter forward and tree-build times: transformers' forward vs edgespec's lean forward vs the
 #    lean forward replayed from CUDA graphs (benchmarks/draft_gpu.md);
@@ -13,7 +14,8 @@
 #    real pair with the target zero-padded into the Llama-3.1-8B shape and streamed (scheduler_gpu.md);
 # 3. (FULL=1) edgespec vs plain offloaded decoding vs HF assisted generation (bench_gpu.md);
 # 4. (STREAM=1) pass time with the streamed layers kept int8 / nf4 in host RAM (offload_gpu.md);
-# 5. (TEMP=1) K=64 / 256 / auto with overlap at draft temperature 0.5 (compare with step 2's rows).
+# 5. (TEMP=1) K=64 / 256 / auto with overlap at draft temperature 0.5, raw scores (compare with step 2's rows);
+# 6. (RAW=1) the same with raw draft probabilities as tree scores (step 2 uses the calibrated default).
 set -euo pipefail
 out=${1:-gpu-figures}
 py=${PYTHON:-python3}
@@ -37,5 +39,10 @@ if [[ "${STREAM:-0}" == 1 ]]; then
 fi
 if [[ "${TEMP:-0}" == 1 ]]; then
     $py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
-        "${common[@]}" --budgets 64,256 --overlap on --draft-temperature 0.5 2>&1 | tee "$out/scheduler_gpu_t05.txt"
+        "${common[@]}" --budgets 64,256 --overlap on --draft-temperature 0.5 --tree-scores draft 2>&1 \
+        | tee "$out/scheduler_gpu_t05.txt"
+fi
+if [[ "${RAW:-0}" == 1 ]]; then
+    $py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
+        "${common[@]}" --budgets 64,256 --overlap on --tree-scores draft 2>&1 | tee "$out/scheduler_gpu_raw.txt"
 fi
