@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # bin edges on the draft probability: fine near 1, where a drafter's top tokens live
@@ -39,7 +40,7 @@ class ScoreCalibration:
 
     def __init__(self, prior_weight: float = 2.0, decay: float = 0.98):
         self.prior_weight, self.decay = prior_weight, decay
-        self.edges = torch.tensor([math.log(e) for e in EDGES])
+        self.edges = torch.tensor([math.log(e) for e in EDGES], dtype=torch.float64)
         shape = (2, len(EDGES) + 1)  # [top proposal, other proposals] x bins
         self.tests = torch.zeros(shape, dtype=torch.float64)
         self.hits = torch.zeros(shape, dtype=torch.float64)
@@ -58,7 +59,8 @@ class ScoreCalibration:
         for r in (0, 1):
             sel = ranks == r
             if sel.any():
-                out[sel] = _interp(flat[sel], knots[r], rates[r])
+                # knots ascend strictly (each lies inside its own bin); constant beyond the end knots
+                out[sel] = torch.from_numpy(np.interp(flat[sel].numpy(), knots[r].numpy(), rates[r].numpy()))
         out = out + TIE * flat  # pooled bins keep the drafter's own ordering
         out = out.clamp(max=math.log(MAX_HIT)).to(logp.dtype).reshape(logp.shape)
         return out.to(logp.device)
@@ -87,7 +89,7 @@ class ScoreCalibration:
             return
         logp = logp.reshape(-1).double().cpu()
         row = (rank.reshape(-1).cpu() > 0).long()
-        col = torch.bucketize(logp, self.edges.double())
+        col = torch.bucketize(logp, self.edges)
         idx = row * self.tests.shape[1] + col
         for table, values in ((self.tests, torch.ones_like(logp)), (self.hits, hit.reshape(-1).double().cpu()),
                               (self.logp_sum, logp)):
@@ -117,9 +119,8 @@ class ScoreCalibration:
 
 def _bin_centres(edges: torch.Tensor) -> torch.Tensor:
     """Log-probability in the middle of each bin (both rank classes)."""
-    e = edges.double()
-    lo = torch.cat([e[:1] - 2.0, e])
-    hi = torch.cat([e, torch.zeros(1, dtype=e.dtype)])
+    lo = torch.cat([edges[:1] - 2.0, edges])
+    hi = torch.cat([edges, torch.zeros(1, dtype=edges.dtype)])
     return ((lo + hi) / 2).expand(2, -1)
 
 
@@ -133,12 +134,3 @@ def _isotonic(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
     return torch.tensor([b[0] for b in blocks for _ in range(b[2])], dtype=y.dtype)
 
-
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of (xp, fp) at x (xp ascending), constant beyond the ends."""
-    xp, order = xp.sort()
-    fp = fp[order]
-    i = torch.searchsorted(xp, x).clamp(1, xp.numel() - 1)
-    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    t = ((x - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
-    return f0 + t * (f1 - f0)
