@@ -79,7 +79,7 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs,
     name += ", raw draft scores" if tree_scores == "draft" else ""
     return {"method": name, "per_prompt": per_prompt, "tokens": tokens, "passes": passes,
             "equal": equal, "tree": statistics.fmean(sizes), "depth": statistics.fmean(depths),
-            "draft_s": dt, "verify_s": vt}
+            "draft_s": dt, "verify_s": vt, "hit_rates": out.stats.hit_rates}
 
 
 def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
@@ -163,6 +163,11 @@ def report(rows: list[dict], args, n: int) -> None:
         ratio = (k256["tokens"] / k256["passes"]) / base
         print(f"\ngoal: K=256 >= 1.5x the HF chain's tokens per pass: {ratio:.2f}x -> {'met' if ratio >= 1.5 else 'NOT met'}")
     print("(times are CPU seconds with the nf4 drafter on a 2-core CPU: not representative of a GPU)")
+    for r in rows:
+        if r.get("hit_rates"):  # the calibration at the end of the row's last prompt (about its last 50 trees)
+            print(f"\nhit rates learnt by {r['method']} (draft p -> share the target took, tests):")
+            for kind, bins in r["hit_rates"].items():
+                print(f"  {kind:>5}: " + ", ".join(f"{p:.2f}->{h:.2f} ({n:.0f})" for p, h, n in bins))
 
 
 if __name__ == "__main__":
