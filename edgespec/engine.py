@@ -395,6 +395,7 @@ class Run:
         self.stats = RunStats()
         self.result: Generation | None = None
         self._text = ""
+        self.cancel: threading.Event | None = None  # once set, the run ends before its next step ("cancelled")
 
     def __iter__(self) -> Iterator[str]:
         eng = self.engine
@@ -418,6 +419,9 @@ class Run:
     def _loop(self) -> Iterator[str]:
         eng = self.engine
         while True:
+            if self.cancel is not None and self.cancel.is_set():
+                self.stats.stop_reason = "cancelled"
+                return
             start = time.perf_counter()
             plan = eng.plan_for(self.max_new - len(self.new))
             if plan is None:

@@ -77,3 +77,27 @@ def mt_bench_prompts():
     if not path.is_file():
         path = here / "data" / "mt_bench_first5.jsonl"
     return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+
+
+TOKENIZER_SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_WORDS = ("the a capital of france is paris what hello world user assistant system you are helpful "
+                   "model cat dog sea sky blue red green one two three and or not yes no").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = 64):
+    """A real (offline) word-level tokenizer of exactly `vocab_size` tokens, whitespace-split, with a chat
+    template: words outside the vocabulary become <unk>; decoding joins words with spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = TOKENIZER_SPECIAL + TOKENIZER_WORDS
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>",
+                                  additional_special_tokens=TOKENIZER_SPECIAL[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

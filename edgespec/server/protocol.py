@@ -1,0 +1,308 @@
+"""The OpenAI HTTP API as edgespec speaks it: request bodies checked into requests, answers built.
+
+A request is plain JSON (never pickle) checked strictly: wrong types, out-of-range values, unknown
+fields and fields edgespec cannot honour (n > 1, tools, logprobs, images, ...) are each an
+`ApiError` (HTTP 4xx, an OpenAI-shaped error object naming the field), never a silent ignore.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# request fields that become Engine.run keyword arguments (only those a request sets are passed)
+SAMPLER_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty")
+# the engine's stop reasons as OpenAI finish reasons (the context window ending an answer is "length")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+MAX_STOP = 16
+
+
+class ApiError(Exception):
+    """An HTTP error answered as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+def parse_body(raw: bytes) -> dict:
+    """Bytes → a JSON object, or an ApiError saying what is wrong with them."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {e.start}): "
+                            "send JSON encoded as UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _no_constant(name: str):
+    raise ApiError(400, f"malformed JSON in the request body: {name} is not a JSON number")
+
+
+def check(model_cls: type[BaseModel], body: dict) -> BaseModel:
+    """Validate a request body; the first problem becomes a 400 naming the field."""
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        path = [str(p) for p in err["loc"]]
+        if err["type"] == "unsupported":
+            param = ".".join(path + [err["ctx"]["field"]])
+            raise ApiError(400, f"{param} is not supported: {err['ctx']['why']}", param, "unsupported_parameter") from None
+        param = ".".join(path) or None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unrecognized request argument supplied: {param}", param) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"{param} is required", param) from None
+        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+
+
+def _unsupported(field: str, why: str):
+    return PydanticCustomError("unsupported", "{field} is not supported: {why}", {"field": field, "why": why})
+
+
+# field: (values that leave it off, why it cannot be honoured)
+UNSUPPORTED = {
+    "n": ((None, 1), "edgespec generates one answer per request; send n=1 or leave it out"),
+    "tools": ((None, []), "this server does no tool calling; send the conversation as plain messages"),
+    "functions": ((None, []), "this server does no function calling; send plain messages"),
+    "tool_choice": ((None, "none", "auto"), "this server does no tool calling"),
+    "function_call": ((None, "none", "auto"), "this server does no function calling"),
+    "logprobs": ((None, False, 0), "edgespec does not return log-probabilities; leave logprobs out"),
+    "top_logprobs": ((None, 0), "edgespec does not return log-probabilities; leave top_logprobs out"),
+    "logit_bias": ((None, {}), "edgespec samples from the target's own logits; leave logit_bias out"),
+    "presence_penalty": ((None, 0), "use repetition_penalty (an edgespec sampler option) instead"),
+    "frequency_penalty": ((None, 0), "use repetition_penalty (an edgespec sampler option) instead"),
+    "response_format": ((None, {"type": "text"}), "structured output (JSON mode) is not implemented"),
+    "audio": ((None,), "the served models read and write text only"),
+    "modalities": ((None, ["text"]), "the served models read and write text only"),
+    "prediction": ((None,), "predicted outputs are not implemented (edgespec drafts its own)"),
+    "reasoning_effort": ((None,), "the served models have no reasoning-effort control"),
+    "web_search_options": ((None,), "this server has no web search"),
+    "best_of": ((None, 1), "edgespec generates one answer per request; send best_of=1 or leave it out"),
+    "echo": ((None, False), "the prompt is not echoed back; leave echo out"),
+    "suffix": ((None, ""), "insertion (suffix) is not implemented"),
+}
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  # no effect on the answer
+
+
+def _check_unsupported(model: BaseModel) -> None:
+    for name in UNSUPPORTED.keys() & type(model).model_fields.keys():
+        value = getattr(model, name)
+        off, why = UNSUPPORTED[name]
+        if not any(value == o and type(value) is type(o) for o in off):  # (False == 0, but logprobs=0 ...)
+            raise _unsupported(name, why)
+
+
+# ---- requests --------------------------------------------------------------------------------------
+NonNeg = Annotated[float, Field(ge=0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # (OpenAI's padding against length side channels: not needed here)
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str | None = None  # absent: the served model
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: NonNeg | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: Any = Field(None, validate_default=True)  # → list[str]
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    n: Any = None
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise PydanticCustomError("stop", "must be a string or a list of strings")
+        if len(v) > MAX_STOP or any(not s for s in v):
+            raise PydanticCustomError("stop", f"takes up to {MAX_STOP} non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _honoured(self):
+        _check_unsupported(self)
+        return self
+
+    def sampling(self) -> dict:
+        """The sampler settings this request sets, as Engine.run keyword arguments."""
+        return {k: getattr(self, k) for k in SAMPLER_FIELDS if getattr(self, k) is not None}
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None
+    name: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    tool_call_id: Any = None
+    audio: Any = None
+    refusal: Any = None
+    annotations: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise PydanticCustomError("content", "must be a string or a list of text parts")
+        return "\n".join(_text_part(i, part) for i, part in enumerate(v))
+
+    @model_validator(mode="after")
+    def _plain(self):
+        for name in ("name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations"):
+            if getattr(self, name) not in (None, [], ""):
+                raise _unsupported(name, "send plain messages with a role and text content")
+        if self.content is None:
+            raise PydanticCustomError("content", "content is required (a string)")
+        return self
+
+    def as_prompt(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+def _text_part(i: int, part) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
+        return part["text"]
+    if kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
+        raise _unsupported(str(i), f"content parts of type {kind!r}: the served models read text only; "
+                                   "send text parts or a string")
+    raise PydanticCustomError("content", "part {i} must be a text part (type \"text\" with a string \"text\")", {"i": i})
+
+
+class ChatRequest(_Request):
+    messages: list[Message]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    parallel_tool_calls: Any = None
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise PydanticCustomError("messages", "the list is empty: send at least one message")
+        return v
+
+    def prompt(self, system: str | None = None) -> list[dict]:
+        msgs = [m.as_prompt() for m in self.messages]
+        if system and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system})
+        return msgs
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: Any
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_text(cls, v):
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+            v = v[0]
+        if not isinstance(v, str):
+            raise PydanticCustomError("prompt", "must be a string (one prompt per request)")
+        if not v:
+            raise PydanticCustomError("prompt", "the prompt is empty: give some text to continue")
+        return v
+
+
+# ---- answers ---------------------------------------------------------------------------------------
+class Answer:
+    """Builds one request's answer objects (whole, or as stream chunks) with one id and time."""
+
+    def __init__(self, chat: bool, model: str, include_usage: bool = False):
+        self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _head(self, stream: bool) -> dict:
+        obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, stop_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+        finish = FINISH.get(stop_reason, "stop")
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
+                  else {"index": 0, "text": text})
+        choice.update(logprobs=None, finish_reason=finish)
+        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunk(self, text: str | None = None, stop_reason: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=FINISH.get(stop_reason, "stop") if stop_reason else None)
+        out = {**self._head(True), "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
