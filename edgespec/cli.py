@@ -4,6 +4,7 @@
     edgespec generate "What is the capital of France?" --json
     edgespec profile --out-dir edgespec-profile
     edgespec bench --n-prompts 5 --max-new-tokens 64 --out bench.md
+    edgespec serve --port 8080                     # OpenAI-compatible HTTP server on 127.0.0.1
 
 User errors print `edgespec: error: <message>` and exit with status 2.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from edgespec.errors import EdgespecError
@@ -76,7 +78,7 @@ def model_options() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     common = model_options()
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench,serve}")
     sub.add_parser("chat", parents=[common], help="multi-turn chat in the terminal")
     gen = sub.add_parser("generate", parents=[common], help="one answer to stdout")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (absent or '-': read stdin)")
@@ -93,7 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-prompts", type=int, default=5)
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", default=None, help="also write the markdown table (with a header) here")
+    serve_options(sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server"))
     return ap
+
+
+def serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $EDGESPEC_API_KEY)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted (MiB)")
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -165,7 +176,22 @@ def cmd_bench(args) -> int:
     return bench.main(args, lambda: make_engine(args))
 
 
-COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench}
+def cmd_serve(args) -> int:
+    from edgespec import server
+
+    api_key = args.api_key or os.environ.get("EDGESPEC_API_KEY") or None
+    engine = make_engine(args)
+    defaults = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
+                if v is not None}
+    drafter = args.draft or f"{server.served_name(args.target)}:{args.draft_quant}"  # no --draft: the target's copy
+    config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
+                                 max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
+                                 defaults=defaults, system=args.system)
+    return server.serve(engine, config, args.host, args.port)
+
+
+COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@
 protocol.py: request checking and answer objects; worker.py: the one generation thread;
 metrics.py: Prometheus text; app.py: the routes and uvicorn.
 """
-from edgespec.server.app import ServerConfig, bind, create_app, exposure_warning, serve, uvicorn_server
+from edgespec.server.app import (
+    ServerConfig, bind, create_app, exposure_warning, serve, served_name, uvicorn_server,
+)
 
-__all__ = ["ServerConfig", "bind", "create_app", "exposure_warning", "serve", "uvicorn_server"]
+__all__ = ["ServerConfig", "bind", "create_app", "exposure_warning", "serve", "served_name", "uvicorn_server"]

@@ -219,6 +219,22 @@ def _run_parameters(engine) -> list[str]:
     return list(inspect.signature(engine.run).parameters)
 
 
+# ---- names and addresses ----
+def served_name(spec: str | None) -> str:
+    """The model name /v1/models shows for a --target: the embedded default's, a file's or folder's
+    name, or the hub id."""
+    from pathlib import Path
+
+    from edgespec.models import EMBEDDED, EMBEDDED_FILE
+
+    if spec in (None, "", EMBEDDED):
+        return EMBEDDED_FILE.split(".")[0]
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.exists() else spec
+
+
 # ---- serving -------------------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
     if host == "localhost":

@@ -44,7 +44,8 @@ def parse_body(raw: bytes) -> dict:
     try:
         obj = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
-        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}") from None
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -63,7 +64,8 @@ def check(model_cls: type[BaseModel], body: dict) -> BaseModel:
         path = [str(p) for p in err["loc"]]
         if err["type"] == "unsupported":
             param = ".".join(path + [err["ctx"]["field"]])
-            raise ApiError(400, f"{param} is not supported: {err['ctx']['why']}", param, "unsupported_parameter") from None
+            why = err["ctx"]["why"]
+            raise ApiError(400, f"{param} is not supported: {why}", param, "unsupported_parameter") from None
         param = ".".join(path) or None
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"unrecognized request argument supplied: {param}", param) from None
@@ -152,8 +154,10 @@ class _Request(BaseModel):
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
             raise PydanticCustomError("stop", "must be a string or a list of strings")
-        if len(v) > MAX_STOP or any(not s for s in v):
-            raise PydanticCustomError("stop", f"takes up to {MAX_STOP} non-empty strings")
+        if len(v) > MAX_STOP:
+            raise PydanticCustomError("stop", f"takes at most {MAX_STOP} strings, got {len(v)}")
+        if any(not s for s in v):
+            raise PydanticCustomError("stop", "an empty stop string would end every answer at once: remove it")
         return v
 
     @model_validator(mode="after")
@@ -213,7 +217,8 @@ def _text_part(i: int, part) -> str:
     if kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
         raise _unsupported(str(i), f"content parts of type {kind!r}: the served models read text only; "
                                    "send text parts or a string")
-    raise PydanticCustomError("content", "part {i} must be a text part (type \"text\" with a string \"text\")", {"i": i})
+    raise PydanticCustomError("content", "part {i} must be a text part (type \"text\" with a string \"text\")",
+                              {"i": i})
 
 
 class ChatRequest(_Request):

@@ -47,6 +47,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.busy = False
         self._running_cancel: threading.Event | None = None  # the generating job's cancel flag
+        self.last = None  # the last run's Generation (its stats: what /metrics summarises)
 
     @property
     def queue_length(self) -> int:
@@ -106,6 +107,7 @@ class Worker:
             self.metrics.finished("error")
             job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
             return
+        self.last = gen
         self.metrics.observe(len(ids), gen.stats, _scheduler_stats(self.engine))
         self.metrics.finished("cancelled" if gen.stats.stop_reason == "cancelled" else "ok")
         job.post("done", gen)
