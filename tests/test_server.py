@@ -394,3 +394,54 @@ def test_port_in_use_is_a_clear_error():
     with pytest.raises(EdgespecError, match="cannot listen on 127.0.0.1"):
         bind("127.0.0.1", held.getsockname()[1])
     held.close()
+
+
+# ---- the embedded default, as a user starts it -----------------------------------------------------------
+SYSTEM = ("You are a concise geography tutor. Answer in one short sentence, name the country and the city, and "
+          "do not add lists, caveats or follow-up questions. When the user asks about a capital, give the capital.")
+
+
+@pytest.mark.slow
+def test_embedded_default_serves_offline(tmp_path):
+    """`edgespec serve` with no model arguments in a subprocess; a conversation sent turn by turn with the
+    openai client; prints the time to first token of each turn (turn 2 reuses the cached prefix)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "EDGESPEC_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "edgespec.cli", "serve", "--port", "0", "--budget", "16"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        url = _served_url(proc)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        [model] = [m.id for m in client.models.list().data]
+        client.completions.create(model=model, prompt="Once upon a time", max_tokens=4)  # warm-up, unrelated cache
+        convo = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
+        one, ttft1 = _timed_turn(client, model, convo)
+        assert "Paris" in one
+        convo += [{"role": "assistant", "content": one}, {"role": "user", "content": "And of Italy?"}]
+        two, ttft2 = _timed_turn(client, model, convo)
+        assert "Rome" in two
+        print(f"\nembedded default: time to first token, turn 1 {ttft1 * 1e3:.0f} ms, turn 2 {ttft2 * 1e3:.0f} ms")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _served_url(proc) -> str:
+    for line in proc.stderr:
+        if found := re.search(r"serving \S+ at (http://\S+/v1)", line):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining the log
+            return found.group(1)
+    raise AssertionError(f"edgespec serve exited with {proc.wait()} before serving")
+
+
+def _timed_turn(client, model, convo) -> tuple[str, float]:
+    start, first, text = time.perf_counter(), None, ""
+    for chunk in client.chat.completions.create(model=model, messages=convo, max_tokens=24, stream=True):
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece and first is None:
+            first = time.perf_counter() - start
+        text += piece or ""
+    return text, first
