@@ -231,6 +231,13 @@ def test_closing_a_stream_cancels_its_generation(served):
         time.sleep(0.02)
     gen = served.app.state.worker.last
     assert gen.stats.stop_reason == "cancelled" and len(gen.ids) < 200
+    # a client that gives up on a whole (non-streamed) answer cancels it too
+    with pytest.raises(httpx.ReadTimeout):
+        post(served, "chat", {**GOOD, "max_tokens": 200}, timeout=0.3)
+    while m.requests["cancelled"] == before[0] + 1:
+        assert time.monotonic() < deadline + 20, "the whole answer was not cancelled"
+        time.sleep(0.02)
+    assert served.app.state.worker.last.stats.stop_reason == "cancelled"
     # the next answers (same conversation: the cache's prefix is reused; and a longer one) equal a fresh engine's
     fresh = tiny_engine()
     for msgs in (chat("the sky is blue and the sea"), chat("the sky is blue and the sea") + chat("yes")[1:]):
@@ -313,10 +320,10 @@ BAD = [  # (what is wrong, body (dict: JSON; bytes: as is), endpoint, status, wo
 ]
 
 
-def post(served, endpoint: str, body, headers=None) -> httpx.Response:
+def post(served, endpoint: str, body, headers=None, timeout: float = 30) -> httpx.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(f"{served.url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
-                      content=raw, headers={"Content-Type": "application/json", **(headers or {})}, timeout=30)
+                      content=raw, headers={"Content-Type": "application/json", **(headers or {})}, timeout=timeout)
 
 
 def test_bad_input_table(served, reference):

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import socket
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
@@ -27,7 +28,9 @@ from starlette.exceptions import HTTPException
 
 from edgespec.errors import EdgespecError
 from edgespec.server.metrics import Metrics
-from edgespec.server.protocol import Answer, ApiError, ChatRequest, CompletionRequest, check, parse_body
+from edgespec.server.protocol import (
+    SAMPLER_FIELDS, Answer, ApiError, ChatRequest, CompletionRequest, check, parse_body,
+)
 from edgespec.server.worker import Job, Worker
 
 
@@ -48,7 +51,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = Metrics()
     worker = Worker(engine, metrics, config.max_queue)
-    accepted = set(_run_parameters(engine))
+    accepted = _sampler_parameters(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -111,8 +114,9 @@ async def _relay(request: Request, job: Job, worker: Worker, ans: Answer, stream
             raise value
         prompt_tokens = value
         if stream:
-            return EventSourceResponse(_events(job, ans, prompt_tokens),
-                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            events = _events(job, ans, prompt_tokens)
+            weakref.finalize(events, job.cancel.set)  # also if the stream never starts (the client left at once)
+            return EventSourceResponse(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         while (event := await _next(job, gone))[0] == "piece":
             pass
         kind, value = event
@@ -213,10 +217,14 @@ def _key_check(api_key: str | None):
     return require_key
 
 
-def _run_parameters(engine) -> list[str]:
+def _sampler_parameters(engine) -> set[str]:
+    """The request fields engine.run takes as keyword arguments."""
     import inspect
 
-    return list(inspect.signature(engine.run).parameters)
+    params = inspect.signature(engine.run).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(SAMPLER_FIELDS)
+    return set(params) & set(SAMPLER_FIELDS)
 
 
 # ---- names and addresses ----
