@@ -180,6 +180,7 @@ def cmd_serve(args) -> int:
     from edgespec import server
 
     api_key = args.api_key or os.environ.get("EDGESPEC_API_KEY") or None
+    sock = server.bind(args.host, args.port)  # a taken port fails now, not after loading the models
     engine = make_engine(args)
     defaults = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
                 if v is not None}
@@ -187,7 +188,7 @@ def cmd_serve(args) -> int:
     config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
                                  max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
                                  defaults=defaults, system=args.system)
-    return server.serve(engine, config, args.host, args.port)
+    return server.serve(engine, config, args.host, args.port, sock)
 
 
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,

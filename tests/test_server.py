@@ -376,15 +376,16 @@ def test_serve_command(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(cli, "make_engine", lambda args: "engine")
-    monkeypatch.setattr(server, "serve", lambda engine, config, host, port: seen.update(
-        engine=engine, config=config, host=host, port=port) or 0)
+    monkeypatch.setattr(server, "serve", lambda engine, config, host, port, sock: seen.update(
+        engine=engine, config=config, host=host, port=port) or sock.close() or 0)
     monkeypatch.setenv("EDGESPEC_API_KEY", "from-env")
-    assert cli.main(["serve", "--max-new-tokens", "64", "--seed", "3"]) == 0
+    assert cli.main(["serve", "--port", "0", "--max-new-tokens", "64", "--seed", "3"]) == 0
     cfg = seen["config"]
-    assert (seen["host"], seen["port"], cfg.api_key, cfg.model_id) == ("127.0.0.1", 8080, "from-env",
-                                                                        "SmolLM2-135M-Instruct")
+    assert (seen["host"], cfg.api_key, cfg.model_id) == ("127.0.0.1", "from-env", "SmolLM2-135M-Instruct")
     assert cfg.max_tokens == 64 and cfg.defaults["seed"] == 3
     assert cli.main(["serve", "--port", "0", "--api-key", "k"]) == 0 and seen["config"].api_key == "k"
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8080, None)  # loopback by default
 
 
 def test_exposure_warning():
@@ -398,6 +399,7 @@ def test_port_in_use_is_a_clear_error():
     from edgespec.errors import EdgespecError
 
     held = bind("127.0.0.1", 0)
+    held.listen()
     with pytest.raises(EdgespecError, match="cannot listen on 127.0.0.1"):
         bind("127.0.0.1", held.getsockname()[1])
     held.close()

@@ -52,6 +52,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     metrics = Metrics()
     worker = Worker(engine, metrics, config.max_queue)
     accepted = _sampler_parameters(engine)
+    started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -76,7 +77,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/models", dependencies=auth)
     async def models():
         info = {"target": config.model_id, "drafter": config.drafter_id, "context_window": engine.max_context}
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": int(time.time()),
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
                                             "owned_by": "edgespec", "edgespec": info}]}
 
     async def answer(request: Request, chat: bool):
@@ -262,7 +263,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: any free port), or an EdgespecError naming the address."""
+    """A socket bound to the address (port 0: any free port), or an EdgespecError naming it; it starts
+    listening when served, so until then clients are refused rather than left waiting."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
@@ -272,7 +274,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         raise EdgespecError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port "
                             "or --host") from None
-    sock.listen(128)
     sock.set_inheritable(True)
     return sock
 
@@ -283,16 +284,16 @@ def uvicorn_server(app: FastAPI, log_level: str = "info"):
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
 
 
-def serve(engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> int:
-    """Serve until Ctrl-C (the `edgespec serve` command)."""
+def serve(engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, sock: socket.socket | None = None,
+          log_level: str = "info") -> int:
+    """Serve until Ctrl-C (the `edgespec serve` command); `sock`: already bound to host:port."""
     import sys
 
-    sock = bind(host, port)
+    sock = sock or bind(host, port)
     if warning := exposure_warning(host, config.api_key):
         print(warning, file=sys.stderr)
-    real_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"edgespec: serving {config.model_id} at http://{shown}:{real_port}/v1 (OpenAI API); Ctrl-C stops",
-          file=sys.stderr, flush=True)
+    print(f"edgespec: serving {config.model_id} at http://{shown}:{sock.getsockname()[1]}/v1 (OpenAI API); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
     uvicorn_server(create_app(engine, config), log_level).run(sockets=[sock])
     return 0

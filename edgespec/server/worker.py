@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from edgespec.errors import ContextLengthError, EdgespecError, OutOfMemoryError
 from edgespec.server.metrics import Metrics
-from edgespec.server.protocol import ApiError
+from edgespec.server.protocol import SAMPLER_FIELDS, ApiError
 
 
 @dataclass
@@ -168,7 +168,9 @@ def api_error(err: EdgespecError, param: str | None = None) -> ApiError:
         return ApiError(400, str(err), param, "context_length_exceeded")
     if isinstance(err, OutOfMemoryError):
         return ApiError(503, str(err), None, "out_of_memory", kind="server_error")
-    return ApiError(400, str(err), param if "prompt" in str(err).lower() else None)
+    msg = str(err)
+    named = next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
+    return ApiError(400, msg, named or (param if "prompt" in msg.lower() else None))
 
 
 def _scheduler_stats(engine) -> dict:
