@@ -327,6 +327,7 @@ def post(served, endpoint: str, body, headers=None, timeout: float = 30) -> http
 
 
 def test_bad_input_table(served, reference):
+    rejected, failed = served.metrics.requests["rejected"], served.metrics.requests["error"]
     for what, body, endpoint, status, words, param in BAD:
         r = post(served, endpoint, body)
         err = r.json()["error"]
@@ -335,6 +336,8 @@ def test_bad_input_table(served, reference):
         assert err["param"] == param, (what, err)
     with pytest.raises(openai.BadRequestError, match="n is not supported"):  # as the client sees it
         served.client().chat.completions.create(model="tiny", messages=GOOD["messages"], n=2)
+    # each counted once: the prompt too long for the window by the worker (it tokenizes), the rest before queueing
+    assert served.metrics.requests["rejected"] - rejected == len(BAD) and served.metrics.requests["error"] == failed + 1
     r = served.client().chat.completions.create(model="tiny", messages=GOOD["messages"], max_tokens=5)
     assert r.choices[0].message.content == reference.generate(GOOD["messages"], max_new_tokens=5).text
 

@@ -80,15 +80,23 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
                                             "owned_by": "edgespec", "edgespec": info}]}
 
-    async def answer(request: Request, chat: bool):
-        req = check(ChatRequest if chat else CompletionRequest, parse_body(await _body(request, config)))
+    def checked(raw: bytes, chat: bool):
+        req = check(ChatRequest if chat else CompletionRequest, parse_body(raw))
         if req.model not in (None, config.model_id):
             raise ApiError(404, f"model {req.model!r} is not served here: this server serves {config.model_id!r} "
                                 "(GET /v1/models lists it)", "model", "model_not_found")
-        sampling = {**config.defaults, **req.sampling()}
-        if unknown := sorted(set(sampling) - accepted):
+        if unknown := sorted(set(req.sampling()) - accepted):
             raise ApiError(400, f"{unknown[0]} is not supported by this engine version: leave it out",
                            unknown[0], "unsupported_parameter")
+        return req
+
+    async def answer(request: Request, chat: bool):
+        try:
+            req = checked(await _body(request, config), chat)
+        except ApiError:
+            metrics.finished("rejected")
+            raise
+        sampling = {**config.defaults, **req.sampling()}
         job = Job(req.prompt(config.system) if chat else req.prompt, req.max_new_tokens() or config.max_tokens,
                   sampling, req.stop, asyncio.get_running_loop(), param="messages" if chat else "prompt")
         return await _relay(request, job, worker, Answer(chat, config.model_id, req.include_usage()), req.stream)

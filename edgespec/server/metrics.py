@@ -1,7 +1,7 @@
 """What the server has done, in Prometheus' text exposition format (GET /metrics).
 
-Only the generation worker records (after each run, from its RunStats); the HTTP side renders a
-snapshot under the same lock.
+The generation worker records each run (from its RunStats), the HTTP side the requests it rejects
+before queueing; /metrics renders a snapshot under the same lock.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ GAUGES = {  # name: help
 class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests: dict[str, int] = {"ok": 0, "cancelled": 0, "error": 0}
+        self.requests: dict[str, int] = {"ok": 0, "cancelled": 0, "error": 0, "rejected": 0}
         self.counters = dict.fromkeys(COUNTERS, 0.0)
         self.gauges = dict.fromkeys(GAUGES, 0.0)
         self.tree_counts = [0] * (len(TREE_BUCKETS) + 1)  # per bucket (+Inf last), not cumulative
@@ -64,7 +64,7 @@ class Metrics:
 
     def render(self, queue_length: int, busy: bool) -> str:
         with self._lock:
-            lines = _family("requests_total", "counter", "Requests finished, by outcome.",
+            lines = _family("requests_total", "counter", "Requests finished, by outcome (rejected: bad input caught before queueing).",
                             [(f'{{outcome="{k}"}}', v) for k, v in sorted(self.requests.items())])
             for name, text in COUNTERS.items():
                 lines += _family(name, "counter", text, [("", self.counters[name])])
