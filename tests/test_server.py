@@ -357,6 +357,27 @@ def test_sampler_extras_reach_the_engine_or_are_refused(served):
     assert post(served, "chat", {**GOOD, "top_k": -1}).json()["error"]["param"] == "top_k"
 
 
+def test_only_the_sampler_fields_a_request_sets_reach_engine_run():
+    class Recording(Engine):
+        """An engine whose run takes the sampler's extra options (and records what it was given)."""
+
+        def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None, *,
+                top_k=None, min_p=None, repetition_penalty=None):
+            self.given = dict(temperature=temperature, top_p=top_p, seed=seed, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty)
+            return super().run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+
+    base = tiny_engine()
+    engine = Recording(base.target, base.drafter, base.tokenizer, budget=4)
+    with Served(create_app(engine, ServerConfig(model_id="tiny"))) as s:
+        r = post(s, "chat", {**GOOD, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "seed": 4})
+        assert r.status_code == 200, r.text
+        assert engine.given == dict(temperature=0.0, top_p=1.0, seed=4, top_k=5, min_p=0.1, repetition_penalty=1.2)
+        assert post(s, "chat", {**GOOD, "temperature": 0.5}).status_code == 200
+        assert engine.given == dict(temperature=0.5, top_p=1.0, seed=None, top_k=None, min_p=None,
+                                    repetition_penalty=None)  # the rest left at Engine.run's own defaults
+
+
 def test_api_key():
     app = create_app(tiny_engine(), ServerConfig(model_id="tiny", api_key=KEY))
     with Served(app) as s:
