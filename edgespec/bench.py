@@ -61,9 +61,14 @@ def _shown(file: Path) -> str:
 
 
 # ---- the three methods --------------------------------------------------------------------------
+# what every method decodes by: greedy, or sampling from the full distribution at T (top-p as asked),
+# never the model's chat defaults (HF assisted and plain decoding must do exactly the same)
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def run_engine(engine, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
-    out = engine.generate(ids, max_new_tokens=max_new, **(sampling or {}))
+    out = engine.generate(ids, max_new_tokens=max_new, **{**GREEDY, **(sampling or {})})
     steps = out.stats.steps
     parts = ("draft", "verify", "overhead", "overlap")
     split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in parts}
@@ -233,8 +238,8 @@ def setup_line(engine, args) -> str:
              f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
     shape = getattr(args, "target_shape", None)
     padded = f" zero-padded into the {shape} shape" if shape else ""
-    temperature = getattr(args, "temperature", 0.0)
-    how = f"sampling at temperature {temperature}, top-p {args.top_p}" if temperature else "greedy"
+    temperature = getattr(args, "temperature", None)
+    how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
     drafter = args.draft or ("the target's own copy" if args.target else "embedded")
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
             f"({args.draft_quant}, {lean.describe(engine.drafter, engine.state.dcache)} forward); {where}; "
@@ -295,8 +300,8 @@ def main(args, load) -> int:
     prompts, source = load_prompts(args.n_prompts, args.questions)
     engine = load()
     sampling = None
-    if getattr(args, "temperature", 0.0):
-        sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed or 0}
+    if getattr(args, "temperature", None):  # bench decodes greedily unless --temperature is given
+        sampling = {"temperature": args.temperature, "top_p": args.top_p or 1.0, "seed": args.seed or 0}
     result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system, sampling=sampling)
     result["source"] = source
     if args.json:

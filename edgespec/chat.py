@@ -24,10 +24,12 @@ HELP = """commands:
 
 class ChatSession:
     def __init__(self, engine, *, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 out=None, err=None, prefix: str = ""):
+                 sampling: dict | None = None, seed: int | None = None, out=None, err=None, prefix: str = ""):
+        """`sampling`: the sampling arguments given (temperature, top_p, top_k, min_p,
+        repetition_penalty); the others are the engine's defaults (`engine.sampling`)."""
         self.engine, self.system = engine, system
-        self.gen_kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.gen_kw = {"max_new_tokens": max_new_tokens, "seed": seed, **(sampling or {})}
+        self.no_tree_said = False  # the scheduler's "no speculation here" line is said once
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.prefix = prefix  # printed before each answer ("assistant: " when not on a terminal)
         self.messages: list[dict] = []
@@ -82,7 +84,15 @@ class ChatSession:
         self.out.flush()
         self.messages.append({"role": "assistant", "content": answer})
         self._record(run.result.stats if run.result is not None else None)
+        self._say_no_tree()
         return answer
+
+    def _say_no_tree(self) -> None:
+        reason = getattr(self.engine.scheduler, "no_tree_reason", lambda: None)()
+        if reason and not self.no_tree_said:
+            self.err.write(f"edgespec: {reason}\n")
+            self.err.flush()
+            self.no_tree_said = True
 
     def _stream(self, run, pieces: list[str]) -> None:
         it = iter(run)
@@ -129,7 +139,9 @@ class ChatSession:
         self.print(f"loaded {len(self.messages)} messages from {path}")
 
     def stats_text(self) -> str:
-        lines = [self._last_line(), self._session_line()]
+        sampling = {k: v for k, v in self.gen_kw.items() if k not in ("max_new_tokens", "seed")}
+        lines = [self._last_line(), self._session_line(),
+                 "sampling: " + self.engine.sampling_for(**sampling).describe()]
         sched = getattr(self.engine.scheduler, "stats", None)
         if sched is not None:
             lines.append("scheduler: " + _flat(sched()))
@@ -145,7 +157,7 @@ class ChatSession:
         mean_budget = sum(budgets) / len(budgets) if budgets else 0.0
         return (f"last answer: {s.new_tokens} tokens in {s.wall_time:.2f} s ({s.tokens_per_second:.2f} tokens/s), "
                 f"{len(s.steps)} steps, {s.accepted_per_pass:.2f} accepted/pass, budget {mean_budget:.0f}, "
-                f"stop: {s.stop_reason or '-'}")
+                f"stop: {s.stop_reason or '-'}; sampling: {s.sampling or '-'}")
 
     def _session_line(self) -> str:
         t = self.totals

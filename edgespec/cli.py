@@ -50,10 +50,18 @@ def model_options() -> argparse.ArgumentParser:
                    help="drafter: hub id, local folder or .gguf (default: the target itself, quantized)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--budget", type=budget_arg, default="auto", help="draft tokens per target pass: auto or N")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    s = p.add_argument_group(
+        "sampling (default: the model's own generation_config; a model without one, as a GGUF, gets chat "
+        "defaults: temperature 0.8, top-k 40, top-p 0.9, repetition penalty 1.1; bench decodes greedily)")
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy: the target's own argmax tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus: keep the most likely tokens up to this mass")
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below this fraction of the most likely one's probability (0 = off)")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the logits of tokens already in the conversation by this (1 = off; greedy too)")
     g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None, help="same seed, same answer")
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--no-offload", action="store_true", help="keep the whole target on the device")
     g.add_argument("--resident-layers", type=int, default=None, help="target layers kept on the device (default: fit)")
@@ -108,13 +116,21 @@ def serve_options(p: argparse.ArgumentParser) -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------------
+def sampling_args(args) -> dict:
+    """The sampling options given on the command line (the rest fall back to the engine's defaults)."""
+    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def cmd_chat(args) -> int:
     from edgespec.chat import ChatSession, repl
 
     engine = make_engine(args)
     prefix = "" if sys.stdin.isatty() else "assistant: "
+    sampling = sampling_args(args)
+    print(f"edgespec: {engine.sampling_for(**sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
     session = ChatSession(engine, system=args.system, max_new_tokens=args.max_new_tokens or 512,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, prefix=prefix)
+                          sampling=sampling, seed=args.seed, prefix=prefix)
     return repl(session)
 
 
@@ -122,8 +138,7 @@ def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
-    kw = {"max_new_tokens": args.max_new_tokens or 256, "temperature": args.temperature, "top_p": args.top_p,
-          "seed": args.seed}
+    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, **sampling_args(args)}
     if args.json:
         out = engine.generate(prompt, **kw)
         print(json.dumps(generation_json(engine, out), indent=2))
@@ -133,6 +148,9 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    reason = getattr(engine.scheduler, "no_tree_reason", lambda: None)()
+    if reason:  # a user who sees no speculation learns why
+        print(f"edgespec: {reason}", file=sys.stderr)
     return 0
 
 

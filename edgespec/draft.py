@@ -33,9 +33,12 @@ class TreeSearch:
 
     slack = 4
 
-    def __init__(self, model, cache, sampler, root_token: int, root_pos: int):
+    def __init__(self, model, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
+                 vocab: int | None = None):
         self.model, self.cache, self.sampler = model, cache, sampler
         self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
+        self.seen = seen  # (vocab,) bool: committed tokens, for the repetition penalty (None: off)
+        self.vocab = vocab  # proposals only among ids below this (the target's vocabulary), None = all
         self.tokens = torch.tensor([root_token])
         self.parents = torch.tensor([-1])
         self.depths = torch.tensor([0])
@@ -48,13 +51,19 @@ class TreeSearch:
         self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
 
     @classmethod
-    def start(cls, model, cache, stem: torch.Tensor, sampler, branch: int) -> "TreeSearch":
-        """Feed the pending `stem` (ending in the root) and propose the root's children."""
+    def start(cls, model, cache, stem: torch.Tensor, sampler, branch: int, history=None,
+              vocab: int | None = None) -> "TreeSearch":
+        """Feed the pending `stem` (ending in the root) and propose the root's children. `history`:
+        the committed tokens, root included (for the repetition penalty); `vocab`: propose only ids
+        below it (a drafter whose embeddings are padded beyond the target's)."""
         past = cache.get_seq_length()
         s = stem.numel()
-        hidden = hidden_states(model, cache, stem, torch.arange(past, past + s), None)
-        search = cls(model, cache, sampler, int(stem[-1]), past + s - 1)
-        search._add_children(torch.tensor([0]), logits_from_hidden(model, hidden[-1:]), branch)
+        rows = model.get_input_embeddings().num_embeddings
+        hidden = hidden_states(model, cache, stem.clamp(max=rows - 1), torch.arange(past, past + s), None)
+        logits = logits_from_hidden(model, hidden[-1:])[:, :vocab]
+        seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
+        search = cls(model, cache, sampler, int(stem[-1]), past + s - 1, seen, vocab)
+        search._add_children(torch.tensor([0]), logits, branch)
         return search
 
     # ---- growing -----------------------------------------------------------------------------
@@ -128,7 +137,13 @@ class TreeSearch:
         new_pos[positions] = torch.arange(positions.numel())
         remap = torch.full((self.tokens.numel(),), -1)
         remap[sub] = torch.arange(sub.numel())
-        nxt = TreeSearch(self.model, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix))
+        seen = self.seen
+        if seen is not None:  # the accepted path and the new root are committed now
+            seen = seen.clone()
+            path = ancestor_chains(self.parents, torch.tensor([new_root]), int(self.depths[new_root]))[0]
+            seen[self.tokens[path]] = True
+        nxt = TreeSearch(self.model, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
+                         self.vocab)
         parents = self.parents[sub]
         nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
         nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
@@ -148,7 +163,7 @@ class TreeSearch:
     # ---- internals ---------------------------------------------------------------------------
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
         positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
-        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch)
+        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents))
         top_lp = top_lp.cpu()
         k = top_tok.shape[1]
         n = parents.numel() * k
@@ -163,8 +178,17 @@ class TreeSearch:
         self.rank = torch.cat([self.rank, rank.reshape(-1)])
         self.fed = torch.cat([self.fed, torch.full((n,), -1)])
         self.expanded = torch.cat([self.expanded, torch.zeros(n, dtype=torch.bool)])
-        self.alive = torch.cat([self.alive, torch.ones(n, dtype=torch.bool)])
+        self.alive = torch.cat([self.alive, torch.isfinite(top_lp).reshape(-1)])  # top-k/p, min-p removed: dead
         self.expanded[parents] = True
+
+    def _seen_at(self, parents: torch.Tensor) -> torch.Tensor | None:
+        """(n, V) bool: the tokens before each child of `parents`: committed ones, and the parent's
+        path from the root (for the repetition penalty); None when it is off."""
+        if self.seen is None:
+            return None
+        chains = ancestor_chains(self.parents, parents, int(self.depths[parents].max()))
+        seen = self.seen.expand(parents.numel(), -1).clone()
+        return seen.scatter_(1, self.tokens[chains.clamp(min=0)], True)  # padding -1 → the root, already seen
 
     def _keep_top(self, budget: int, keep: int) -> float:
         """Mark all but the root and the best `keep` nodes dead; returns the `budget`-th best score."""
@@ -196,7 +220,7 @@ class TreeSearch:
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
         hidden = hidden_states(self.model, self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes], allowed)
-        return logits_from_hidden(self.model, hidden)
+        return logits_from_hidden(self.model, hidden)[:, : self.vocab]
 
 
 def build_tree(model, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:

@@ -25,9 +25,10 @@ from edgespec.errors import (
     EdgespecError,
     InvalidArgumentError,
     OutOfMemoryError,
+    TokenizerMismatchError,
 )
 from edgespec.forward import model_device
-from edgespec.sampling import Sampler
+from edgespec.sampling import Sampler, SamplingConfig, model_defaults, resolve
 from edgespec.scores import ScoreCalibration
 from edgespec.stats import Plan, RunStats, StepStats
 from edgespec.tree import Tree
@@ -78,14 +79,20 @@ class Engine:
     `budget` is the tree size (draft tokens verified per target pass): an int, or "auto" to let the
     scheduler size each tree from measured costs and observed acceptance. `tree_scores` ranks draft
     nodes by hit rates learnt from the trees the target verified ("calibrated", edgespec/scores.py) or
-    by the drafter's raw probabilities ("draft"); the output is the target's either way.
+    by the drafter's raw probabilities ("draft"); the output is the target's either way. `sampling`:
+    the defaults a generation's sampling arguments fall back to (None: the target's own
+    generation_config, else chat defaults; edgespec/sampling.py). `draft_tokenizer`: the drafter's,
+    when it has its own (the pair is refused unless it equals `tokenizer`).
     """
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", max_depth: int = 32,
                  branch: int = 16, batch: int = 64, scheduler=None, max_context: int | None = None,
                  overlap: bool | str = "auto", overlap_factor: int = 4, calibrate: bool = False,
-                 progress: bool = True, draft_temperature: float = 1.0, tree_scores: str = "calibrated"):
+                 progress: bool = True, draft_temperature: float = 1.0, tree_scores: str = "calibrated",
+                 sampling: SamplingConfig | None = None, draft_tokenizer=None):
+        self.vocab = _proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
+        self.sampling = sampling or model_defaults(target)
         if drafter is not target:
             lean.enable(drafter)  # the drafter's forwards on a lighter path (the target's stay transformers')
         self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
@@ -138,7 +145,7 @@ class Engine:
         dev = pick_device(device)
         tok = load_tokenizer(target, progress)
         draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
-        check_tokenizers(tok, draft_tok, "target", "drafter")
+        check_tokenizers(tok, draft_tok, "target", "drafter")  # before loading any weights
         draft_model = load_model(drafter, quantize=_codec(draft_quant), device=dev, progress=progress)
         stream = dict(resident_layers=resident_layers, link_delay=link_delay, quantize=_codec(stream_quant))
         if target_shape:
@@ -184,31 +191,46 @@ class Engine:
                                                            draft_temperature=self.draft_temperature)[0]["draft_s"])}
 
     # ---- public API -------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None) -> Generation:
-        """Generate a completion; returns text, new token ids and per-step stats."""
-        run = self.run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
+                 top_k: int | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None) -> Generation:
+        """Generate a completion; returns text, new token ids and per-step stats. A sampling argument
+        left None takes the engine's default (`engine.sampling`); temperature 0 is greedy."""
+        run = self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
+                       repetition_penalty=repetition_penalty)
         for _ in run:
             pass
         return run.result
 
-    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
+               top_k: int | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None) -> Iterator[str]:
         """Yield text pieces as the target accepts them."""
-        yield from self.run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        yield from self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty)
 
-    def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None) -> "Run":
+    def run(self, prompt, max_new_tokens=256, temperature=None, top_p=None, seed=None, stop=None, *,
+            top_k=None, min_p=None, repetition_penalty=None) -> "Run":
         """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
-        sampler = Sampler(temperature, top_p, seed, draft_temperature=self.draft_temperature)
+        config = self.sampling_for(temperature, top_p, top_k, min_p, repetition_penalty)
+        sampler = Sampler.of(config, seed, draft_temperature=self.draft_temperature)
         sampler.calibration = self.score_calibration(sampler)
-        return Run(self, self.encode(prompt), max_new_tokens, sampler, stop or [])
+        run = Run(self, self.encode(prompt), max_new_tokens, sampler, stop or [])
+        run.stats.sampling = config.describe()
+        return run
+
+    def sampling_for(self, temperature=None, top_p=None, top_k=None, min_p=None,
+                     repetition_penalty=None) -> SamplingConfig:
+        """The sampling settings a generation with these arguments uses (None: the engine's default)."""
+        return resolve(self.sampling, temperature, top_p, top_k, min_p, repetition_penalty)
 
     def score_calibration(self, sampler: Sampler) -> ScoreCalibration | None:
         """The hit-rate calibration of tree scores for this sampling setting (None: raw draft scores)."""
         if self.tree_scores != "calibrated":
             return None
-        key = ("greedy",) if sampler.greedy else (sampler.temperature, sampler.top_p)
-        return self._calibrations.setdefault(key, ScoreCalibration())
+        return self._calibrations.setdefault(sampler.key_of_setting(), ScoreCalibration())
 
     def reset(self) -> None:
         """Forget the cached conversation (the caches' buffers, and the graphs replayed over them, stay)."""
@@ -322,10 +344,10 @@ class Engine:
             st.search.rescore()
             return st.search, int(st.search.alive.sum()) - 1
         dstem = torch.tensor(st.ids[st.dcache.get_seq_length():])
-        return TreeSearch.start(self.drafter, st.dcache, dstem, sampler, plan.branch), 0
+        return TreeSearch.start(self.drafter, st.dcache, dstem, sampler, plan.branch, st.ids, self.vocab), 0
 
     def _verify(self, tstem: torch.Tensor, tree: Tree, sampler: Sampler) -> Verdict:
-        verdict = verify(self.target, self.state.tcache, tstem, tree, sampler)
+        verdict = verify(self.target, self.state.tcache, tstem, tree, sampler, self.state.ids)
         _sync_device(self.target)
         return verdict
 
@@ -537,6 +559,27 @@ def _codec(name: str | None) -> str | None:
 
 def _host_dtype(dev: torch.device) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def _proposal_vocab(target, drafter, tokenizer, draft_tokenizer) -> int | None:
+    """The ids the drafter may propose: all of its own (None) when both models have as many, else
+    the smaller count, when one tokenizer that fits both shows they are one vocabulary padded
+    differently (Qwen2.5-0.5B: 151,936 rows, 7B: 152,064, tokenizer: 151,665 ids). Refuses a pair
+    whose tokenizers differ, or whose sizes differ with nothing to show they share a tokenizer."""
+    if tokenizer is not None and draft_tokenizer is not None and draft_tokenizer is not tokenizer:
+        from edgespec.models import check_tokenizers
+
+        check_tokenizers(tokenizer, draft_tokenizer, "target", "drafter")
+    tv, dv = (m.get_input_embeddings().num_embeddings for m in (target, drafter))
+    if tv == dv:
+        return None
+    if tokenizer is None or len(tokenizer) > min(tv, dv):
+        held = "no tokenizer was given" if tokenizer is None else f"the tokenizer has {len(tokenizer)} ids"
+        raise TokenizerMismatchError(
+            f"The drafter's vocabulary has {dv} tokens and the target's {tv} ({held}): their token ids would "
+            "not mean the same words. Use a drafter from the target's family with the same tokenizer, and pass "
+            "that tokenizer to Engine(target, drafter, tokenizer).")
+    return min(tv, dv)
 
 
 def _context_window(*models) -> int:

@@ -101,7 +101,7 @@ def generation(engine, prompts: list[list[dict]], max_new: int, bar) -> dict:
     steps, tokens, wall = [], 0, 0.0
     for msgs in prompts:
         engine.reset()
-        out = engine.generate(msgs, max_new_tokens=max_new)
+        out = engine.generate(msgs, max_new_tokens=max_new, temperature=0)  # greedy: the acceptance figure
         steps += out.stats.steps
         tokens, wall = tokens + out.stats.new_tokens, wall + out.stats.wall_time
         bar.update()

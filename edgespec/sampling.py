@@ -1,4 +1,11 @@
-"""How the target picks a token at a tree node: argmax, or a sample after temperature and top-p.
+"""How the target picks a token at a tree node: argmax, or a sample from its processed distribution.
+
+The target's logits at a node go through the same steps, in the same order, as transformers'
+`generate`: repetition penalty over every token before the node (the committed sequence and the
+node's ancestors; greedy decoding too), then temperature, top-k, top-p and min-p when sampling.
+`SamplingConfig` holds those settings; `model_defaults` reads a model's own (its generation_config,
+as transformers' generate does) or, for a model that carries none, chat defaults as local chat
+tools use (ollama's).
 
 Sampling is Gumbel-max with noise that depends only on the seed and the position being sampled: the
 token at position i is argmax(log p_i + g_i), with g_i Gumbel noise hashed from (seed, i, token id).
@@ -13,7 +20,8 @@ output depends only on the target, never on the drafter or the tree.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +30,84 @@ from edgespec.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from edgespec.scores import ScoreCalibration
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What the target samples from. temperature 0 = greedy (argmax after the repetition penalty);
+    top_k 0, top_p 1, min_p 0 and repetition_penalty 1 switch that step off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    source: str = "explicit"  # where these came from: "explicit", "generation_config", "chat defaults"
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+
+    def describe(self) -> str:
+        """One line for humans: what is in force and where it came from."""
+        if self.temperature == 0:
+            how = "greedy"
+        else:
+            parts = [f"temperature {self.temperature:g}"]
+            parts += [f"top-k {self.top_k}"] if self.top_k else []
+            parts += [f"top-p {self.top_p:g}"] if self.top_p < 1 else []
+            parts += [f"min-p {self.min_p:g}"] if self.min_p else []
+            how = "sampling at " + ", ".join(parts)
+        if self.repetition_penalty != 1.0:
+            how += f", repetition penalty {self.repetition_penalty:g}"
+        return f"{how} ({self.source})"
+
+
+def check_sampling(temperature, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0) -> None:
+    """Raise InvalidArgumentError naming the first setting out of range."""
+    if not (temperature >= 0.0) or temperature != temperature:
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+        raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not (0.0 <= min_p < 1.0):
+        raise InvalidArgumentError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
+    if not (repetition_penalty > 0.0) or repetition_penalty != repetition_penalty:
+        raise InvalidArgumentError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+# ollama's defaults, for models that say nothing about how to sample them (a GGUF carries no
+# generation_config): temperature 0.8, top_k 40, top_p 0.9, repeat penalty 1.1
+CHAT_DEFAULTS = SamplingConfig(0.8, 0.9, 40, 0.0, 1.1, source="chat defaults")
+GREEDY = SamplingConfig()
+
+
+def model_defaults(model) -> SamplingConfig:
+    """The model's own sampling settings (its generation_config, read as transformers' generate reads
+    it), or CHAT_DEFAULTS when it carries none (a config derived from the model config, as a GGUF's)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or getattr(gen, "_from_model_config", False):
+        return CHAT_DEFAULTS
+    penalty = float(gen.repetition_penalty or 1.0)
+    if not gen.do_sample:
+        return SamplingConfig(repetition_penalty=penalty, source="generation_config")
+    return SamplingConfig(float(gen.temperature if gen.temperature is not None else 1.0),
+                          float(gen.top_p if gen.top_p is not None else 1.0), int(gen.top_k or 0),
+                          float(gen.min_p or 0.0), penalty, source="generation_config")
+
+
+def resolve(defaults: SamplingConfig, temperature=None, top_p=None, top_k=None, min_p=None,
+            repetition_penalty=None) -> SamplingConfig:
+    """`defaults` with every argument that is not None in its place. An explicit temperature of 0 is
+    plain greedy: a chat preset's repetition penalty is part of its sampling and stays out (give
+    repetition_penalty to use one in greedy decoding); a model's own generation_config keeps its."""
+    given = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                   repetition_penalty=repetition_penalty).items() if v is not None}
+    if not given:
+        return defaults
+    if given.get("temperature") == 0 and defaults.source == "chat defaults":
+        given.setdefault("repetition_penalty", 1.0)
+    return replace(defaults, **given, source="explicit" if len(given) == 5 else defaults.source + ", overridden")
 
 
 @dataclass
@@ -35,51 +121,99 @@ class Sampler:
     draft_temperature: float = 1.0
     # maps draft log-probs to calibrated log hit rates for tree scores (edgespec/scores.py); None = raw
     calibration: "ScoreCalibration | None" = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
         if not (self.draft_temperature > 0.0):
             raise InvalidArgumentError(f"draft_temperature must be > 0 (1 = the drafter's own probabilities), "
                                        f"got {self.draft_temperature}")
+        self.top_k = int(self.top_k)
         self.key = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
         self._noise: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, config: SamplingConfig, seed: int | None = None, **kw) -> "Sampler":
+        return cls(config.temperature, config.top_p, seed, top_k=config.top_k, min_p=config.min_p,
+                   repetition_penalty=config.repetition_penalty, **kw)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution the target samples from: softmax(logits / T), restricted to the top-p nucleus."""
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            cum = sorted_p.cumsum(-1)
-            drop = cum - sorted_p >= self.top_p  # keep the smallest prefix whose mass reaches top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-            probs = probs / probs.sum(-1, keepdim=True)
-        return probs
-
-    def pick(self, logits: torch.Tensor, position: int) -> int:
-        """The token at sequence `position`, from the 1-D logits that predict it."""
+    def key_of_setting(self) -> tuple:
+        """What distinguishes this sampling setting (the tree-score calibrations are kept per setting)."""
         if self.greedy:
-            return int(torch.argmax(logits))
-        probs = self.probs(logits)
+            return ("greedy", self.repetition_penalty)
+        return (self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+
+    # ---- the target's distribution -----------------------------------------------------------
+    def seen(self, history: Sequence[int] | torch.Tensor, vocab: int) -> torch.Tensor | None:
+        """(vocab,) bool: the tokens in `history`, which the repetition penalty applies to (None when off)."""
+        if self.repetition_penalty == 1.0:
+            return None
+        ids = torch.as_tensor(history, dtype=torch.long).reshape(-1)
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[ids[ids < vocab]] = True
+        return mask
+
+    def penalize(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """transformers' repetition penalty: a seen token's logit is divided by the penalty when
+        positive, multiplied when negative."""
+        if seen is None:
+            return logits
+        seen = seen.to(logits.device)
+        return torch.where(seen, torch.where(logits < 0, logits * self.repetition_penalty,
+                                             logits / self.repetition_penalty), logits)
+
+    def warp(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (..., V) → the logits the target samples from: penalty, then (sampling)
+        temperature, top-k, top-p and min-p, each removed token at -inf, in transformers' order."""
+        logits = self.penalize(logits.float(), seen)
+        if self.greedy:
+            return logits
+        logits = logits / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_p, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        if self.min_p > 0.0:
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < self.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        return logits
+
+    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution the target samples from (sampling only)."""
+        return torch.softmax(self.warp(logits.cpu(), seen), dim=-1)
+
+    def pick(self, logits: torch.Tensor, position: int, seen: torch.Tensor | None = None) -> int:
+        """The token at sequence `position`, from the 1-D logits that predict it; `seen` marks the
+        tokens before it (for the repetition penalty)."""
+        if self.greedy:
+            return int(torch.argmax(self.penalize(logits.float(), seen)))
+        probs = self.probs(logits, seen)
         return int(torch.argmax(probs.log() + self.noise(position, probs.numel(), probs.device)))
 
-    def draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Drafter scores: log-softmax at the sampling temperature (`draft_temperature` when greedy)."""
+    # ---- the drafter's proposals -------------------------------------------------------------
+    def draft_logprobs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Drafter scores: log-softmax of the drafter's penalised logits at the sampling temperature
+        (`draft_temperature` when greedy). No top-k / top-p / min-p cut: the drafter's cut is not the
+        target's, and a token outside the drafter's may still be the target's pick."""
         t = self.temperature if not self.greedy else self.draft_temperature
-        return torch.log_softmax(logits.float() / t, dim=-1)
+        return torch.log_softmax(self.penalize(logits.float(), seen) / t, dim=-1)
 
-    def draft_children(self, logits: torch.Tensor, positions: torch.Tensor, k: int):
+    def draft_children(self, logits: torch.Tensor, positions: torch.Tensor, k: int,
+                       seen: torch.Tensor | None = None):
         """The drafter's top-`k` proposals (log-scores, tokens) for the tokens at `positions` (n,),
-        from `logits` (n, V): by draft probability when greedy; when sampling, by the draft's logits
-        perturbed with the target's own noise, scored by the log-softmax of those."""
-        logprobs = self.draft_logprobs(logits)
+        from `logits` (n, V) (`seen` (n, V): the tokens before each, for the repetition penalty): by
+        draft probability when greedy; when sampling, by the draft's logits perturbed with the
+        target's own noise, scored by the log-softmax of those."""
+        logprobs = self.draft_logprobs(logits, seen)
         k = min(k, logprobs.shape[-1])
         if self.greedy:
             return logprobs.topk(k, dim=-1)

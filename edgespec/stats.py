@@ -50,6 +50,7 @@ class RunStats:
     stop_reason: str = ""
     # calibrated tree scores after the run (edgespec/scores.py): {"top"|"other": [(draft p, hit rate, tests)]}
     hit_rates: dict | None = None
+    sampling: str = ""  # the sampling settings in force, in words (SamplingConfig.describe)
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,4 +75,5 @@ class RunStats:
             "overlap_time": round(sum(s.overlap_time for s in steps), 4),
             "wall_time": round(self.wall_time, 4),
             "stop_reason": self.stop_reason,
+            "sampling": self.sampling,
         }

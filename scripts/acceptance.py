@@ -67,7 +67,8 @@ def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs,
     per_prompt, tokens, passes, equal, sizes, depths, dt, vt = [], 0, 0, True, [], [], 0.0, 0.0
     for i, (ids, ref) in enumerate(zip(prompts, refs)):
         engine.reset()
-        out = engine.generate(ids, max_new_tokens=max_new, temperature=temperature, seed=seed + i)
+        out = engine.generate(ids, max_new_tokens=max_new, temperature=temperature, seed=seed + i, top_p=1.0,
+                              top_k=0, min_p=0.0, repetition_penalty=1.0)  # the full distribution, as HF's run
         equal = None if ref is None else equal and out.ids == ref
         steps = out.stats.steps
         per_prompt.append(len(out.ids) / len(steps))

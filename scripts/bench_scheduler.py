@@ -63,7 +63,7 @@ def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft
         engine.reset()
         ids = engine.encode([{"role": "user", "content": question}])
         start = time.perf_counter()
-        out = engine.generate(ids, max_new_tokens=max_new)
+        out = engine.generate(ids, max_new_tokens=max_new, temperature=0)
         wall += time.perf_counter() - start
         outputs.append(out.ids)
         tokens += len(out.ids)

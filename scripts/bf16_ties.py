@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     for i, question in enumerate(lines[: args.n_prompts], 1):
         engine.reset()
         ids = engine.encode([{"role": "user", "content": question}])
-        got = engine.generate(ids, max_new_tokens=args.max_new_tokens).ids
+        got = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=0).ids
         x = torch.tensor([ids])
         with torch.no_grad():
             ref = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 from transformers import (
-    GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    GenerationConfig, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen2Config, Qwen2ForCausalLM,
 )
 
@@ -19,6 +19,16 @@ ARCHS = {
 }
 
 
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (several only contend); real models get them all."""
+    torch.set_num_threads(_THREADS if request.node.get_closest_marker("slow") else 1)
+    yield
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 64, layers: int = 2, init: float = 0.02,
                attn: str = "sdpa", hidden: int = 32, **extra):
     cfg_cls, model_cls = ARCHS[arch]
@@ -28,7 +38,11 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 64, layers: int 
                   pad_token_id=None, **extra)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
-    return model_cls(cfg).eval()
+    model = model_cls(cfg).eval()
+    # a generation_config of its own, as a base model's generation_config.json: greedy unless asked, so
+    # a test's sampling arguments are the whole setting (a model without one gets chat defaults)
+    model.generation_config = GenerationConfig(do_sample=False)
+    return model
 
 
 def noisy_copy(model, scale: float = 0.02, seed: int = 1):
@@ -49,6 +63,17 @@ def tiny_pair(arch: str = "llama", seed: int = 0, **kw):
 def greedy_reference(model, ids: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
     return out[0, len(ids):].tolist()
+
+
+def tiny_tokenizer(n: int = 60):
+    """A real (fast) tokenizer of `n` ids, offline: words w0 … w{n-2} split on whitespace, and [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(n - 1)} | {"[UNK]": n - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 def real_pair_available() -> bool:

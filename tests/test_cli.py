@@ -238,7 +238,7 @@ def test_generate_prints_the_targets_greedy_answer(real_pair, tmp_path):
     stderr), stdout is exactly the target's greedy answer."""
     target, _, tok = real_pair
     question = "What is the capital of France?"
-    proc = run_cli("generate", question, "--max-new-tokens", "24", EDGESPEC_CACHE=str(tmp_path))
+    proc = run_cli("generate", question, "--max-new-tokens", "24", "--temperature", "0", EDGESPEC_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
@@ -267,5 +267,5 @@ def test_int8_streamed_target_answers_as_that_target(real_pair):
     engine = Engine.from_pretrained(device="cpu", stream_quant="int8", budget=16, calibrate=False, progress=False)
     assert engine.offload.quantize == "int8" and engine.offload.streamed_layers > 0
     ids = engine.encode([{"role": "user", "content": "Name three rivers in Europe."}])
-    out = engine.generate(ids, max_new_tokens=24)
+    out = engine.generate(ids, max_new_tokens=24, temperature=0)
     assert out.ids == greedy_reference(engine.target, ids, 24)

@@ -95,8 +95,23 @@ class AutoScheduler(BaseScheduler):
         dist[best] = np.inf
         return int(np.argmin(dist))
 
+    def no_tree_reason(self) -> str | None:
+        """One line saying why the scheduler decodes without a tree, when its best budget is 0."""
+        if not self.last_rates or max(self.last_rates, key=self.last_rates.get) != 0:
+            return None
+        ms = lambda s: f"{1e3 * s:.0f} ms"  # noqa: E731
+        c = self.cost
+        return (f"no speculation here: a target pass takes {ms(c.pass_time(1))} ({ms(c.pass_time(65))} with a "
+                f"64-token tree) and drafting that tree {ms(c.draft_time(64))} (one drafter forward ~"
+                f"{ms(c.draft_time(1))}), so a tree costs more than the tokens it saves and the scheduler decodes "
+                "plainly. Trees pay when the target pass waits on the link: a GPU with the target streamed, "
+                "or --link-delay 0.05 to emulate a slow link here.")
+
     def stats(self) -> dict:
         out = super().stats()
+        reason = self.no_tree_reason()
+        if reason:
+            out["no_tree_reason"] = reason
         if self.last_rates:
             best = max(self.last_rates, key=self.last_rates.get)
             out["best_budget"] = best
