@@ -200,12 +200,13 @@ def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get("EDGESPEC_API_KEY") or None
     sock = server.bind(args.host, args.port)  # a taken port fails now, not after loading the models
     engine = make_engine(args)
-    defaults = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("seed", args.seed))
-                if v is not None}
+    defaults = {**sampling_args(args), **({"seed": args.seed} if args.seed is not None else {})}
     drafter = args.draft or f"{server.served_name(args.target)}:{args.draft_quant}"  # no --draft: the target's copy
     config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
                                  max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
                                  defaults=defaults, system=args.system)
+    print(f"edgespec: requests that leave sampling out get {engine.sampling_for(**sampling_args(args)).describe()}",
+          file=sys.stderr)
     return server.serve(engine, config, args.host, args.port, sock)
 
 

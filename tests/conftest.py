@@ -111,9 +111,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['cont
                  "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
 
-def tiny_tokenizer(vocab_size: int = 64):
+def tiny_chat_tokenizer(vocab_size: int = 64):
     """A real (offline) word-level tokenizer of exactly `vocab_size` tokens, whitespace-split, with a chat
-    template: words outside the vocabulary become <unk>; decoding joins words with spaces."""
+    template and a decoder (text comes back): words outside the vocabulary become <unk>; decoding joins
+    words with spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -17,7 +17,7 @@ import pytest
 from edgespec import Engine, cli
 from edgespec.server import ServerConfig, bind, create_app, exposure_warning, uvicorn_server
 from edgespec.server.worker import StopHoldback
-from tests.conftest import noisy_copy, tiny_model, tiny_tokenizer
+from tests.conftest import noisy_copy, tiny_chat_tokenizer, tiny_model
 
 KEY = "sk-test-key"
 
@@ -26,7 +26,7 @@ def tiny_engine(budget: int = 4) -> Engine:
     """A peaked random target (init 0.5) and a close copy drafting: trees are partly accepted. Every call
     builds the same weights, so two engines give the same answers."""
     target = tiny_model("llama", init=0.5)
-    return Engine(target, noisy_copy(target, scale=0.002), tiny_tokenizer(), budget=budget)
+    return Engine(target, noisy_copy(target, scale=0.002), tiny_chat_tokenizer(), budget=budget)
 
 
 class Served:
@@ -342,40 +342,42 @@ def test_bad_input_table(served, reference):
     assert r.choices[0].message.content == reference.generate(GOOD["messages"], max_new_tokens=5).text
 
 
-def test_sampler_extras_reach_the_engine_or_are_refused(served):
-    """top_k / min_p / repetition_penalty pass through to Engine.run when it takes them, else a 400 names them."""
-    import inspect
-
-    takes = inspect.signature(Engine.run).parameters
-    for name, value in (("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2)):
-        r = post(served, "chat", {**GOOD, name: value, "temperature": 0.7, "seed": 1})
-        if name in takes:
-            assert r.status_code == 200, r.text
-        else:
-            assert r.status_code == 400 and r.json()["error"]["param"] == name
-            assert f"{name} is not supported by this engine" in r.json()["error"]["message"]
-    assert post(served, "chat", {**GOOD, "top_k": -1}).json()["error"]["param"] == "top_k"
+def test_sampler_extras_reach_the_engine(served, reference):
+    """top_k / min_p / repetition_penalty as extra request fields: the answer is generate's with them."""
+    msgs = chat("the cat and the dog and the cat")
+    client = served.client()
+    for extra in ({"top_k": 3}, {"min_p": 0.2}, {"repetition_penalty": 1.5}, {"top_k": 5, "min_p": 0.05}):
+        kw = {"temperature": 0.9, "seed": 2, **extra}
+        want = reference.generate(msgs, max_new_tokens=10, **kw).text
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, extra_body=extra,
+                                           temperature=0.9, seed=2)
+        assert r.choices[0].message.content == want, extra
+    greedy = reference.generate(msgs, max_new_tokens=10, temperature=0).text
+    penalised = reference.generate(msgs, max_new_tokens=10, temperature=0, repetition_penalty=1.5).text
+    assert greedy != penalised  # the option changes the answer, so the equality above could fail
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                       extra_body={"repetition_penalty": 1.5})
+    assert r.choices[0].message.content == penalised
+    for bad in ({"top_k": -1}, {"min_p": 2}, {"repetition_penalty": 0}):
+        assert post(served, "chat", {**GOOD, **bad}).json()["error"]["param"] == next(iter(bad))
 
 
 def test_only_the_sampler_fields_a_request_sets_reach_engine_run():
     class Recording(Engine):
-        """An engine whose run takes the sampler's extra options (and records what it was given)."""
+        """Records the sampling arguments each run gets."""
 
-        def run(self, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=None, *,
-                top_k=None, min_p=None, repetition_penalty=None):
-            self.given = dict(temperature=temperature, top_p=top_p, seed=seed, top_k=top_k, min_p=min_p,
-                              repetition_penalty=repetition_penalty)
-            return super().run(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        def run(self, prompt, max_new_tokens=256, temperature=None, top_p=None, seed=None, stop=None, **kw):
+            self.given = dict(temperature=temperature, top_p=top_p, seed=seed, **kw)
+            return super().run(prompt, max_new_tokens, temperature, top_p, seed, stop, **kw)
 
     base = tiny_engine()
     engine = Recording(base.target, base.drafter, base.tokenizer, budget=4)
-    with Served(create_app(engine, ServerConfig(model_id="tiny"))) as s:
+    with Served(create_app(engine, ServerConfig(model_id="tiny", defaults={"top_p": 0.9}))) as s:
         r = post(s, "chat", {**GOOD, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "seed": 4})
         assert r.status_code == 200, r.text
-        assert engine.given == dict(temperature=0.0, top_p=1.0, seed=4, top_k=5, min_p=0.1, repetition_penalty=1.2)
-        assert post(s, "chat", {**GOOD, "temperature": 0.5}).status_code == 200
-        assert engine.given == dict(temperature=0.5, top_p=1.0, seed=None, top_k=None, min_p=None,
-                                    repetition_penalty=None)  # the rest left at Engine.run's own defaults
+        assert engine.given == dict(temperature=None, top_p=0.9, seed=4, top_k=5, min_p=0.1, repetition_penalty=1.2)
+        assert post(s, "chat", {**GOOD, "temperature": 0.5, "top_p": 0.5}).status_code == 200
+        assert engine.given == dict(temperature=0.5, top_p=0.5, seed=None)  # the rest: the engine's defaults
 
 
 def test_api_key():
@@ -399,14 +401,17 @@ def test_serve_command(monkeypatch):
     from edgespec import server
 
     seen = {}
-    monkeypatch.setattr(cli, "make_engine", lambda args: "engine")
+    engine = tiny_engine()
+    monkeypatch.setattr(cli, "make_engine", lambda args: engine)
     monkeypatch.setattr(server, "serve", lambda engine, config, host, port, sock: seen.update(
         engine=engine, config=config, host=host, port=port) or sock.close() or 0)
     monkeypatch.setenv("EDGESPEC_API_KEY", "from-env")
     assert cli.main(["serve", "--port", "0", "--max-new-tokens", "64", "--seed", "3"]) == 0
     cfg = seen["config"]
     assert (seen["host"], cfg.api_key, cfg.model_id) == ("127.0.0.1", "from-env", "SmolLM2-135M-Instruct")
-    assert cfg.max_tokens == 64 and cfg.defaults["seed"] == 3
+    assert cfg.max_tokens == 64 and cfg.defaults == {"seed": 3} and seen["engine"] is engine
+    assert cli.main(["serve", "--port", "0", "--top-k", "7", "--temperature", "0.6"]) == 0
+    assert seen["config"].defaults == {"top_k": 7, "temperature": 0.6}
     assert cli.main(["serve", "--port", "0", "--api-key", "k"]) == 0 and seen["config"].api_key == "k"
     args = cli.build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8080, None)  # loopback by default
@@ -472,7 +477,8 @@ def _served_url(proc) -> str:
 
 def _timed_turn(client, model, convo) -> tuple[str, float]:
     start, first, text = time.perf_counter(), None, ""
-    for chunk in client.chat.completions.create(model=model, messages=convo, max_tokens=24, stream=True):
+    for chunk in client.chat.completions.create(model=model, messages=convo, max_tokens=24, stream=True,
+                                                temperature=0):  # greedy: the answer is known
         piece = chunk.choices[0].delta.content if chunk.choices else None
         if piece and first is None:
             first = time.perf_counter() - start

@@ -271,8 +271,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to the address (port 0: any free port), or an EdgespecError naming it; it starts
-    listening when served, so until then clients are refused rather than left waiting."""
+    """A socket bound to the address (port 0: any free port), or an EdgespecError naming it; it listens
+    once served (while the models load, clients are refused rather than left waiting)."""
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
@@ -298,6 +298,7 @@ def serve(engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 808
     import sys
 
     sock = sock or bind(host, port)
+    sock.listen(128)  # from here connections wait for uvicorn instead of being refused
     if warning := exposure_warning(host, config.api_key):
         print(warning, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
