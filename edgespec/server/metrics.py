@@ -64,8 +64,9 @@ class Metrics:
 
     def render(self, queue_length: int, busy: bool) -> str:
         with self._lock:
+            outcomes = [(f'{{outcome="{k}"}}', v) for k, v in sorted(self.requests.items())]
             lines = _family("requests_total", "counter",
-                            "Requests finished, by outcome (rejected: bad input caught before queueing).", [(f'{{outcome="{k}"}}', v) for k, v in sorted(self.requests.items())])
+                            "Requests finished, by outcome (rejected: bad input caught before queueing).", outcomes)
             for name, text in COUNTERS.items():
                 lines += _family(name, "counter", text, [("", self.counters[name])])
             for name, text in GAUGES.items():
