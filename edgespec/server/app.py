@@ -22,9 +22,9 @@ import weakref
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
-from starlette.exceptions import HTTPException
 
 from edgespec.errors import EdgespecError
 from edgespec.server.metrics import Metrics
@@ -207,8 +207,8 @@ def _error_handlers(app: FastAPI) -> None:
     async def api_error(_request, err: ApiError):
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, err: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # (the router's 404 and 405 too)
+    async def http_error(_request, err: StarletteHTTPException):
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return JSONResponse(ApiError(err.status_code, str(err.detail), kind=kind).body(), status_code=err.status_code,
                             headers=getattr(err, "headers", None))

@@ -12,7 +12,6 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 # request fields that become Engine.run keyword arguments (only those a request sets are passed)
 SAMPLER_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty")
@@ -62,20 +61,29 @@ def check(model_cls: type[BaseModel], body: dict) -> BaseModel:
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         path = [str(p) for p in err["loc"]]
-        if err["type"] == "unsupported":
-            param = ".".join(path + [err["ctx"]["field"]])
-            why = err["ctx"]["why"]
-            raise ApiError(400, f"{param} is not supported: {why}", param, "unsupported_parameter") from None
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _Unsupported):
+            param = ".".join(path + [cause.field])
+            raise ApiError(400, f"{param} is not supported: {cause.why}", param, "unsupported_parameter") from None
         param = ".".join(path) or None
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"unrecognized request argument supplied: {param}", param) from None
         if err["type"] == "missing":
             raise ApiError(400, f"{param} is required", param) from None
-        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
+        msg = str(cause) if isinstance(cause, _Invalid) else err["msg"]
+        raise ApiError(400, f"{param}: {msg}" if param else msg, param) from None
 
 
-def _unsupported(field: str, why: str):
-    return PydanticCustomError("unsupported", "{field} is not supported: {why}", {"field": field, "why": why})
+class _Invalid(ValueError):
+    """A value a validator refuses; its message follows the field's name."""
+
+
+class _Unsupported(ValueError):
+    """A field edgespec cannot honour (named with its path in the error)."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field} is not supported: {why}")
+        self.field, self.why = field, why
 
 
 # field: (values that leave it off, why it cannot be honoured)
@@ -108,7 +116,7 @@ def _check_unsupported(model: BaseModel) -> None:
         value = getattr(model, name)
         off, why = UNSUPPORTED[name]
         if not any(value == o and type(value) is type(o) for o in off):  # (False == 0, but logprobs=0 ...)
-            raise _unsupported(name, why)
+            raise _Unsupported(name, why)
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -153,11 +161,11 @@ class _Request(BaseModel):
             return []
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise PydanticCustomError("stop", "must be a string or a list of strings")
+            raise _Invalid("must be a string or a list of strings")
         if len(v) > MAX_STOP:
-            raise PydanticCustomError("stop", f"takes at most {MAX_STOP} strings, got {len(v)}")
+            raise _Invalid(f"takes at most {MAX_STOP} strings, got {len(v)}")
         if any(not s for s in v):
-            raise PydanticCustomError("stop", "an empty stop string would end every answer at once: remove it")
+            raise _Invalid("an empty stop string would end every answer at once: remove it")
         return v
 
     @model_validator(mode="after")
@@ -194,16 +202,16 @@ class Message(BaseModel):
         if v is None or isinstance(v, str):
             return v
         if not isinstance(v, list):
-            raise PydanticCustomError("content", "must be a string or a list of text parts")
+            raise _Invalid("must be a string or a list of text parts")
         return "\n".join(_text_part(i, part) for i, part in enumerate(v))
 
     @model_validator(mode="after")
     def _plain(self):
         for name in ("name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations"):
             if getattr(self, name) not in (None, [], ""):
-                raise _unsupported(name, "send plain messages with a role and text content")
+                raise _Unsupported(name, "send plain messages with a role and text content")
         if self.content is None:
-            raise PydanticCustomError("content", "content is required (a string)")
+            raise _Invalid("content is required (a string)")
         return self
 
     def as_prompt(self) -> dict:
@@ -215,10 +223,9 @@ def _text_part(i: int, part) -> str:
     if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
         return part["text"]
     if kind in ("image_url", "input_image", "image", "input_audio", "audio", "file", "video_url"):
-        raise _unsupported(str(i), f"content parts of type {kind!r}: the served models read text only; "
+        raise _Unsupported(str(i), f"content parts of type {kind!r}: the served models read text only; "
                                    "send text parts or a string")
-    raise PydanticCustomError("content", "part {i} must be a text part (type \"text\" with a string \"text\")",
-                              {"i": i})
+    raise _Invalid(f'part {i} must be a text part (type "text" with a string "text")')
 
 
 class ChatRequest(_Request):
@@ -241,7 +248,7 @@ class ChatRequest(_Request):
     @classmethod
     def _some(cls, v):
         if not v:
-            raise PydanticCustomError("messages", "the list is empty: send at least one message")
+            raise _Invalid("the list is empty: send at least one message")
         return v
 
     def prompt(self, system: str | None = None) -> list[dict]:
@@ -266,9 +273,9 @@ class CompletionRequest(_Request):
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
             v = v[0]
         if not isinstance(v, str):
-            raise PydanticCustomError("prompt", "must be a string (one prompt per request)")
+            raise _Invalid("must be a string (one prompt per request)")
         if not v:
-            raise PydanticCustomError("prompt", "the prompt is empty: give some text to continue")
+            raise _Invalid("the prompt is empty: give some text to continue")
         return v
 
 
