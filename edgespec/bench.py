@@ -26,38 +26,10 @@ from tqdm.auto import tqdm
 
 from edgespec import lean
 from edgespec.forward import compute_dtype, model_device
+from edgespec.prompts import chat_messages, load_prompts
+from edgespec.stats import Totals
 
-BUILTIN_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "Give three tips for staying focused while studying.",
-    "What is 17 times 23? Show your work.",
-]
 METHODS = ("edgespec", "plain", "hf-assisted")
-
-
-def default_questions() -> Path:
-    """../shared/data/mt_bench_questions.jsonl, relative to the repository root."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench_questions.jsonl"
-
-
-def load_prompts(n: int, path: str | None = None) -> tuple[list[str], str]:
-    """The first turns of the first `n` questions, and where they came from."""
-    file = Path(path) if path else default_questions()
-    if not file.is_file():
-        print(f"edgespec: {file} not found: using {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
-        return BUILTIN_PROMPTS[:n], "built-in prompts"
-    lines = [ln for ln in file.read_text().splitlines() if ln.strip()]
-    return [json.loads(ln)["turns"][0] for ln in lines[:n]], _shown(file)
-
-
-def _shown(file: Path) -> str:
-    """The path as seen from the repository root (../shared/...), else as given."""
-    try:
-        return os.path.relpath(file.resolve(), Path(__file__).resolve().parents[1])
-    except ValueError:
-        return str(file)
 
 
 # ---- the three methods --------------------------------------------------------------------------
@@ -69,11 +41,10 @@ GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetitio
 def run_engine(engine, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
     out = engine.generate(ids, max_new_tokens=max_new, **{**GREEDY, **(sampling or {})})
-    steps = out.stats.steps
-    parts = ("draft", "verify", "overhead", "overlap")
-    split = {name: sum(getattr(s, f"{name}_time") for s in steps) for name in parts}
-    return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": len(steps),
-            "tree_tokens": sum(s.tree_size for s in steps), "split": split}
+    t = Totals.of([out.stats])
+    split = {name: getattr(t, f"{name}_time") for name in ("draft", "verify", "overhead", "overlap")}
+    return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": t.steps, "tree_tokens": t.tree_tokens,
+            "split": split}
 
 
 def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling: dict | None = None) -> dict:
@@ -112,8 +83,6 @@ def run_bench(engine, prompts: list[str], max_new: int, system: str | None = Non
     """Every method on every prompt; returns per-method totals and per-prompt outputs. `sampling`
     ({temperature, top_p, seed}) samples instead of decoding greedily: edgespec and plain decoding
     then draw the same tokens for the same seed (edgespec/sampling.py), HF assisted its own."""
-    from edgespec.cli import chat_messages
-
     methods = runners(engine, sampling)
     encoded = [engine.encode(chat_messages(p, system)) for p in prompts]
     if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edgespec.errors import EdgespecError, InvalidArgumentError
+from edgespec.stats import Totals
 
 HELP = """commands:
   /stats       last answer's and the session's speed, the scheduler's and the offload's stats
@@ -34,7 +35,7 @@ class ChatSession:
         self.prefix = prefix  # printed before each answer ("assistant: " when not on a terminal)
         self.messages: list[dict] = []
         self.last = None  # RunStats of the last answer
-        self.totals = {"answers": 0, "tokens": 0, "seconds": 0.0, "steps": 0, "accepted": 0}
+        self.totals = Totals()  # over the session's answers
         self.reset()
 
     # ---- input -------------------------------------------------------------------------------
@@ -109,12 +110,7 @@ class ChatSession:
         if stats is None:
             return
         self.last = stats
-        t = self.totals
-        t["answers"] += 1
-        t["tokens"] += stats.new_tokens
-        t["seconds"] += stats.wall_time
-        t["steps"] += len(stats.steps)
-        t["accepted"] += sum(s.accepted for s in stats.steps)
+        self.totals.add(stats)
 
     # ---- commands ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -153,18 +149,10 @@ class ChatSession:
         s = self.last
         if s is None:
             return "last answer: none yet"
-        budgets = [st.budget for st in s.steps]
-        mean_budget = sum(budgets) / len(budgets) if budgets else 0.0
-        return (f"last answer: {s.new_tokens} tokens in {s.wall_time:.2f} s ({s.tokens_per_second:.2f} tokens/s), "
-                f"{len(s.steps)} steps, {s.accepted_per_pass:.2f} accepted/pass, budget {mean_budget:.0f}, "
-                f"stop: {s.stop_reason or '-'}; sampling: {s.sampling or '-'}")
+        return f"last answer: {Totals.of([s]).line()}, stop: {s.stop_reason or '-'}; sampling: {s.sampling or '-'}"
 
     def _session_line(self) -> str:
-        t = self.totals
-        rate = t["tokens"] / t["seconds"] if t["seconds"] else 0.0
-        per_pass = t["accepted"] / t["steps"] if t["steps"] else 0.0
-        return (f"session: {t['answers']} answers, {t['tokens']} tokens in {t['seconds']:.2f} s ({rate:.2f} tokens/s), "
-                f"{t['steps']} steps, {per_pass:.2f} accepted/pass")
+        return f"session: {self.totals.answers} answers, {self.totals.line()}"
 
     # ---- output ------------------------------------------------------------------------------
     def print(self, text: str) -> None:

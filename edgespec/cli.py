@@ -16,6 +16,7 @@ import os
 import sys
 
 from edgespec.errors import EdgespecError
+from edgespec.prompts import chat_messages
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -163,11 +164,6 @@ def read_prompt(arg: str | None) -> str:
     if not arg.strip():
         raise EdgespecError("the prompt is empty: give some text to answer")
     return arg
-
-
-def chat_messages(text: str, system: str | None = None) -> list[dict]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": text}]
 
 
 def generation_json(engine, out) -> dict:

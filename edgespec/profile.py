@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from edgespec import lean
 from edgespec.errors import EdgespecError
+from edgespec.stats import Totals
 
 DEFAULTS = {  # sizes, budgets, prompts, max new tokens: small on CPU, the real range on a GPU
     "cpu": ("1,4,16,64,256", "4,16,64", 2, 32),
@@ -98,22 +98,17 @@ def generation(engine, prompts: list[list[dict]], max_new: int, bar) -> dict:
     """Real answers: accepted tokens per step (histogram), tokens/s, per-layer streaming costs."""
     if engine.offload is not None:
         engine.offload.reset_stats()
-    steps, tokens, wall = [], 0, 0.0
+    totals = Totals()
     for msgs in prompts:
         engine.reset()
-        out = engine.generate(msgs, max_new_tokens=max_new, temperature=0)  # greedy: the acceptance figure
-        steps += out.stats.steps
-        tokens, wall = tokens + out.stats.new_tokens, wall + out.stats.wall_time
+        totals.add(engine.generate(msgs, max_new_tokens=max_new, temperature=0).stats)  # greedy: the acceptance figure
         bar.update()
-    hist = Counter(s.accepted for s in steps)
+    t = totals.as_dict()
     result = {
-        "prompts": len(prompts), "new_tokens": tokens, "wall_s": wall, "steps": len(steps),
-        "tokens_per_s": tokens / wall if wall else 0.0,
-        "accepted_per_pass": sum(s.accepted for s in steps) / len(steps) if steps else 0.0,
-        "mean_budget": sum(s.budget for s in steps) / len(steps) if steps else 0.0,
-        "mean_tree_size": sum(s.tree_size for s in steps) / len(steps) if steps else 0.0,
-        "draft_s": sum(s.draft_time for s in steps), "verify_s": sum(s.verify_time for s in steps),
-        "acceptance_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "prompts": len(prompts), "new_tokens": totals.new_tokens, "wall_s": totals.wall_time, "steps": totals.steps,
+        "tokens_per_s": totals.tokens_per_second, "accepted_per_pass": totals.accepted_per_pass,
+        "mean_budget": t["mean_budget"], "mean_tree_size": t["mean_tree_size"],
+        "draft_s": totals.draft_time, "verify_s": totals.verify_time, "acceptance_histogram": t["accepted_histogram"],
     }
     if engine.offload is not None:
         result["per_layer"] = per_layer(engine.offload)
@@ -156,8 +151,7 @@ def settings(args, device: torch.device) -> tuple[list[int], list[int], int, int
 
 
 def profile(engine, args, before_load: int, load_s: float) -> dict:
-    from edgespec.bench import load_prompts
-    from edgespec.cli import chat_messages
+    from edgespec.prompts import chat_messages, load_prompts
 
     after_load, load_peak = rss(), peak_rss()
     sizes, budgets, n_prompts, max_new = settings(args, engine.device)

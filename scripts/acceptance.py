@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgespec import Engine  # noqa: E402
+from edgespec.bench import run_assisted  # noqa: E402
+from edgespec.prompts import default_questions, read_questions  # noqa: E402
+from edgespec.stats import Totals  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,7 +40,7 @@ def parse_args(argv=None):
     ap.add_argument("--n-prompts", type=int, default=80)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--chains", default="default,4,8", help="assisted generation: default schedule and constant chain lengths")
-    ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
+    ap.add_argument("--questions", default=str(default_questions()))
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0: sample at this temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     ap.add_argument("--draft-temperatures", default="1", help="greedy tree scoring: the drafter's log-probs at "
@@ -49,38 +51,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-class PassCounter:
-    """Counts forward calls of a module."""
-
-    def __init__(self, module):
-        self.n = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.n += 1
-
-
 def edgespec_row(target, drafter, tok, budget: int, prompts, max_new: int, refs, temperature=0.0, seed=0,
                  draft_temperature: float = 1.0, tree_scores: str = "calibrated") -> dict:
     engine = Engine(target, drafter, tok, budget=budget, overlap=False, draft_temperature=draft_temperature,
                     tree_scores=tree_scores)
-    per_prompt, tokens, passes, equal, sizes, depths, dt, vt = [], 0, 0, True, [], [], 0.0, 0.0
+    per_prompt, equal, totals = [], True, Totals()
     for i, (ids, ref) in enumerate(zip(prompts, refs)):
         engine.reset()
         out = engine.generate(ids, max_new_tokens=max_new, temperature=temperature, seed=seed + i, top_p=1.0,
                               top_k=0, min_p=0.0, repetition_penalty=1.0)  # the full distribution, as HF's run
         equal = None if ref is None else equal and out.ids == ref
-        steps = out.stats.steps
-        per_prompt.append(len(out.ids) / len(steps))
-        tokens, passes = tokens + len(out.ids), passes + len(steps)
-        sizes += [s.tree_size for s in steps]
-        depths += [s.tree_depth for s in steps]
-        dt, vt = dt + sum(s.draft_time for s in steps), vt + sum(s.verify_time for s in steps)
+        per_prompt.append(Totals.of([out.stats]).tokens_per_pass)
+        totals.add(out.stats)
     name = f"edgespec K={budget}" + (f", draft T={draft_temperature:g}" if draft_temperature != 1.0 else "")
     name += ", raw draft scores" if tree_scores == "draft" else ""
-    return {"method": name, "per_prompt": per_prompt, "tokens": tokens, "passes": passes,
-            "equal": equal, "tree": statistics.fmean(sizes), "depth": statistics.fmean(depths),
-            "draft_s": dt, "verify_s": vt, "hit_rates": out.stats.hit_rates}
+    return {"method": name, "per_prompt": per_prompt, "tokens": totals.new_tokens, "passes": totals.steps,
+            "equal": equal, "tree": totals.tree_tokens / totals.steps, "depth": totals.tree_depth / totals.steps,
+            "draft_s": totals.draft_time, "verify_s": totals.verify_time, "hit_rates": out.stats.hit_rates}
 
 
 def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
@@ -99,19 +86,14 @@ def assisted_row(target, drafter, chain: str, prompts, max_new: int, refs, tempe
 
 def _assisted(target, drafter, chain: str, prompts, max_new: int, refs, temperature=0.0, seed=0) -> dict:
     per_prompt, tokens, passes, equal, t = [], 0, 0, True, 0.0
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
-        "do_sample": False}
+    pad = target.generation_config.pad_token_id
     for i, (ids, ref) in enumerate(zip(prompts, refs)):
-        counter = PassCounter(target)
-        torch.manual_seed(seed + i)
-        start = time.perf_counter()
-        out = target.generate(torch.tensor([ids]), assistant_model=drafter, max_new_tokens=max_new,
-                              **sampling)[0, len(ids):].tolist()
-        t += time.perf_counter() - start
-        counter.handle.remove()
+        sampling = {"temperature": temperature, "top_p": 1.0, "seed": seed + i} if temperature > 0 else None
+        run = run_assisted(target, drafter, ids, max_new, pad, sampling)
+        out, t = run["ids"], t + run["seconds"]
         equal = None if ref is None else equal and out == ref
-        per_prompt.append(len(out) / counter.n)
-        tokens, passes = tokens + len(out), passes + counter.n
+        per_prompt.append(len(out) / run["passes"])
+        tokens, passes = tokens + len(out), passes + run["passes"]
     name = "assisted (HF default schedule)" if chain == "default" else f"assisted (constant chain {chain})"
     return {"method": name, "per_prompt": per_prompt, "tokens": tokens, "passes": passes, "equal": equal,
             "tree": None, "depth": None, "draft_s": None, "verify_s": t}
@@ -125,7 +107,7 @@ def main(argv=None, pair=None, prompts=None) -> list[dict]:
         pair = (load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None))
     target, drafter, tok = pair
     if prompts is None:
-        questions = [json.loads(x)["turns"][0] for x in Path(args.questions).read_text().splitlines() if x.strip()]
+        questions = read_questions(args.questions)
         prompts = [Engine(target, drafter, tok, budget=1).encode([{"role": "user", "content": q}])
                    for q in questions[: args.n_prompts]]
     if args.temperature > 0:

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgespec import Engine  # noqa: E402
+from edgespec.prompts import chat_messages, default_questions, read_questions  # noqa: E402
+from edgespec.stats import Totals  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     ap.add_argument("--n-prompts", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--overlap", default="off,on", help="overlap settings to run: off, on or both")
-    ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"))
+    ap.add_argument("--questions", default=str(default_questions()))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--target-shape", default=None,
                     help="GPU runs: zero-pad the target into this shape (e.g. llama-8b): realistic streaming cost, "
@@ -49,31 +50,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def load_prompts(path: str, n: int) -> list[str]:
-    lines = [json.loads(x)["turns"][0] for x in Path(path).read_text().splitlines() if x.strip()]
-    return lines[:n]
-
-
 def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft_temperature: float = 1.0,
                tree_scores: str = "calibrated") -> dict:
     engine = Engine(base.target, base.drafter, base.tokenizer, budget=budget, overlap=overlap,
                     calibrate=budget == "auto", draft_temperature=draft_temperature, tree_scores=tree_scores)
-    outputs, tokens, passes, wall, budgets = [], 0, 0, 0.0, []
+    outputs, totals = [], Totals()
     for question in prompts:
         engine.reset()
-        ids = engine.encode([{"role": "user", "content": question}])
-        start = time.perf_counter()
-        out = engine.generate(ids, max_new_tokens=max_new, temperature=0)
-        wall += time.perf_counter() - start
+        out = engine.generate(engine.encode(chat_messages(question)), max_new_tokens=max_new, temperature=0)
         outputs.append(out.ids)
-        tokens += len(out.ids)
-        passes += len(out.stats.steps)
-        budgets += [s.budget for s in out.stats.steps]
+        totals.add(out.stats)
     return {
         "config": f"{'auto' if budget == 'auto' else f'K={budget}'} overlap={'on' if overlap else 'off'}",
-        "budget": budget, "overlap": overlap, "tokens": tokens, "passes": passes, "wall_s": round(wall, 2),
-        "tok_per_s": round(tokens / wall, 3), "acc_per_pass": round(tokens / passes, 2),
-        "mean_budget": round(sum(budgets) / len(budgets), 1), "outputs": outputs,
+        "budget": budget, "overlap": overlap, "tokens": totals.new_tokens, "passes": totals.steps,
+        "wall_s": round(totals.wall_time, 2), "tok_per_s": round(totals.tokens_per_second, 3),
+        "acc_per_pass": round(totals.tokens_per_pass, 2), "mean_budget": totals.as_dict()["mean_budget"],
+        "outputs": outputs,
     }
 
 
@@ -82,7 +74,7 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     base = base or Engine.from_pretrained(device=args.device, offload=True, resident_layers=0,
                                           link_delay=args.link_delay, budget=16, target_shape=args.target_shape,
                                           draft_quant=args.draft_quant)
-    prompts = prompts or load_prompts(args.questions, args.n_prompts)
+    prompts = prompts or read_questions(args.questions, args.n_prompts)
     overlaps = [o.strip() == "on" for o in args.overlap.split(",")]
     configs = [(int(b), o) for o in overlaps for b in args.budgets.split(",")] + [("auto", o) for o in overlaps]
     rows = []

@@ -94,14 +94,10 @@ def real_pair():
 def mt_bench_prompts():
     """MT-Bench first turns from ../shared/data (all 80), else the first five kept in tests/data
     (MT-Bench questions, lm-sys/FastChat, Apache-2.0) so a checkout elsewhere still runs the proof."""
-    import json
-    from pathlib import Path
+    from edgespec.prompts import KEPT, default_questions, read_questions
 
-    here = Path(__file__).resolve().parent
-    path = here.parents[0].parent / "shared" / "data" / "mt_bench_questions.jsonl"
-    if not path.is_file():
-        path = here / "data" / "mt_bench_first5.jsonl"
-    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+    path = default_questions()
+    return read_questions(path if path.is_file() else KEPT)
 
 
 TOKENIZER_SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]

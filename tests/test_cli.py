@@ -163,7 +163,7 @@ def test_stats_prints_numbers():
     s.handle("/stats")
     text = out.getvalue()
     assert "tokens/s" in text and "accepted/pass" in text and "scheduler:" in text and "offload:" in text
-    assert s.last.new_tokens > 0 and s.totals["tokens"] == s.last.new_tokens
+    assert s.last.new_tokens > 0 and s.totals.new_tokens == s.last.new_tokens
 
 
 def test_repl_reads_a_pipe_until_eof():
