@@ -89,7 +89,7 @@ class ChatSession:
         return answer
 
     def _say_no_tree(self) -> None:
-        reason = getattr(self.engine.scheduler, "no_tree_reason", lambda: None)()
+        reason = self.engine.scheduler.no_tree_reason()
         if reason and not self.no_tree_said:
             self.err.write(f"edgespec: {reason}\n")
             self.err.flush()
@@ -138,10 +138,8 @@ class ChatSession:
         sampling = {k: v for k, v in self.gen_kw.items() if k not in ("max_new_tokens", "seed")}
         lines = [self._last_line(), self._session_line(),
                  "sampling: " + self.engine.sampling_for(**sampling).describe()]
-        sched = getattr(self.engine.scheduler, "stats", None)
-        if sched is not None:
-            lines.append("scheduler: " + _flat(sched()))
-        if getattr(self.engine, "offload", None) is not None:
+        lines.append("scheduler: " + _flat(self.engine.scheduler.stats()))
+        if self.engine.offload is not None:
             lines.append(offload_line(self.engine.offload))
         return "\n".join(lines)
 

@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    reason = getattr(engine.scheduler, "no_tree_reason", lambda: None)()
+    reason = engine.scheduler.no_tree_reason()
     if reason:  # a user who sees no speculation learns why
         print(f"edgespec: {reason}", file=sys.stderr)
     return 0
@@ -169,8 +169,7 @@ def read_prompt(arg: str | None) -> str:
 def generation_json(engine, out) -> dict:
     steps = [{k: v for k, v in vars(s).items() if k != "node_probs"} for s in out.stats.steps]
     result = {"text": out.text, "ids": out.ids, "stats": out.stats.summary(), "steps": steps}
-    if hasattr(engine.scheduler, "stats"):
-        result["scheduler"] = engine.scheduler.stats()
+    result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
         result["offload"] = engine.offload.stats.as_dict()
     if out.stats.hit_rates:

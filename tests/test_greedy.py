@@ -1,31 +1,9 @@
 """Greedy decoding through the tree engine equals the target's own greedy generate, token for token."""
 import pytest
-import torch
 
 from edgespec import Engine
 from edgespec.stats import Plan
-from tests.conftest import greedy_reference, tiny_model, tiny_pair
-
-
-class Fixed:
-    """A scheduler that always returns the same plan (keeps these tests independent of the policy)."""
-
-    def __init__(self, plan):
-        self.p = plan
-
-    def plan(self, context_room):
-        return self.p
-
-    def observe(self, step):
-        pass
-
-    def set_max_budget(self, n):
-        self.p = Plan(min(n, self.p.budget), self.p.max_depth, self.p.branch, self.p.batch)
-
-
-def prompts(n, vocab=64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (3 + 2 * i,), generator=gen).tolist() for i in range(n)]
+from tests.conftest import Fixed, greedy_reference, prompts, tiny_model, tiny_pair
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

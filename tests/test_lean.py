@@ -11,7 +11,7 @@ from edgespec.cache import crop, keep_positions, new_cache
 from edgespec.forward import hidden_states
 from edgespec.static_cache import GraphFallbackWarning, StaticCache
 
-from conftest import greedy_reference, tiny_model, tiny_pair
+from tests.conftest import greedy_reference, tiny_model, tiny_pair
 
 
 def qwen3(seed: int = 0):

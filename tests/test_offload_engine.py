@@ -6,8 +6,7 @@ import pytest
 from edgespec import Engine
 from edgespec.offload import offload_layers
 from edgespec.stats import Plan
-from tests.conftest import greedy_reference, tiny_pair
-from tests.test_greedy import Fixed, prompts
+from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -7,8 +7,7 @@ import edgespec.verify as verify
 from edgespec import Engine
 from edgespec.errors import OutOfMemoryError
 from edgespec.stats import Plan
-from tests.conftest import greedy_reference, tiny_pair
-from tests.test_greedy import Fixed, prompts
+from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
 def failing(real, fail_on: set[int], after_forward: bool):

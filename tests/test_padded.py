@@ -9,8 +9,7 @@ from edgespec.errors import UnsupportedModelError
 from edgespec.offload import offload_layers
 from edgespec.offload.padded import head_slots, pad_to_shape, padded_config
 from edgespec.stats import Plan
-from tests.conftest import greedy_reference, noisy_copy, tiny_model
-from tests.test_greedy import Fixed, prompts
+from tests.conftest import Fixed, greedy_reference, noisy_copy, prompts, tiny_model
 
 GROUPED = dict(vocab_size=1, hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6,
                num_key_value_heads=3, tie_word_embeddings=False)  # head dim 16, 2 queries per KV head

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgespec import cli
-from tests.test_cli import tiny_engine
+from tests.conftest import tiny_engine
 
 
 @pytest.fixture

@@ -1,6 +1,4 @@
 """Sampling through the tree keeps the target's distribution exactly (chi-square tests that can fail)."""
-import math
-
 import pytest
 import torch
 
@@ -10,29 +8,7 @@ from edgespec.sampling import Sampler
 from edgespec.stats import Plan
 from edgespec.tree import Tree
 from edgespec.verify import walk
-from tests.conftest import noisy_copy, tiny_pair
-from tests.test_greedy import Fixed
-
-
-def chi2_critical(df: int, z: float = 3.29) -> float:
-    """Wilson–Hilferty upper quantile of chi-square (z = 3.29 → about 0.9995)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def chi2(counts: dict, probs: dict, n: int) -> tuple[float, int]:
-    """Chi-square statistic over cells, pooling cells with expected count < 5 into one."""
-    stat, df, rare_obs, rare_exp = 0.0, -1, 0, 0.0
-    for cell, p in probs.items():
-        exp = p * n
-        if exp < 5:
-            rare_obs, rare_exp = rare_obs + counts.get(cell, 0), rare_exp + exp
-            continue
-        stat += (counts.get(cell, 0) - exp) ** 2 / exp
-        df += 1
-    if rare_exp > 0:
-        stat += (rare_obs - rare_exp) ** 2 / max(rare_exp, 1e-9)
-        df += 1
-    return stat, max(df, 1)
+from tests.conftest import Fixed, chi2, chi2_critical, noisy_copy, tiny_pair
 
 
 def test_walk_preserves_distribution_on_a_bushy_tree():

@@ -8,9 +8,7 @@ from edgespec import Engine
 from edgespec.errors import InvalidArgumentError
 from edgespec.sampling import CHAT_DEFAULTS, Sampler, SamplingConfig, model_defaults, resolve
 from edgespec.stats import Plan
-from tests.conftest import noisy_copy, tiny_model, tiny_pair
-from tests.test_greedy import Fixed, prompts
-from tests.test_sampling import chi2, chi2_critical
+from tests.conftest import Fixed, chi2, chi2_critical, noisy_copy, prompts, tiny_model, tiny_pair
 
 
 def hf_greedy(model, ids, n, penalty):

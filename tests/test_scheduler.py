@@ -344,3 +344,12 @@ def test_plain_decoding_optimum_is_rarely_left_for_a_far_worse_tree():
     sched = AutoScheduler(seed=0, explore=0.2)
     plans, _ = simulate(sched, near, 300, random.Random(0))
     assert sum(k > 0 for k in plans[10:]) >= 20
+
+
+def test_every_scheduler_satisfies_the_protocol():
+    from edgespec.scheduler import Scheduler, make_scheduler
+    from tests.conftest import Fixed
+
+    for sched in (make_scheduler("auto"), make_scheduler(8), Fixed(Plan(4, 4, 4, 4))):
+        assert isinstance(sched, Scheduler), type(sched)
+        assert sched.no_tree_reason() is None and isinstance(sched.stats(), dict)

@@ -11,8 +11,7 @@ from edgespec.sampling import Sampler
 from edgespec.scores import MAX_HIT, ScoreCalibration
 from edgespec.stats import Plan
 from edgespec.tree import Tree
-from tests.conftest import greedy_reference, tiny_pair
-from tests.test_greedy import Fixed, prompts
+from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
 def test_uncalibrated_scores_are_the_drafters_own():

@@ -17,16 +17,9 @@ import pytest
 from edgespec import Engine, cli
 from edgespec.server import ServerConfig, bind, create_app, exposure_warning, uvicorn_server
 from edgespec.server.worker import StopHoldback
-from tests.conftest import noisy_copy, tiny_chat_tokenizer, tiny_model
+from tests.conftest import tiny_engine
 
 KEY = "sk-test-key"
-
-
-def tiny_engine(budget: int = 4) -> Engine:
-    """A peaked random target (init 0.5) and a close copy drafting: trees are partly accepted. Every call
-    builds the same weights, so two engines give the same answers."""
-    target = tiny_model("llama", init=0.5)
-    return Engine(target, noisy_copy(target, scale=0.002), tiny_chat_tokenizer(), budget=budget)
 
 
 class Served:

@@ -6,8 +6,7 @@ import pytest
 
 from edgespec import Engine
 from edgespec.stats import Plan
-from tests.conftest import tiny_pair
-from tests.test_greedy import Fixed
+from tests.conftest import Fixed, tiny_pair
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,7 @@ import torch
 from edgespec import Engine
 from edgespec.errors import TokenizerMismatchError
 from edgespec.stats import Plan
-from tests.conftest import greedy_reference, noisy_copy, tiny_model, tiny_tokenizer
-from tests.test_greedy import Fixed, prompts
+from tests.conftest import Fixed, greedy_reference, noisy_copy, prompts, tiny_model, tiny_tokenizer
 
 
 def test_different_vocab_sizes_are_refused_naming_both():

@@ -16,14 +16,14 @@ from typing import Callable, Iterable
 
 from edgespec.errors import InvalidArgumentError
 from edgespec.scheduler.acceptance import AcceptanceModel
-from edgespec.scheduler.base import BaseScheduler
+from edgespec.scheduler.base import BaseScheduler, Scheduler
 from edgespec.scheduler.cost import CALIBRATION_SIZES, CostModel, default_cache_path, machine_key
 from edgespec.scheduler.curve import Curve
 from edgespec.scheduler.fixed import FixedScheduler
 from edgespec.scheduler.policy import DEFAULT_BUDGETS, AutoScheduler
 
 __all__ = [
-    "AcceptanceModel", "AutoScheduler", "BaseScheduler", "CostModel", "Curve", "FixedScheduler",
+    "AcceptanceModel", "AutoScheduler", "BaseScheduler", "Scheduler", "CostModel", "Curve", "FixedScheduler",
     "DEFAULT_BUDGETS", "CALIBRATION_SIZES", "default_cache_path", "machine_key", "make_scheduler",
 ]
 

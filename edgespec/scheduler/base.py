@@ -3,12 +3,33 @@ from __future__ import annotations
 
 from collections import deque
 from statistics import median_low
+from typing import Protocol, runtime_checkable
 
 from edgespec.errors import InvalidArgumentError
 from edgespec.scheduler.acceptance import AcceptanceModel
 from edgespec.scheduler.cost import CostModel
 from edgespec.scheduler.tracker import Tracker
 from edgespec.stats import Plan, StepStats
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """What the engine asks of a scheduler, per step: a plan, then the step's outcome."""
+
+    def plan(self, context_room: int) -> Plan:
+        """The next step's plan, for a context with `context_room` positions left."""
+
+    def observe(self, step: StepStats) -> None:
+        """Learn from the finished step."""
+
+    def set_max_budget(self, n: int | None) -> None:
+        """Never plan more than n draft tokens (after an out-of-memory back-off)."""
+
+    def stats(self) -> dict:
+        """For the API, chat's /stats and the server's /metrics."""
+
+    def no_tree_reason(self) -> str | None:
+        """One line saying why it decodes without a tree, when it has settled on that (else None)."""
 
 
 class BaseScheduler:
@@ -64,6 +85,9 @@ class BaseScheduler:
         self.cost.observe(step)
         self.acceptance.observe(step)
         self.tracker.observed(step)
+
+    def no_tree_reason(self) -> str | None:
+        return None
 
     def stats(self) -> dict:
         """For the API and CLI: the chosen budget, predictions next to outcomes, tokens/s."""

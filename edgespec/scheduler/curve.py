@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 DEFAULT_BUCKETS = tuple(2**i for i in range(13))  # 1 … 4096
 RECENT = 4  # a jump at a bucket measured within this many observations spreads in full
 
@@ -153,7 +155,5 @@ def _right(pts, x: float) -> float:
 
 
 def _inside(pts, x: float) -> float:
-    for p, q in zip(pts, pts[1:]):
-        if p[0] <= x <= q[0]:
-            return _line(p, q, x)
-    return pts[-1][1]
+    xs, ys = zip(*pts)
+    return float(np.interp(x, xs, ys))

@@ -108,7 +108,7 @@ class Worker:
             job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
             return
         self.last = gen
-        self.metrics.observe(len(ids), gen.stats, _scheduler_stats(self.engine))
+        self.metrics.observe(len(ids), gen.stats, self.engine.scheduler.stats())
         self.metrics.finished("cancelled" if gen.stats.stop_reason == "cancelled" else "ok")
         job.post("done", gen)
 
@@ -172,10 +172,3 @@ def api_error(err: EdgespecError, param: str | None = None) -> ApiError:
     named = next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
     return ApiError(400, msg, named or (param if "prompt" in msg.lower() else None))
 
-
-def _scheduler_stats(engine) -> dict:
-    stats = getattr(engine.scheduler, "stats", None)
-    try:
-        return stats() if stats else {}
-    except Exception:  # a scheduler without history yet: no figures to show
-        return {}
