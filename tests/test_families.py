@@ -47,7 +47,7 @@ PROMPTS = [[3, 14, 15, 9, 26], [53, 58, 9, 7, 9]]
 
 
 def target_model(family: str, **kw):
-    return tiny_model(family, layers=LAYERS, init=0.1, **{**FAMILIES[family], **kw})
+    return tiny_model(family, layers=LAYERS, **{"init": 0.1, **FAMILIES[family], **kw})
 
 
 def matrix() -> list:
@@ -124,46 +124,115 @@ def test_tree_hidden_states_match_transformers_own_masks(family):
 
 @pytest.mark.parametrize("family,lean_mode", [("mistral", "dynamic"), ("mistral", "static"), ("qwen2", "auto"),
                                               ("gemma2", "auto"), ("gpt_oss", "auto")])
-def test_twin_drafter_is_always_right_past_the_window(family, lean_mode, monkeypatch):
-    """A drafter identical to the target proposes the target's own tokens only if its sliding
-    windows go by position inside the tree: chains of 12 (> W) are then accepted whole, lean forward
-    (Mistral, dynamic and static cache) or transformers' (mixed layers)."""
+def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch):
+    """The drafter's best-first search (bushy, so cache slots are not positions) proposes at every
+    expanded node the top tokens of transformers' own forward over the node's path, deeper than the
+    window too, and still after re-rooting; lean forward (Mistral: dynamic and static cache) or
+    transformers' (mixed layers)."""
+    from edgespec.draft import TreeSearch
+    from edgespec.sampling import Sampler
+
     monkeypatch.setenv("EDGESPEC_LEAN", lean_mode)
-    target = target_model(family)
-    engine = Engine(target, copy.deepcopy(target), scheduler=Fixed(Plan(12, 12, 1, 4)), overlap=False)
-    assert attention.slides(target.config)
-    assert (lean.lookup(engine.drafter) is not None) == (family == "mistral")
-    ids = PROMPTS[0]
-    out = engine.generate(ids, max_new_tokens=4 * 13)
-    assert out.ids == greedy_reference(target, ids, 4 * 13)
-    assert [s.accepted for s in out.stats.steps] == [13] * 4
+    model = target_model(family, init=0.3)
+    assert lean.enable(model) == (family == "mistral")
+    branch, plan = 3, Plan(32, 16, 3, 8)
+    sampler = Sampler(draft_temperature=0.1)  # deep trees (depth scores above siblings)
+    ctx = [5, 9, 2, 33, 7, 1, 60, 12, 4, 8, 19, 23, 40, 2, 6]
+    with torch.no_grad():
+        search = TreeSearch.start(model, new_cache(model), torch.tensor(ctx), sampler, branch)
+        search.grow(plan)
+        assert check_children(model, search, ctx, branch) > W, "the search never went deeper than the window"
+        tree = search.tree(plan.budget)
+        kids = tree.children()
+        a = next(iter(kids[0].values()))
+        b = next(i for i in kids[a].values() if kids[i])
+        bonus = next(int(tree.tokens[i]) for i in kids[b].values() if search.expanded[search.snapshot[i]])
+        search = search.advance([a, b], bonus)
+        assert search is not None, "the re-rooted search was expected (its root drafted and expanded)"
+        ctx = ctx + [int(tree.tokens[a]), int(tree.tokens[b]), bonus]
+        search.grow(Plan(48, 16, 3, 8))
+        assert check_children(model, search, ctx, branch, pruned=True) > W
+    lean.disable(model)
+
+
+def check_children(model, search, ctx: list[int], branch: int, pruned: bool = False) -> int:
+    """Assert each expanded node's children are the model's top `branch` tokens after the node's
+    path (some of them, once re-rooting dropped `pruned` ones); returns the deepest checked depth.
+    One batched forward: paths padded on the right (causal: padding never reaches a path's end)."""
+    nodes = search.expanded.nonzero().squeeze(1).tolist()
+    paths = []
+    for node in nodes:
+        path, j = [], node
+        while j > 0:
+            path.append(int(search.tokens[j]))
+            j = int(search.parents[j])
+        paths.append(ctx + path[::-1])
+    width = max(map(len, paths))
+    batch = torch.tensor([p + [0] * (width - len(p)) for p in paths])
+    logits = model(batch).logits[torch.arange(len(paths)), torch.tensor([len(p) - 1 for p in paths])]
+    for node, path, row in zip(nodes, paths, logits):
+        want = set(row.topk(branch).indices.tolist())
+        kids = set(search.tokens[search.parents == node].tolist())
+        assert (kids <= want and kids) if pruned else kids == want, f"node {node} at depth {len(path) - len(ctx)}"
+    return max(len(p) for p in paths) - len(ctx)
 
 
 # ---- sampling: one family per attention implementation -------------------------------------------
 @pytest.mark.parametrize("family", ["gemma3", "gpt_oss"])  # sdpa (mixed sliding), eager (sinks, mixed sliding)
 def test_sampling_matches_target_law_past_the_window(family):
-    """Joint law of the first two tokens after a prompt 3x the window, against the target's exact law
-    from transformers' own forward; the drafter's law is rejected by the same draws."""
-    from tests.test_sampling import two_token_law
+    """After a prompt 3x the window, a tree drafted under the engine's sampler and verified in one
+    target pass: the first two tokens its walk commits, over 4,000 seeds, follow the target's exact
+    law from transformers' own forward (cells: (a, b) where the tree holds a, else (a,)), and the
+    drafter's law is rejected by the same draws."""
+    from edgespec.draft import TreeSearch
+    from edgespec.forward import logits_from_hidden
     from edgespec.sampling import Sampler
+    from edgespec.verify import walk
 
     vocab = 8
     target = target_model(family, vocab=vocab, init=0.3)
     assert target.config._attn_implementation == ("sdpa" if family == "gemma3" else "eager")
     drafter = noisy_copy(target, scale=0.2)
-    engine = Engine(target, drafter, scheduler=Fixed(Plan(12, 4, 4, 16)), overlap=False)
-    gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, vocab, (3 * W,), generator=gen).tolist()
-    truth = two_token_law(target, prompt, Sampler(1.0), vocab)
-    n, counts = 2000, {}
-    for i in range(n):
-        ids = tuple(engine.generate(prompt, max_new_tokens=2, temperature=1.0, seed=i).ids)
+    prompt = torch.randint(0, vocab, (3 * W,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        search = TreeSearch.start(drafter, new_cache(drafter), prompt, Sampler(1.0, seed=0), 4)
+        search.grow(Plan(16, 3, 4, 16))
+        tree = search.tree(16)
+        cache = new_cache(target)
+        hidden_states(target, cache, prompt[:-1], torch.arange(3 * W - 1), None)
+        past = 3 * W - 1
+        allowed = torch.ones(tree.size + 1, past + tree.size + 1, dtype=torch.bool)
+        allowed[:, past:] = tree.ancestor_mask()
+        hidden = hidden_states(target, cache, torch.cat([prompt[-1:], tree.tokens[1:]]), past + tree.depths, allowed)
+        logits = logits_from_hidden(target, hidden)
+    n, counts = 4000, {}
+    for seed in range(n):
+        ids = tuple(walk(tree, lambda i: logits[i], Sampler(1.0, seed=seed), past).tokens[:2])
         counts[ids] = counts.get(ids, 0) + 1
+    truth, draft_law = tree_law(target, prompt, tree, vocab), tree_law(drafter, prompt, tree, vocab)
     stat, df = chi2(counts, truth, n)
     assert stat < chi2_critical(df), (stat, df)
-    draft_law = two_token_law(drafter, prompt, Sampler(1.0), vocab)
     assert sum(abs(draft_law[k] - truth[k]) for k in truth) > 0.2, "drafter too close to the target for a power check"
     assert chi2(counts, draft_law, n)[0] > chi2_critical(df)
+
+
+def tree_law(model, prompt: torch.Tensor, tree, vocab: int) -> dict:
+    """The exact law of a walk's first two committed tokens, from `model`'s own forward (no cache):
+    (a, b) for a first token the tree holds, (a,) for one it does not (the walk ends there)."""
+    from edgespec.sampling import Sampler
+
+    probs = Sampler(1.0).probs
+    with torch.no_grad():
+        p1 = probs(model(prompt[None]).logits[0, -1])
+        seconds = probs(model(torch.stack([torch.cat([prompt, torch.tensor([a])]) for a in range(vocab)])).logits[:, -1])
+    kids = tree.children()[0]
+    law = {}
+    for a in range(vocab):
+        if a in kids:
+            law.update({(a, b): float(p1[a] * seconds[a][b]) for b in range(vocab)})
+        else:
+            law[(a,)] = float(p1[a])
+    return law
 
 
 # ---- attention implementations and refusals -------------------------------------------------------
