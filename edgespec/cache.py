@@ -10,9 +10,20 @@ from edgespec.static_cache import StaticCache
 
 
 def new_cache(model) -> DynamicCache | StaticCache:
-    """A full-attention cache: tree entries must stay addressable, so no sliding-window layers
-    (the engine caps the context at the model's sliding window instead). A drafter on the lean
-    static path (edgespec/lean.py) gets preallocated buffers its forwards can replay graphs over."""
+    """A cache of full-length layers, sliding-window layers included: tree entries must stay
+    addressable until the accepted path is known, and transformers' rolling layer
+    (DynamicSlidingWindowLayer) drops the oldest entries on every update, ones a node's prefix may
+    still need. The window is applied by the mask instead (edgespec/attention.py).
+
+    Cost: a sliding layer holds the whole context instead of its last `window - 1` entries. For
+    Gemma 3 27B (62 layers, 52 sliding with window 1024; 16 KV heads x 128 dims, bf16: 8 KiB per
+    token per layer, K and V) at a 32k context that is 15.5 GiB instead of 2.9 GiB; for gpt-oss-120b
+    (36 layers, 18 sliding with window 128; 8 x 64 dims: 2 KiB) 2.25 GiB instead of 1.13 GiB.
+    It can be trimmed later: after each step, a sliding layer only needs the entries at positions
+    >= (committed length - window), so `prune_to_path` could drop older ones per layer and keep a
+    per-layer position offset for the masks (`forward.hidden_states`' kv_positions).
+    A drafter on the lean static path (edgespec/lean.py) gets preallocated buffers its forwards can
+    replay graphs over."""
     lean_forward = lean.lookup(model)
     if lean_forward is not None and lean_forward.static:
         return lean_forward.new_cache()

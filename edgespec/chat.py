@@ -84,8 +84,12 @@ class ChatSession:
         self.out.write("\n")
         self.out.flush()
         self.messages.append({"role": "assistant", "content": answer})
-        self._record(run.result.stats if run.result is not None else None)
+        stats = run.result.stats if run.result is not None else None
+        self._record(stats)
         self._say_no_tree()
+        if stats is not None and stats.stop_reason == "context":  # say why the answer ends early
+            self.err.write(f"edgespec: the answer stopped at the context window ({self.engine.max_context} tokens): "
+                           "/reset starts a new conversation\n")
         return answer
 
     def _say_no_tree(self) -> None:

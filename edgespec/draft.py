@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from edgespec.attention import slides
 from edgespec.cache import keep_positions
 from edgespec.forward import hidden_states, logits_from_hidden
 from edgespec.stats import Plan
@@ -219,8 +220,18 @@ class TreeSearch:
         rows = torch.arange(b)[:, None].expand_as(cols)
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
-        hidden = hidden_states(self.model, self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes], allowed)
+        kv_pos = self._slot_positions(start + b) if slides(self.model.config) else None
+        hidden = hidden_states(self.model, self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes], allowed,
+                               kv_pos)
         return logits_from_hidden(self.model, hidden)[:, : self.vocab]
+
+    def _slot_positions(self, n: int) -> torch.Tensor:
+        """Sequence position of each of the drafter cache's first `n` slots: committed slots are their
+        positions, a fed node's slot holds position root + depth (sliding windows go by position)."""
+        pos = torch.arange(n)
+        fed = self.fed >= 0
+        pos[self.fed[fed]] = self.root_pos + self.depths[fed]
+        return pos
 
 
 def build_tree(model, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:

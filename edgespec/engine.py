@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgespec import lean
+from edgespec import attention, lean
 from edgespec.cache import crop, new_cache, prune_to_path
 from edgespec.draft import TreeSearch
 from edgespec.errors import (
@@ -93,6 +93,8 @@ class Engine:
         self.vocab = _proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
         self.target, self.drafter, self.tokenizer = target.eval(), drafter.eval(), tokenizer
         self.sampling = sampling or model_defaults(target)
+        for model in {id(target): target, id(drafter): drafter}.values():
+            attention.prepare(model)  # refuse what a tree mask can't express; SDPA or eager attention
         if drafter is not target:
             lean.enable(drafter)  # the drafter's forwards on a lighter path (the target's stay transformers')
         self.max_depth, self.branch, self.batch, self.progress = max_depth, branch, batch, progress
@@ -583,7 +585,10 @@ def _proposal_vocab(target, drafter, tokenizer, draft_tokenizer) -> int | None:
 
 
 def _context_window(*models) -> int:
-    sizes = [getattr(m.config, key, None) for m in models for key in ("max_position_embeddings", "sliding_window")]
+    """The models' smallest max_position_embeddings (sliding windows are masked, edgespec/attention.py;
+    only a family not verified past its window is held to it)."""
+    sizes = [getattr(attention.text_config(m.config), "max_position_embeddings", None) for m in models]
+    sizes += [attention.context_cap(m.config) for m in models]
     sizes = [s for s in sizes if s]
     return min(sizes) if sizes else 2048
 

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from edgespec import lean
+from edgespec import attention, lean
 from edgespec.cache import cache_len
 
 
@@ -28,17 +28,25 @@ def to_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     return mask
 
 
-def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
+def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                  kv_positions: torch.Tensor | None = None):
     """Run the decoder on `tokens` (1-D) appended to `cache`; returns last hidden states (q, H).
 
-    `allowed` is a (q, cache_len + q) bool visibility matrix, or None for plain causal attention.
+    `allowed` is a (q, cache_len + q) bool visibility matrix by cache slot, or None for plain causal
+    attention. `kv_positions` gives each of those slots' sequence position (default: the cached
+    slots are positions 0.. in order, the new ones `positions`); sliding-window layers see only keys
+    within their window of each query's position (edgespec/attention.py).
     A model opted into the lean forward (the drafter, edgespec/lean.py) runs that instead.
     """
+    visible = _visibility(model.config, cache, positions, allowed, kv_positions)
     lean_forward = lean.lookup(model)
-    if lean_forward is not None:
-        return lean_forward(cache, tokens, positions, allowed)
+    if lean_forward is not None:  # lean takes only families whose layers share one pattern
+        return lean_forward(cache, tokens, positions, visible)
     dev = model_device(model)
-    mask = to_model_mask(allowed, model) if allowed is not None else None
+    if isinstance(visible, dict):
+        mask = {kind: to_model_mask(v, model) for kind, v in visible.items()}
+    else:
+        mask = to_model_mask(visible, model) if visible is not None else None
     decoder = model.get_decoder()
     out = decoder(
         input_ids=tokens[None].to(dev),
@@ -50,6 +58,18 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     return out.last_hidden_state[0]
 
 
+def _visibility(config, cache, positions, allowed, kv_positions):
+    """`allowed` as each layer sees it; unchanged (None included) for a model without sliding layers."""
+    if not attention.slides(config):
+        return allowed
+    past, q = cache_len(cache), positions.numel()
+    if allowed is None:
+        allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
+    if kv_positions is None:
+        kv_positions = torch.cat([torch.arange(past), positions.cpu()])
+    return attention.layer_visibility(config, allowed, positions.cpu(), kv_positions)
+
+
 @functools.cache
 def cache_kwarg(decoder_cls) -> str:
     """The decoder's name for the KV cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
@@ -58,12 +78,16 @@ def cache_kwarg(decoder_cls) -> str:
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and Gemma-style final soft-capping) to hidden states; float32 logits."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """Apply the LM head (and Gemma-style final soft-capping, Granite's logits scaling) to hidden
+    states, in the model's dtype as its own forward does; float32 logits."""
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits
+    scale = getattr(model.config, "logits_scaling", None)  # Granite divides its logits
+    if scale and scale != 1:
+        logits = logits / scale
+    return logits.float()
 
 
 def stem_and_tree_mask(past: int, stem: int, tree_anc: torch.Tensor) -> torch.Tensor:

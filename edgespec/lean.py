@@ -25,6 +25,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from edgespec import attention
 from edgespec.static_cache import StaticCache
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
@@ -37,13 +38,16 @@ ROPES = {"default", "linear", "llama3", "yarn"}  # frequencies fixed at load (no
 
 def supports(model) -> bool:
     """A Llama-family decoder whose layers carry no hooks (streamed or dispatched models keep
-    transformers' forward, which runs their hooks)."""
+    transformers' forward, which runs their hooks) and share one attention pattern: a sliding window
+    on every layer (Mistral) comes in the mask `forward.hidden_states` hands over, but mixed
+    full/sliding layers (Qwen2/3 with use_sliding_window) would need one mask per layer, so those
+    keep transformers' forward."""
     cfg = model.config
     decoder = model.get_decoder()
     rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
     hooked = any(layer._forward_pre_hooks or layer._forward_hooks or hasattr(layer, "_hf_hook")
                  for layer in decoder.layers)
-    return (cfg.model_type in SUPPORTED and not getattr(cfg, "use_sliding_window", False)
+    return (cfg.model_type in SUPPORTED and len(set(attention.layer_windows(cfg))) == 1
             and rope in ROPES and hasattr(F, "rms_norm") and not hooked)
 
 

@@ -7,18 +7,32 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
+from transformers import GenerationConfig
 
 from edgespec.stats import Plan
-from transformers import (
-    GenerationConfig, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-    Qwen2Config, Qwen2ForCausalLM,
-)
 
+# family -> (config class, model class, extra config): two-to-three-layer random models of each
+# family edgespec verifies (tests/test_families.py). Sliding families get their real layer pattern.
 ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2,
+                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8}}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
 }
 
 
@@ -34,12 +48,15 @@ def _threads(request):
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 64, layers: int = 2, init: float = 0.02,
                attn: str = "sdpa", hidden: int = 32, **extra):
-    cfg_cls, model_cls = ARCHS[arch]
+    """`attn` "sdpa" falls back to eager for families that refuse SDPA (Gemma 2, gpt-oss), as
+    transformers' own default does."""
+    cfg_name, model_name, defaults = ARCHS[arch]
+    cfg_cls, model_cls = getattr(transformers, cfg_name), getattr(transformers, model_name)
     cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=init, head_dim=hidden // 4, eos_token_id=None, bos_token_id=None,
-                  pad_token_id=None, **extra)
-    cfg._attn_implementation = attn
+                  pad_token_id=None, **{**defaults, **extra})
+    cfg._attn_implementation = attn if attn != "sdpa" or model_cls._supports_sdpa else "eager"
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     # a generation_config of its own, as a base model's generation_config.json: greedy unless asked, so
@@ -179,3 +196,14 @@ def chi2(counts: dict, probs: dict, n: int) -> tuple[float, int]:
         stat += (rare_obs - rare_exp) ** 2 / max(rare_exp, 1e-9)
         df += 1
     return stat, max(df, 1)
+
+
+def chat_session(engine=None, **kw) -> tuple:
+    """A ChatSession over `engine` (default: tiny_engine()) writing to two StringIOs; returns all three."""
+    import io
+
+    from edgespec.chat import ChatSession
+
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("max_new_tokens", 12)
+    return ChatSession(engine or tiny_engine(), out=out, err=err, **kw), out, err

@@ -13,13 +13,9 @@ import pytest
 
 from edgespec import Engine, cli
 from edgespec.chat import ChatSession
-from tests.conftest import greedy_reference, tiny_engine
+from tests.conftest import chat_session, greedy_reference, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
-def session(engine=None, **kw) -> tuple[ChatSession, io.StringIO, io.StringIO]:
-    out, err = io.StringIO(), io.StringIO()
-    kw.setdefault("max_new_tokens", 12)
-    return ChatSession(engine or tiny_engine(), out=out, err=err, **kw), out, err
 
 
 def decode(engine, ids):
@@ -28,7 +24,7 @@ def decode(engine, ids):
 
 # ---- ChatSession --------------------------------------------------------------------------------
 def test_multi_turn_keeps_history_and_answers_greedily():
-    s, out, _ = session()
+    s, out, _ = chat_session()
     first = s.ask("hello world")
     assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.messages[1]["content"] == first
     before = list(s.messages) + [{"role": "user", "content": "what is the capital of france"}]
@@ -40,7 +36,7 @@ def test_multi_turn_keeps_history_and_answers_greedily():
 
 
 def test_system_message_reset_and_commands():
-    s, out, err = session(system="you are helpful")
+    s, out, err = chat_session(system="you are helpful")
     assert s.handle("hello") and s.handle("/help") and "/save" in out.getvalue()
     assert len(s.messages) == 3
     assert s.handle("/reset")
@@ -50,7 +46,7 @@ def test_system_message_reset_and_commands():
 
 
 def test_save_then_load_restores_the_transcript(tmp_path):
-    s, _, err = session()
+    s, _, err = chat_session()
     s.handle("hello world")
     s.handle("the cat and the dog")
     saved = [dict(m) for m in s.messages]
@@ -73,7 +69,7 @@ def test_save_then_load_restores_the_transcript(tmp_path):
 
 def test_ctrl_c_in_the_engine_keeps_the_partial_answer():
     engine = tiny_engine(budget=1)
-    s, out, _ = session(engine, max_new_tokens=20)
+    s, out, _ = chat_session(engine, max_new_tokens=20)
     s.ask("hello world")
     real_step, calls = engine.step, []
 
@@ -113,7 +109,7 @@ def test_ctrl_c_while_printing_keeps_the_partial_answer():
 
 
 def test_an_error_in_one_turn_keeps_earlier_turns():
-    s, _, err = session()
+    s, _, err = chat_session()
     s.ask("hello world")
     kept = list(s.messages)
     assert s.ask(" ".join(["cat"] * 400)) is None  # longer than the tiny model's context window
@@ -124,7 +120,7 @@ def test_an_error_in_one_turn_keeps_earlier_turns():
 
 
 def test_stats_prints_numbers():
-    s, out, _ = session(tiny_engine(offload=True))
+    s, out, _ = chat_session(tiny_engine(offload=True))
     s.handle("/stats")
     assert "none yet" in out.getvalue()
     s.handle("hello world")
@@ -135,7 +131,7 @@ def test_stats_prints_numbers():
 
 
 def test_repl_reads_a_pipe_until_eof():
-    s, out, _ = session(prefix="assistant: ")
+    s, out, _ = chat_session(prefix="assistant: ")
     assert cli_repl(s, "hello world\n\n/stats\nthe cat\n") == 0
     assert out.getvalue().count("assistant: ") == 2 and len(s.messages) == 4
 

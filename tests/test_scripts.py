@@ -73,3 +73,13 @@ def test_profile_load_script(capsys, tmp_path):
     assert [(r["way"], r["quant"]) for r in rows] == [("whole", "int8"), ("layerwise", "int8")]
     assert "| int8 | layerwise |" in out and out.count("| yes |") == 2
     assert rows[0]["streamed_host_bytes"] == rows[1]["streamed_host_bytes"] > 0
+
+
+def test_moe_experts_script(capsys):
+    """One token touches exactly top-k experts per layer; a 16-token tree at least that many."""
+    rows = load("moe_experts").main(["--drafter", "tiny", "--sizes", "1,16", "--n-prompts", "1", "--layers", "2"])
+    out = capsys.readouterr().out
+    one = [r for r in rows if r["tokens"] == 1]
+    assert len(one) == 3 and all(r["measured"] == r["top_k"] / r["experts"] == r["layer_max"] for r in one)
+    assert all(r["top_k"] / r["experts"] < r["measured"] <= 1 for r in rows if r["tokens"] == 16)
+    assert "| Mixtral-8x7B | 8 | 2 | 0.250 | 0.990 |" in out
