@@ -81,9 +81,7 @@ def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.uint8
 
 def prepare(device: torch.device) -> None:
     """Make every constant table on `device` now, outside the copy path."""
-    for shifts in ((0, 4), (0, 2, 4, 6), tuple(range(8)), tuple(range(0, 16, 2))):
-        _const(shifts, device)
-        _const(shifts, device, torch.int32)
+    _const(tuple(range(0, 16, 2)), device, torch.int32)
     _const(IQ4_VALUES, device, torch.float32)
     _const(MXFP4_VALUES, device, torch.float32)
 
@@ -95,15 +93,15 @@ def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
 
 def _split(q: torch.Tensor, group: int, shifts: tuple, mask: int) -> torch.Tensor:
     """Bytes (n, k) viewed as (n, k / group, 1, group), shifted by each of `shifts`, masked:
-    (n, k / group, len(shifts), group) — the reference's reshape-shift-mask, dimension for dimension."""
-    s = _const(shifts, q.device).view(1, 1, -1, 1)
-    return (q.reshape(q.shape[0], -1, 1, group) >> s) & mask
+    (n, k / group, len(shifts), group) — the reference's reshape-shift-mask, dimension for dimension
+    (one scalar shift per part: a broadcast shift by a tensor of shifts is several times slower)."""
+    q = q.reshape(q.shape[0], -1, 1, group)
+    return torch.cat([(q >> s) & mask if s else q & mask for s in shifts], dim=2)
 
 
 def _bits(q: torch.Tensor) -> torch.Tensor:
     """The 32 bits of a little-endian 4-byte field per block, bit j at column j: (n, 32)."""
-    s = _const(tuple(range(8)), q.device).view(1, 1, 8)
-    return ((q.unsqueeze(-1) >> s) & 1).reshape(q.shape[0], 32)
+    return _split(q, 1, tuple(range(8)), 1).reshape(q.shape[0], 32)
 
 
 def _lookup(table: tuple, codes: torch.Tensor) -> torch.Tensor:
