@@ -195,3 +195,24 @@ def test_embedded_default_streams_its_q4_1_blocks_raw(real_pair, resident):
         assert greedy_reference(copy, ids, 8) == expected
         engine = Engine(raw, drafter, tok, budget=8, calibrate=False)
         assert engine.generate(ids, max_new_tokens=8).ids == expected
+
+
+def test_profile_script_compares_both_ways(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """scripts/profile_gguf_stream.py, its per-process measurement run in this process on a tiny GGUF."""
+    from tests.test_scripts import load
+
+    path, _, _ = tiny_gguf
+    monkeypatch.setenv("EDGESPEC_CACHE", str(path.parent / "cache"))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"turns": ["AB ab BA"]}\n{"turns": ["ba AB"]}\n')
+    script = load("profile_gguf_stream")
+    args = script.parse_args(["--gguf", str(path), "--sizes", "1,4", "--repeats", "1", "--prompts", "2",
+                              "--tokens", "5", "--questions", str(questions), "--device", "cpu"])
+    script.prepare(str(path), args)
+    rows = [script.child(str(path), way, args) for way in ("raw", "copy")]
+    raw, copy = rows
+    assert raw["tokens"] == copy["tokens"] and len(raw["tokens"]) == 2 and len(raw["tokens"][0]) == 5
+    assert raw["streamed_gb"] < 0.5 * copy["streamed_gb"]
+    assert all(p["decode_s"] > 0 for p in raw["passes"]) and all(p["decode_s"] == 0 for p in copy["passes"])
+    text = script.table(rows)
+    assert "| raw |" in text and text.rstrip().endswith("reference |") and "| yes |" in text
