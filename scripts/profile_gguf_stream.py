@@ -6,8 +6,9 @@ vs its de-quantized copy streamed (the path before). Host RAM, pass time, same t
     python scripts/profile_gguf_stream.py --gguf embedded --tokens 8 --prompts 1 --sizes 1 --repeats 1   # quick
 
 Each load runs in a fresh process (its peak resident set, VmHWM, counts only that load), every layer
-streamed (`--resident-layers`, default 0). Per GGUF and way it prints: peak RSS while loading and RSS
-after (both above the process's start), the host bytes the streamed layers keep (= the bytes one pass
+streamed (`--resident-layers`, default 0). Per GGUF and way it prints: peak RSS while loading, RSS after
+the load and peak RSS to the end of the run (all above the process's start; a de-quantized copy's
+tensors outside the layers are memory-mapped and only count once a forward touches them), the host bytes the streamed layers keep (= the bytes one pass
 streams), the target pass time per tree size with the decode time inside it, and whether the greedy
 tokens of `--prompts` MT-Bench first turns (`--tokens` each, chat template) are the same both ways.
 The de-quantized copy, the GGUF's parsed index and its tokenizer are made first, in a process of their
@@ -91,7 +92,7 @@ def child(name: str, way: str, args) -> dict:
     tok = load_tokenizer(spec_of(name), progress=False)
     tokens = [greedy(model, tok, text, args.tokens, dev) for text in prompts(args)]
     return {"gguf": name, "way": way, "load_s": round(load_s, 2), "peak_rss_gb": (peak - base) / GB,
-            "rss_after_load_gb": (after - base) / GB, "streamed_gb": handle.pinned_bytes / GB,
+            "rss_after_load_gb": (after - base) / GB, "peak_rss_end_gb": (peak_rss() - base) / GB, "streamed_gb": handle.pinned_bytes / GB,
             "streamed_layers": handle.streamed_layers, "codecs": handle.codecs(),
             "passes": [{"tokens": p["tokens"], "pass_s": p["pass_s"],
                         "decode_s": sorted(s.decode_time for s in p["stats"])[len(p["stats"]) // 2]} for p in passes],
@@ -122,15 +123,16 @@ def run_child(args, name: str, way: str) -> dict:
 def table(rows: list[dict]) -> str:
     sizes = [p["tokens"] for p in rows[0]["passes"]] if rows else []
     head = "".join(f" pass ms, {n} tok (decode) |" for n in sizes)
-    lines = [f"| GGUF | streamed as | peak RSS above start GB | RSS after load GB | streamed per pass GB | load s |{head}"
-             " same tokens |", "|---|---|---:|---:|---:|---:|" + "---:|" * len(sizes) + "---|"]
+    lines = [f"| GGUF | streamed as | peak RSS loading GB | RSS after load GB | peak RSS to the end GB "
+             f"| streamed per pass GB | load s |{head} same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(sizes) + "---|"]
     for r in rows:
         twin = next((o for o in rows if o["gguf"] == r["gguf"] and o["way"] == "copy"), None)
         same = "reference" if r["way"] == "copy" else "n/a" if twin is None else (
             "yes" if r["tokens"] == twin["tokens"] else "NO")
         times = "".join(f" {1e3 * p['pass_s']:.0f} ({1e3 * p['decode_s']:.0f}) |" for p in r["passes"])
         lines.append(f"| {Path(r['gguf']).name} | {r['way']} | {r['peak_rss_gb']:.2f} | {r['rss_after_load_gb']:.2f} | "
-                     f"{r['streamed_gb']:.3f} | {r['load_s']:.1f} |{times} {same} |")
+                     f"{r['peak_rss_end_gb']:.2f} | {r['streamed_gb']:.3f} | {r['load_s']:.1f} |{times} {same} |")
     return "\n".join(lines)
 
 
