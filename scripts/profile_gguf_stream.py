@@ -8,8 +8,9 @@ vs its de-quantized copy streamed (the path before). Host RAM, pass time, same t
 Each load runs in a fresh process (its peak resident set, VmHWM, counts only that load), every layer
 streamed (`--resident-layers`, default 0). Per GGUF and way it prints: peak RSS while loading, RSS after
 the load and peak RSS to the end of the run (all above the process's start; a de-quantized copy's
-tensors outside the layers are memory-mapped and only count once a forward touches them), the host bytes the streamed layers keep (= the bytes one pass
-streams), the target pass time per tree size with the decode time inside it, and whether the greedy
+tensors outside the layers are memory-mapped and only count once a forward touches them), the host
+bytes the streamed layers keep (= the bytes one pass streams), the target pass time per tree size
+with the decode time inside it, and whether the greedy
 tokens of `--prompts` MT-Bench first turns (`--tokens` each, chat template) are the same both ways.
 The de-quantized copy, the GGUF's parsed index and its tokenizer are made first, in a process of their
 own, so no measured load pays for them.
@@ -92,7 +93,8 @@ def child(name: str, way: str, args) -> dict:
     tok = load_tokenizer(spec_of(name), progress=False)
     tokens = [greedy(model, tok, text, args.tokens, dev) for text in prompts(args)]
     return {"gguf": name, "way": way, "load_s": round(load_s, 2), "peak_rss_gb": (peak - base) / GB,
-            "rss_after_load_gb": (after - base) / GB, "peak_rss_end_gb": (peak_rss() - base) / GB, "streamed_gb": handle.pinned_bytes / GB,
+            "rss_after_load_gb": (after - base) / GB, "peak_rss_end_gb": (peak_rss() - base) / GB,
+            "streamed_gb": handle.pinned_bytes / GB,
             "streamed_layers": handle.streamed_layers, "codecs": handle.codecs(),
             "passes": [{"tokens": p["tokens"], "pass_s": p["pass_s"],
                         "decode_s": sorted(s.decode_time for s in p["stats"])[len(p["stats"]) // 2]} for p in passes],

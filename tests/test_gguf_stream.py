@@ -20,7 +20,7 @@ from tests.conftest import greedy_reference, noisy_copy
 from tests.test_greedy import Fixed
 
 CPU = torch.device("cpu")
-V, H, I, L, NH, KV = 96, 64, 96, 3, 4, 2  # I = 3 blocks of 32: 96 rows, not a power of two
+V, H, FF, L, NH, KV = 96, 64, 96, 3, 4, 2  # FF = 3 blocks of 32: 96 rows, not a power of two
 KINDS = {"attn_q": "Q8_0", "attn_k": "Q5_1", "attn_v": "Q4_0", "attn_output": "Q5_1", "ffn_gate": "Q4_0",
          "ffn_up": "Q8_0", "ffn_down": "Q5_1"}
 
@@ -29,7 +29,7 @@ def write_gguf(path, arch: str, seed: int = 0) -> None:
     """A tiny random `arch` ("llama": untied head; "qwen2": tied, q/k/v biases) with its tokenizer."""
     rng, w = np.random.default_rng(seed), GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
-    w.add_context_length(256), w.add_embedding_length(H), w.add_block_count(L), w.add_feed_forward_length(I)
+    w.add_context_length(256), w.add_embedding_length(H), w.add_block_count(L), w.add_feed_forward_length(FF)
     w.add_head_count(NH), w.add_head_count_kv(KV), w.add_rope_dimension_count(H // NH)
     w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(10000.0), w.add_vocab_size(V)
     tokens = [chr(0x41 + i) if i < 26 else chr(0x61 + i - 26) if i < 52 else f"<t{i}>" for i in range(V)]
@@ -49,7 +49,7 @@ def write_gguf(path, arch: str, seed: int = 0) -> None:
     if arch == "llama":
         tensor("output.weight", (V, H), "Q4_0")
     shapes = {"attn_q": (H, H), "attn_k": (KV * H // NH, H), "attn_v": (KV * H // NH, H), "attn_output": (H, H),
-              "ffn_gate": (I, H), "ffn_up": (I, H), "ffn_down": (H, I)}
+              "ffn_gate": (FF, H), "ffn_up": (FF, H), "ffn_down": (H, FF)}
     for i in range(L):
         tensor(f"blk.{i}.attn_norm.weight", (H,), one=True)
         tensor(f"blk.{i}.ffn_norm.weight", (H,), one=True)
