@@ -203,6 +203,8 @@ def versions() -> str:
 def setup_line(engine, args) -> str:
     off = engine.offload
     encoded = f", streamed {off.quantize}-encoded" if off is not None and off.quantize else ""
+    raw = sorted({c["type"] for c in off.codecs() if c["codec"].startswith("gguf:")}) if off is not None else []
+    encoded += f", streamed as the GGUF's blocks ({', '.join(raw)})" if raw else ""
     where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers{encoded}, "
              f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
     shape = getattr(args, "target_shape", None)

@@ -171,7 +171,7 @@ def generation_json(engine, out) -> dict:
     result = {"text": out.text, "ids": out.ids, "stats": out.stats.summary(), "steps": steps}
     result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
-        result["offload"] = engine.offload.stats.as_dict()
+        result["offload"] = engine.offload.describe()  # bytes per pass, codec per tensor type, decode time
     if out.stats.hit_rates:
         result["hit_rates"] = out.stats.hit_rates  # how often the target took draft nodes, by draft probability
     return result

@@ -1,114 +1,161 @@
-"""GGUF → de-quantized safetensors folder, one decoder layer at a time.
+"""The de-quantized copy of a GGUF: a cached safetensors folder, written one decoder layer at a time.
 
-transformers reads a GGUF by de-quantizing every tensor into memory at once (fp32: 4 bytes per
-weight, 280 GB for a 70B). Here each tensor is de-quantized exactly as transformers does it (gguf's
-`dequantize`, then the architecture's tensor processor, e.g. Llama's q/k un-permutation), and each
-decoder layer is written to its own safetensors shard before the next is read, so host RAM holds
-one layer at a time. The folder (config, generation config, tokenizer, sharded weights with an
-index) loads with transformers' `from_pretrained` and layer by layer (offload/checkpoint.py).
-Architectures whose processors rename or merge tensors (MoE, GPT-2, ...) raise `Unsupported`, and
-the caller converts them whole through transformers instead.
+Kept for what still needs a transformers folder: the drafter (bitsandbytes quantizes from it) and a
+target that is not offloaded (an offloaded GGUF target streams the file's blocks as they are:
+edgespec/loader.py). transformers reads a GGUF by de-quantizing every tensor into memory at once
+(fp32: 4 bytes per weight, 280 GB for a 70B); here the GGUF tensor source (edgespec/tensors.py)
+de-quantizes each tensor exactly as transformers does, and each decoder layer is written to its own
+shard before the next is read, so host RAM holds one layer at a time. The folder (config, generation
+config, tokenizer, sharded weights with an index) is in the dtype the model runs in (fp32 on a CPU,
+bf16 on a GPU) under ~/.cache/edgespec (or $EDGESPEC_CACHE), keyed by the file's path, size and
+mtime. Architectures whose processors rename or merge tensors (MoE, GPT-2, ...) raise `Unsupported`
+and are converted whole through transformers instead. A GGUF's tokenizer is converted alone.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from edgespec.errors import EdgespecError, ModelNotFoundError
+from edgespec.resolve import cache_dir
+from edgespec.skeleton import gguf_model, layer_groups, meta_model
+from edgespec.tensors import GGUFTensors, Unsupported, gguf_table
 
-class Unsupported(Exception):
-    """This GGUF cannot be converted layer by layer (the message says why)."""
+__all__ = ["dequantized_copy", "gguf_index", "tokenizer_copy", "convert_gguf", "convert_whole", "Unsupported"]
 
 
-class GGUFTensors:
-    """The tensors of a GGUF file under transformers' names, de-quantized on request."""
+def gguf_cache(src: Path, suffix: str = "") -> Path:
+    """Where the converted copy of the GGUF `src` lives (keyed by path, size and mtime)."""
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{src.stem}-{key}{suffix}"
 
-    def __init__(self, path: str, skeleton: nn.Module):
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map, read_field,
-        )
 
-        reader = GGUFReader(path)
-        arch = read_field(reader, "general.architecture")[0]
-        kind = TENSOR_PROCESSORS.get(arch, TensorProcessor)
-        if kind not in (TensorProcessor, LlamaTensorProcessor):  # the others rename or merge tensors
-            raise Unsupported(f"GGUF architecture {arch} needs transformers' whole-file conversion")
-        self.processor = kind(config=skeleton.config.to_dict())  # parsed from this GGUF's metadata already
-        try:
-            to_hf = get_gguf_hf_weights_map(skeleton, self.processor)
-        except (NotImplementedError, KeyError, ValueError) as err:  # an architecture gguf-py cannot name
-            raise Unsupported(f"GGUF tensor names not mapped: {err}") from None
-        self.tensors = {to_hf[t.name]: t for t in reader.tensors if t.name in to_hf}
+def dequantized_copy(folder: str, gguf: str, progress: bool, dtype: torch.dtype = torch.float32) -> Path:
+    """De-quantize a GGUF once into a safetensors folder of `dtype` (cached); returns that folder.
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+    `dtype` is the one the model runs in here (fp32 on a CPU, bf16 on a GPU): a bf16 copy halves the
+    disk and the reading and loads as the same model as the fp32 copy cast on load."""
+    src = Path(folder) / gguf
+    out = gguf_cache(src, "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}")
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    if progress:
+        print(f"edgespec: de-quantizing {src.name} once (cached in {out})", file=sys.stderr, flush=True)
+    return _convert_into(out, src, lambda tmp: _convert(folder, gguf, tmp, dtype, progress))
 
-    def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        import numpy as np
 
-        out = {}
-        for name in names:
-            t = self.tensors[name]
-            weights = self.processor.process(weights=_dequantize(t.data, t.tensor_type), name=t.name).weights
-            if not (weights.flags.writeable and weights.flags.c_contiguous):  # a view of the mapped file
-                weights = np.copy(weights)
-            out[name] = torch.from_numpy(weights).to(dtype)  # de-quantized in fp32, then cast, as transformers does
+def tokenizer_copy(folder: str, gguf: str) -> Path:
+    """The GGUF's tokenizer alone, converted once (no weights: a big target's tokenizer must not
+    cost a de-quantized copy of the model)."""
+    from transformers import AutoTokenizer
+
+    src = Path(folder) / gguf
+    out = gguf_cache(src, "-tokenizer")
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    save = lambda tmp: AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)  # noqa: E731
+    return _convert_into(out, src, save)
+
+
+def gguf_index(folder: str, gguf: str) -> Path:
+    """The GGUF's metadata parsed once (cached, some KB): `config.json` as transformers parses it from
+    the file, and `tensors.json`, the file's tensor table with transformers' names (edgespec/tensors.py):
+    gguf-py and transformers take seconds to tens of seconds for these, and a raw-streamed target reads
+    the file itself at every load."""
+    from transformers import AutoConfig
+
+    src = Path(folder) / gguf
+    out = gguf_cache(src, "-index")
+    if (out / "tensors.json").is_file():
         return out
 
+    def write(tmp: Path) -> None:
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+        try:
+            skeleton = meta_model(config, torch.float32)
+        except Unsupported:
+            skeleton = None  # recorded in the table: read whole
+        tmp.mkdir(parents=True)
+        config.save_pretrained(tmp)
+        (tmp / "tensors.json").write_text(json.dumps(gguf_table(str(src), skeleton)))
 
-def _dequantize(data, kind, rows: int = 4096):
-    """gguf's `dequantize`, `rows` rows at a time into one output array (quantization blocks never
-    span rows, so the values are the same): its temporaries stay small for a large embedding."""
-    import numpy as np
-    from gguf import dequantize
+    return _convert_into(out, src, write)
 
-    if data.ndim < 2 or data.shape[0] <= rows:
-        return dequantize(data, kind)
-    first = dequantize(data[:rows], kind)
-    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
-    out[:rows] = first
-    for start in range(rows, data.shape[0], rows):
-        out[start : start + rows] = dequantize(data[start : start + rows], kind)
+
+def _convert(folder: str, gguf: str, out: Path, dtype: torch.dtype, progress: bool) -> None:
+    try:
+        convert_gguf(folder, gguf, out, progress, dtype)
+    except Unsupported as why:
+        shutil.rmtree(out, ignore_errors=True)
+        if progress:
+            print(f"edgespec: converting {gguf} whole ({why})", file=sys.stderr, flush=True)
+        convert_whole(folder, gguf, out, dtype)
+
+
+def _convert_into(out: Path, src: Path, write) -> Path:
+    """Run `write(tmp)` and move tmp to `out`; a failure names the GGUF and leaves no partial folder."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except EdgespecError:  # already says what to do (a nested copy's failure)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as err:  # a corrupt or unsupported GGUF surfaces here
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise EdgespecError(f"Not enough disk space in {out.parent} for the de-quantized copy of {src.name} "
+                                f"(several times the file's {src.stat().st_size / 1e9:.1f} GB): free some space, "
+                                "or point EDGESPEC_CACHE at a bigger disk.") from None
+        raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another "
+                                 "model.") from err
+    if not out.exists():
+        tmp.rename(out)
     return out
+
+
+def convert_whole(folder: str, gguf: str, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """transformers' own GGUF load (every tensor de-quantized in memory at once), saved as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def convert_gguf(folder: str, gguf: str, out: Path, progress: bool = True, dtype: torch.dtype = torch.float32) -> None:
     """Write the de-quantized model of `folder/gguf`, in `dtype`, into the new folder `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    source = GGUFTensors(str(Path(folder) / gguf), skeleton)
+    config, skeleton, source = gguf_model(Path(folder) / gguf, gguf_index(folder, gguf), dtype)
     groups = _shards(skeleton, source)
     out.mkdir(parents=True)
-    config.dtype, config.architectures = dtype, [type(skeleton).__name__]
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
     _write(source, groups, out, progress, dtype)
 
 
-def _shards(skeleton: nn.Module, source: GGUFTensors) -> list[list[str]]:
+def _shards(skeleton, source: GGUFTensors) -> list[list[str]]:
     """Tensor names per shard: everything outside the decoder layers, then one shard per layer."""
     names = list(skeleton.state_dict(keep_vars=True))
     tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
     missing = [k for k in names if k not in source and not (tied and k == "lm_head.weight")]
     if missing:
         raise Unsupported(f"the GGUF has no tensor for {missing[0]}")
-    from edgespec.offload.checkpoint import layer_prefix
-
-    prefix = layer_prefix(skeleton)
-    if prefix is None:
-        raise Unsupported("its decoder layers are not at model.get_decoder().layers")
-    n = len(skeleton.get_decoder().layers)
-    per_layer = [[k for k in names if k.startswith(f"{prefix}.{i}.")] for i in range(n)]
-    inside = {k for group in per_layer for k in group}
-    outside = [k for k in names if k not in inside and k in source]
+    _, outside, per_layer = layer_groups(skeleton, source)
     return [outside, *per_layer]
 
 
@@ -119,7 +166,7 @@ def _write(source: GGUFTensors, groups: list[list[str]], out: Path, progress: bo
     bar = tqdm(groups, desc="edgespec: de-quantizing the GGUF", unit="shard", disable=not progress)
     for i, names in enumerate(bar):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = source.read(names, dtype)
+        tensors = source.read(dict.fromkeys(names, dtype))
         save_file(tensors, out / file, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(names, file))

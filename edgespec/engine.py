@@ -130,43 +130,21 @@ class Engine:
         the embedded default (SmolLM2-135M-Instruct; its nf4 copy drafts for it).
 
         The target's decoder layers are streamed from host RAM (`offload=True`); `resident_layers`
-        of them stay on the device (None = as many as fit). `link_delay` (seconds per streamed layer)
+        of them stay on the device (None = as many as fit). A GGUF target streams its layers as the file's
+        blocks, decoded on the device after each copy (edgespec/loader.py). `link_delay` (seconds per streamed layer)
         emulates a slow host-device link on CPU-only machines. `stream_quant` ("int8" or "nf4") keeps the
         streamed layers encoded in host RAM and decodes them on the device after each copy: 2x / 3.6x
         fewer bytes per pass than bf16 (less host RAM once packed), for a quantized target (the output is exactly
         the quantized target's; int8 ≈ 0.6 % weight error, nf4 ≈ 10 %). `target_shape` (benchmarks: a name from
         offload.shapes.SHAPES, e.g. "llama-8b") zero-pads a Llama target into that bigger shape, so it
         streams and computes like the big model while predicting exactly as the loaded one."""
-        from edgespec.models import (
-            check_tokenizers,
-            load_model,
-            load_tokenizer,
-            pick_device,
-        )
+        from edgespec.loader import load_pair
 
-        dev = pick_device(device)
-        tok = load_tokenizer(target, progress)
-        draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
-        check_tokenizers(tok, draft_tok, "target", "drafter")  # before loading any weights
-        draft_model = load_model(drafter, quantize=_codec(draft_quant), device=dev, progress=progress)
-        stream = dict(resident_layers=resident_layers, link_delay=link_delay, quantize=_codec(stream_quant))
-        if target_shape:
-            from edgespec.offload import offload_layers
-            from edgespec.offload.padded import pad_to_shape
-
-            target_model = pad_to_shape(load_model(target, dtype=_host_dtype(dev), progress=progress), target_shape)
-            if offload:
-                offload_layers(target_model, dev, progress=progress, **stream)
-            else:
-                target_model = target_model.to(dev)
-        elif offload:
-            from edgespec.offload.checkpoint import load_offloaded
-
-            target_model = load_offloaded(target, dev, _host_dtype(dev), progress=progress, **stream)
-        else:
-            target_model = load_model(target, device=dev, progress=progress)
+        loaded = load_pair(target, drafter, device=device, draft_quant=draft_quant, offload=offload,
+                           resident_layers=resident_layers, link_delay=link_delay, progress=progress,
+                           target_shape=target_shape, stream_quant=stream_quant)
         engine_kw.setdefault("calibrate", True)
-        return cls(target_model, draft_model, tok, budget=budget, progress=progress, **engine_kw)
+        return cls(loaded.target, loaded.drafter, loaded.tokenizer, budget=budget, progress=progress, **engine_kw)
 
     def _calibration(self) -> dict:
         """A short profiling run (target pass vs tree size, drafting vs budget), cached per machine,
@@ -552,15 +530,6 @@ def _on_stream(stream):
 def _wait_stream(stream) -> None:
     if stream is not None:
         torch.cuda.current_stream(stream.device).wait_stream(stream)
-
-
-def _codec(name: str | None) -> str | None:
-    """A quantization option as the loaders take it: "none" or "" means None."""
-    return None if name in ("none", "") else name
-
-
-def _host_dtype(dev: torch.device) -> torch.dtype:
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _proposal_vocab(target, drafter, tokenizer, draft_tokenizer) -> int | None:

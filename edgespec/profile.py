@@ -77,7 +77,8 @@ def pass_times(engine, sizes: list[int], prefix: int, bar) -> list[dict]:
         layers = engine.offload.streamed_layers if engine.offload is not None else 0
         rows.append({"tokens": n, "pass_s": row["pass_s"], "streamed_layers": layers,
                      **({} if st is None else {"transfer_s": st.transfer_time, "compute_s": st.compute_time,
-                                                "wait_s": st.wait_time, "bytes": st.bytes})})
+                                                "wait_s": st.wait_time, "decode_s": st.decode_time,
+                                                "bytes": st.bytes})})
         bar.update()
     return rows
 
@@ -120,8 +121,11 @@ def per_layer(handle) -> dict:
     total = handle.stats.total
     uses = max(total.layers, 1)
     all_uses = max(total.passes * len(handle.layers), 1)
+    passes = max(total.passes, 1)
     return {"passes": total.passes, "transfer_s": total.transfer_time / uses, "wait_s": total.wait_time / uses,
-            "compute_s": total.compute_time / all_uses, "overlap": total.overlap, "bytes": total.bytes // uses}
+            "compute_s": total.compute_time / all_uses, "overlap": total.overlap, "bytes": total.bytes // uses,
+            "decode_s": total.decode_time / uses, "decode_s_per_pass": total.decode_time / passes,
+            "bytes_per_pass": total.bytes // passes}
 
 
 def memory(engine, before_load: int, after_load: int, after_gen: int, load_peak: int = 0) -> dict:
@@ -175,8 +179,18 @@ def model_info(engine) -> dict:
             "drafter_forward": lean.describe(engine.drafter, engine.state.dcache)}
     if off is not None:
         info.update(streamed_layers=off.streamed_layers, resident_layers=off.resident_layers, ring=off.ring,
-                    link_delay=off.transport.link_delay)
+                    link_delay=off.transport.link_delay, bytes_per_pass=off.pinned_bytes, codecs=off.codecs())
     return info
+
+
+def streamed_lines(model: dict) -> list[str]:
+    """What one pass streams and how each tensor type crosses the link (offloaded targets only)."""
+    if "codecs" not in model:
+        return []
+    lines = ["", f"streamed per pass: {model['bytes_per_pass'] / 2**20:,.1f} MiB in {model['streamed_layers']} layers"]
+    for c in model["codecs"]:
+        lines.append(f"  {c['type']:<10} {c['codec']:<12} {c['tensors']:>6} tensors {c['bytes'] / 2**20:>10,.1f} MiB")
+    return lines
 
 
 def main(args, load) -> int:
@@ -252,10 +266,12 @@ def table(r: dict) -> str:
                 "cuda_peak_allocated", "cuda_peak_reserved"):
         if key in m:
             lines.append(f"  {key:<22} {m[key] / 2**20:>10,.1f} MiB")
-    head = "".join(f"{h:>10}" for h in ("pass ms", "xfer ms", "comp ms", "wait ms"))
+    lines += streamed_lines(r["model"])
+    head = "".join(f"{h:>10}" for h in ("pass ms", "xfer ms", "comp ms", "wait ms", "decode ms"))
     lines += ["", "target pass vs tree size (per pass)", f"  {'tokens':>6}{head}"]
     for p in r["pass_time"]:
-        cols = " ".join(f"{1e3 * p[k]:9.1f}" if k in p else f"{'-':>9}" for k in ("transfer_s", "compute_s", "wait_s"))
+        cols = " ".join(f"{1e3 * p[k]:9.1f}" if k in p else f"{'-':>9}"
+                        for k in ("transfer_s", "compute_s", "wait_s", "decode_s"))
         lines.append(f"  {p['tokens']:>6} {1e3 * p['pass_s']:9.1f} {cols}")
     lines += ["", f"draft vs budget (drafter forward: {r['model'].get('drafter_forward', '?')})",
               f"  {'budget':>6} {'draft ms':>9} {'size':>5} {'depth':>5}"]
@@ -270,4 +286,7 @@ def table(r: dict) -> str:
         ms = {k: f"{1e3 * pl[k]:.2f} ms" for k in ("transfer_s", "wait_s", "compute_s")}
         lines.append(f"  per streamed layer: transfer {ms['transfer_s']}, wait {ms['wait_s']}; "
                      f"compute per layer {ms['compute_s']}; overlap {pl['overlap']:.2f}")
+        if "decode_s_per_pass" in pl:
+            lines.append(f"  per pass: {pl['bytes_per_pass'] / 2**20:,.1f} MiB streamed, "
+                         f"decode {1e3 * pl['decode_s_per_pass']:.1f} ms")
     return "\n".join(lines)

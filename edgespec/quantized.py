@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from edgespec.models import cache_dir, quiet_transformers
+from edgespec.quiet import quiet_transformers
+from edgespec.resolve import cache_dir
 
 
 def copy_path(folder: str, quantize: str, device: torch.device, dtype: torch.dtype) -> Path | None:

@@ -7,6 +7,8 @@
 #   STREAM=1 bash scripts/gpu_figures.sh OUTDIR   # + int8 / nf4 streaming of a random 8B (~2 min more)
 #   TEMP=1 bash scripts/gpu_figures.sh OUTDIR     # + the scheduler run at draft temperature 0.5 (~1 min more)
 #   RAW=1 bash scripts/gpu_figures.sh OUTDIR      # + the scheduler run with raw draft scores (~1 min more)
+#   GGUF=1 bash scripts/gpu_figures.sh OUTDIR     # + a random 8B streamed as Q4_K blocks, nf4 with/without
+#                                                 #   bitsandbytes' kernel (~3 min more)
 #
 # 1. drafter forward and tree-build times: transformers' forward vs edgespec's lean forward vs the
 #    lean forward replayed from CUDA graphs (benchmarks/draft_gpu.md);
@@ -15,7 +17,10 @@
 # 3. (FULL=1) edgespec vs plain offloaded decoding vs HF assisted generation (bench_gpu.md);
 # 4. (STREAM=1) pass time with the streamed layers kept int8 / nf4 in host RAM (offload_gpu.md);
 # 5. (TEMP=1) K=64 / 256 / auto with overlap at draft temperature 0.5, raw scores (compare with step 2's rows);
-# 6. (RAW=1) the same with raw draft probabilities as tree scores (step 2 uses the calibrated default).
+# 6. (RAW=1) the same with raw draft probabilities as tree scores (step 2 uses the calibrated default);
+# 7. (GGUF=1) pass time vs the link bound, decode included, for trees of 1-1024 tokens: a Llama-3.1-8B
+#    shape whose streamed weights are random valid Q4_K blocks (a GGUF target's layers), and nf4 decoded by
+#    bitsandbytes' kernel and by edgespec's torch decode.
 set -euo pipefail
 out=${1:-gpu-figures}
 py=${PYTHON:-python3}
@@ -35,6 +40,14 @@ if [[ "${STREAM:-0}" == 1 ]]; then
     for q in int8 nf4; do
         $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --quantize $q \
             --tree-sizes 1,256 --repeats 2 2>&1 | tee "$out/offload_$q.txt"
+    done
+fi
+if [[ "${GGUF:-0}" == 1 ]]; then
+    $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --gguf-blocks Q4_K \
+        --tree-sizes 1,16,64,256,1024 --repeats 2 2>&1 | tee "$out/offload_q4k.txt"
+    for kernel in "" --no-bnb-kernel; do
+        $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --quantize nf4 $kernel \
+            --tree-sizes 1,16,64,256,1024 --repeats 2 2>&1 | tee "$out/offload_nf4${kernel:+_torch}.txt"
     done
 fi
 if [[ "${TEMP:-0}" == 1 ]]; then

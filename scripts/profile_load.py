@@ -7,7 +7,7 @@
 Saves a random-weight model of `--shape` once as a sharded safetensors checkpoint (like a hub
 model), then loads it in a fresh process per configuration, offloaded to `--device` with its streamed
 layers kept as `--quantize`, two ways: `whole` (transformers loads the whole model, then its layers
-are packed: the path every load took before) and `layerwise` (edgespec/offload/checkpoint.py: each
+are packed: the path every load took before) and `layerwise` (edgespec/loader.py: each
 layer read, placed and released in turn). It prints the peak resident set of each process during
 the load, the load time, the host bytes the streamed layers keep, and checks that both ways give the
 same logits (one forward after the load).
@@ -62,7 +62,7 @@ def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) ->
     """One load in this (fresh) process; peak RSS counts everything the load touched."""
     from edgespec.models import load_model
     from edgespec.offload import offload_layers
-    from edgespec.offload.checkpoint import load_offloaded
+    from edgespec.loader import load_offloaded
 
     q = None if quant == "none" else quant
     dev = torch.device(device)
@@ -89,8 +89,8 @@ def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) ->
 
 def convert_child(gguf: str, way: str) -> dict:
     """De-quantize a GGUF into a safetensors folder: transformers' whole-model way, or edgespec's."""
-    from edgespec.convert import convert_gguf
-    from edgespec.models import _convert_whole, load_model
+    from edgespec.convert import convert_gguf, convert_whole
+    from edgespec.models import load_model
 
     src = Path(gguf)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +98,7 @@ def convert_child(gguf: str, way: str) -> dict:
         base = rss()
         start = time.perf_counter()
         if way == "gguf-whole":
-            _convert_whole(str(src.parent), src.name, out)
+            convert_whole(str(src.parent), src.name, out)
         else:
             convert_gguf(str(src.parent), src.name, out, progress=False)
         seconds, peak = time.perf_counter() - start, peak_rss()

@@ -3,12 +3,17 @@
 
     python scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --compare-accelerate
     python scripts/profile_offload.py --shape tiny --device cpu          # seconds, on any machine
+    python scripts/profile_offload.py --shape llama-8b --gguf-blocks Q4_K --vram-gb 24   # GGUF blocks streamed raw
+    python scripts/profile_offload.py --shape llama-8b --quantize nf4 --vram-gb 24 [--no-bnb-kernel]
 
 For each tree size T it runs an offloaded forward of T tokens on top of a `--prefix`-token KV cache
 with a random tree-style 4-D mask (what a speculative verification pass does) and reports the pass
 time, the bytes streamed, the link bound (streamed bytes / measured bandwidth), pass / bound, and the
-transfer / compute / wait / overlap figures of the streamer. A ratio near 1 means the pass runs at
-link speed: compute is hidden behind the transfers.
+transfer / compute / wait / decode / overlap figures of the streamer. A ratio near 1 means the pass
+runs at link speed: compute (and decoding) is hidden behind the transfers. `--gguf-blocks Q4_K` streams
+every 2-D weight of the streamed layers as random valid GGUF blocks of that type (what a GGUF target's
+layers are: bytes as in the file, decoded on the device after each copy); `--no-bnb-kernel` makes
+`--quantize nf4` decode with edgespec's torch code on CUDA instead of bitsandbytes' kernel.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resident", default="0", help="leading layers kept on the device: N or 'auto'")
     ap.add_argument("--ring", type=int, default=2)
     ap.add_argument("--quantize", choices=["int8", "nf4"], default=None)
+    ap.add_argument("--gguf-blocks", default=None, help="stream 2-D weights as random valid GGUF blocks (e.g. Q4_K)")
+    ap.add_argument("--no-bnb-kernel", action="store_true", help="nf4 on CUDA: torch decode, not bitsandbytes'")
     ap.add_argument("--vram-gb", type=float, default=None,
                     help="CUDA: act like a card of this size (the rest is taken by a dummy tensor)")
     ap.add_argument("--tree-sizes", default="1,16,64,256,1024,2048")
@@ -73,9 +80,53 @@ def summarize(rows: list[dict], bandwidth: float) -> list[dict]:
             "tokens": row["tokens"], "pass_ms": row["pass_s"] * 1e3, "streamed_mb": nbytes / MB,
             "bound_ms": bound * 1e3, "pass_over_bound": row["pass_s"] / bound if bound else None,
             "transfer_ms": mean("transfer_time") * 1e3, "compute_ms": mean("compute_time") * 1e3,
-            "wait_ms": mean("wait_time") * 1e3, "overlap": statistics.fmean(s.overlap for s in st) if st else None,
+            "wait_ms": mean("wait_time") * 1e3, "decode_ms": mean("decode_time") * 1e3,
+            "overlap": statistics.fmean(s.overlap for s in st) if st else None,
         })
     return out
+
+
+class RandomBlocks:
+    """A layer source for `offload_layers`: streamed layers' 2-D weights given as random valid GGUF
+    blocks of one type (random codes, finite fp16 scales), packed as they are and decoded per pass."""
+
+    encodes = True
+
+    def __init__(self, kind: str, seed: int = 0):
+        from edgespec.offload.gguf_blocks import TYPES
+        from edgespec.offload.quant import GGUFRaw
+
+        if kind not in TYPES or TYPES[kind].decode is None:
+            raise SystemExit(f"--gguf-blocks {kind}: a quantized type edgespec decodes ({', '.join(TYPES)})")
+        self.kind, self.codec, self.gen = kind, GGUFRaw(kind), torch.Generator().manual_seed(seed)
+        self.scales = SCALE_BYTES[kind]
+
+    def fill(self, i, layer, streamed: bool) -> dict:
+        from edgespec.offload.layout import Encoded
+
+        if not streamed:
+            return {}
+        from edgespec.offload.gguf_blocks import TYPES
+
+        block = TYPES[self.kind].block  # rows of whole blocks only (others stream dense)
+        return {name: Encoded(self.codec, self.codec.nbytes(t.shape), self._writer())
+                for name, t in layer.state_dict().items() if t.dim() == 2 and t.shape[1] % block == 0}
+
+    def _writer(self):
+        from edgespec.offload.gguf_blocks import TYPES
+
+        def write(region: torch.Tensor) -> None:
+            blocks = region.view(-1, TYPES[self.kind].size)
+            blocks.copy_(torch.randint(0, 256, blocks.shape, dtype=torch.uint8, generator=self.gen))
+            for at in self.scales:  # finite fp16 scales of a trained model's size
+                d = (torch.rand(blocks.shape[0], generator=self.gen) * 2e-3).half()
+                blocks[:, at : at + 2].copy_(d.view(torch.uint8).view(-1, 2))
+        return write
+
+
+SCALE_BYTES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
+               "MXFP4": []}
 
 
 def run_accelerate(args, device, sizes, resident: int) -> list[dict] | str:
@@ -98,14 +149,15 @@ def run_accelerate(args, device, sizes, resident: int) -> list[dict] | str:
 
 def print_table(rows: list[dict], accel) -> None:
     head = (f"{'tokens':>6} {'pass ms':>9} {'MB':>9} {'bound ms':>9} {'pass/bnd':>8} {'xfer ms':>9} "
-            f"{'comp ms':>9} {'wait ms':>9} {'overlap':>7}")
+            f"{'comp ms':>9} {'wait ms':>9} {'dec ms':>8} {'overlap':>7}")
     accel_ms = {a["tokens"]: a["pass_ms"] for a in accel} if isinstance(accel, list) else {}
     print(head + (f" {'accel ms':>9} {'speedup':>7}" if accel_ms else ""))
     for r in rows:
         ratio = f"{r['pass_over_bound']:.2f}" if r["pass_over_bound"] is not None else "-"
         overlap = f"{r['overlap']:.2f}" if r["overlap"] is not None else "-"
         line = (f"{r['tokens']:>6} {r['pass_ms']:>9.2f} {r['streamed_mb']:>9.1f} {r['bound_ms']:>9.2f} {ratio:>8} "
-                f"{r['transfer_ms']:>9.2f} {r['compute_ms']:>9.2f} {r['wait_ms']:>9.2f} {overlap:>7}")
+                f"{r['transfer_ms']:>9.2f} {r['compute_ms']:>9.2f} {r['wait_ms']:>9.2f} {r['decode_ms']:>8.2f} "
+                f"{overlap:>7}")
         if r["tokens"] in accel_ms:
             line += f" {accel_ms[r['tokens']]:>9.2f} {accel_ms[r['tokens']] / r['pass_ms']:>6.2f}x"
         print(line)
@@ -129,8 +181,14 @@ def main(argv=None) -> dict:
     built = time.perf_counter() - t0
     print(f"model {args.shape} {args.dtype}: {model_bytes(model) / 1e9:.2f} GB, built in {built:.1f}s")
     resident = None if args.resident == "auto" else int(args.resident)
+    source = RandomBlocks(args.gguf_blocks, args.seed) if args.gguf_blocks else None
     handle = offload_layers(model, device, resident_layers=resident, ring=args.ring, link_delay=args.link_delay,
-                            quantize=args.quantize)
+                            quantize=args.quantize, source=source)
+    if args.no_bnb_kernel and handle.codec is not None and hasattr(handle.codec, "_kernel"):
+        handle.codec._kernel = None
+    kernel = getattr(handle.codec, "_kernel", None) is not None
+    print("streamed as: " + ", ".join(f"{c['type']} {c['codec']}" for c in handle.codecs())
+          + (" (bitsandbytes kernel)" if kernel else ""))
     print(f"{handle.resident_layers} resident, {handle.streamed_layers} streamed layers, ring {handle.ring}: "
           f"{handle.pinned_bytes / 1e9:.2f} GB host, {handle.ring * handle.slot_bytes / 1e9:.2f} GB of slots")
     rows = summarize(time_passes(model, device, sizes, args.prefix, args.repeats, model.config.vocab_size, handle),
@@ -153,6 +211,7 @@ def main(argv=None) -> dict:
     del dummy
     result = {"shape": args.shape, "dtype": args.dtype, "device": str(device), "bandwidth": bandwidth,
               "resident": resident_layers, "ring": args.ring, "quantize": args.quantize, "prefix": args.prefix,
+              "gguf_blocks": args.gguf_blocks, "bnb_kernel": kernel,
               "link_delay": args.link_delay, "vram_gb": args.vram_gb, "rows": rows, "accelerate": accel, "note": note}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

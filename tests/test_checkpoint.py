@@ -1,4 +1,4 @@
-"""Loading an offloaded target layer by layer (edgespec/offload/checkpoint.py): the same model as
+"""Loading an offloaded target layer by layer (edgespec/loader.py): the same model as
 loading it whole, with never more than one decoder layer's weights on the host outside the packs."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from edgespec.errors import ModelNotFoundError
 from edgespec.models import load_model
 from edgespec.offload import offload_layers
-from edgespec.offload.checkpoint import load_offloaded
+from edgespec.loader import load_offloaded
 from edgespec.offload.layout import LayerPack
 from tests.conftest import tiny_model
 
@@ -68,9 +68,9 @@ def test_one_layer_on_the_host_at_a_time(tmp_path, monkeypatch):
         layers.extend(model.model.layers)
         return offload(model, *a, **kw)
 
-    def spy_pack(index, layer, codec=None, pin=False):
+    def spy_pack(index, layer, codec=None, pin=False, encoded=None):
         seen.append((index, [i for i, lay in enumerate(layers) if any(not p.is_meta for p in lay.parameters())]))
-        return pack(index, layer, codec, pin)
+        return pack(index, layer, codec, pin, encoded)
 
     monkeypatch.setattr(api, "offload_layers", spy_offload)
     monkeypatch.setattr(LayerPack, "pack", staticmethod(spy_pack))

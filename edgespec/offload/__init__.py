@@ -6,10 +6,12 @@
     handle.remove()                                  # back to a normal (host) model
 
 Modules: `api` (offload_layers), `streamer` (the ring and hooks), `layout` (packed layers and slots),
-`transport` (CUDA stream / CPU thread copies), `quant` (int8 / nf4 codecs), `stats`, `placement`,
+`transport` (CUDA stream / CPU thread copies), `quant` (int8 / nf4 codecs, and GGUF blocks kept as
+in the file), `gguf_blocks` (GGUF blocks de-quantized in torch on the device), `stats`, `placement`,
 `bandwidth` (link measurement) and `shapes` (random-weight models of a named shape, for profiling),
-`pinned` (exact-size page-locked host buffers), `checkpoint` (`load_offloaded`: a target read from its
-safetensors checkpoint one layer at a time, so host RAM never holds it whole).
+`pinned` (exact-size page-locked host buffers), `padded` (a small model at a big one's cost). Nothing
+here resolves or reads models: edgespec/loader.py hands `offload_layers` a layer source that fills
+each layer (or gives its tensors already encoded) just before it is placed.
 
 Limits: inference only (streamed weights are bound without autograd); one forward at a time per
 model (no concurrent forwards from several threads); do not `model.to(...)` or deepcopy an offloaded

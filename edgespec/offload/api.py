@@ -16,7 +16,7 @@ from edgespec.offload.transport import make_transport
 
 def offload_layers(model: nn.Module, device: str | torch.device = "cuda", resident_layers: int | None = None,
                    ring: int = 2, link_delay: float = 0.0, quantize: str | None = None, progress: bool = True,
-                   reserve_bytes: int | None = None, fill=None) -> OffloadHandle:
+                   reserve_bytes: int | None = None, source=None) -> OffloadHandle:
     """Offload `model`'s decoder layers; returns a handle (also stored as `model._edgespec_offload`).
 
     - `resident_layers`: leading layers kept on `device`; None = as many as fit in free device memory
@@ -27,42 +27,52 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
       sleeps; CUDA: the copy stream spins (torch.cuda._sleep), the host never sleeps.
     - `quantize`: "int8" or "nf4" keeps streamed 2-D weights encoded in host memory (fewer bytes
       cross the link), decoded on the device after each copy. Resident layers stay unquantized.
-    - `fill(i, layer)`: for layers still on the meta device (checkpoint.load_offloaded): gives layer i
-      its host weights just before it is placed, so only one layer's host copy exists at a time.
+    - `source`: for layers still on the meta device (edgespec/loader.py): `source.fill(i, layer,
+      streamed)` gives layer i its host weights just before it is placed, so only one layer's host copy
+      exists at a time. For a streamed layer it may instead return some tensors already encoded
+      ({state-dict name: layout.Encoded}, e.g. GGUF blocks as in the file), which are packed as they
+      are and decoded on the device after each copy; `source.encodes` says whether it does.
     """
     device = _device(device)
     _check(ring, link_delay, quantize, resident_layers)
     if getattr(model, "_edgespec_offload", None) is not None:
         raise InvalidArgumentError("This model is already offloaded: call handle.remove() before offloading again.")
-    layers = decoder_layers(model, meta_layers=fill is not None)
+    layers = decoder_layers(model, meta_layers=source is not None)
     n = len(layers)
+    staged = quantize is not None or bool(getattr(source, "encodes", False))
     if resident_layers is None:
-        resident = auto_resident(model, layers, device, ring, reserve_bytes, quantize)
+        resident = auto_resident(model, layers, device, ring, reserve_bytes, staged)
     else:
         resident = min(resident_layers, n)
     streamed = list(layers)[resident:]
     check_no_sharing(model, streamed)
-    bar = tqdm(total=n, desc=_desc(device, fill is not None), unit="layer", disable=not progress)
-    fill = fill or (lambda i, layer: None)
+    bar = tqdm(total=n, desc=_desc(device, source is not None), unit="layer", disable=not progress)
+    fill = source.fill if source is not None else (lambda i, layer, streamed: {})
     with torch.no_grad(), bar:
         for i in range(resident):  # one at a time: a filled layer leaves the host before the next is read
-            fill(i, layers[i])
+            fill(i, layers[i], False)
             move_outside(layers[i], [], device)
             bar.update()
         move_outside(model, streamed, device)
         codec = make_codec(quantize)
-        if codec is not None:
-            codec.prepare(device)
         packs = []
         for i in range(resident, n):
-            fill(i, layers[i])
-            packs.append(LayerPack.pack(i, layers[i], codec, pin=device.type == "cuda"))
+            encoded = fill(i, layers[i], True)
+            packs.append(LayerPack.pack(i, layers[i], codec, pin=device.type == "cuda", encoded=encoded))
             bar.update()
+        _prepare_codecs(packs, device)
         slots = make_slots(packs, min(ring, len(packs)), device)
     handle = OffloadHandle(model, layers, device, packs, slots, make_transport(device, float(link_delay)), quantize,
                            codec=codec, ring_size=ring)
     model._edgespec_offload = handle
     return handle
+
+
+def _prepare_codecs(packs: list[LayerPack], device: torch.device) -> None:
+    """Stage each codec's tables on the device once, outside the copy path."""
+    codecs = {id(e.codec): e.codec for p in packs for e in p.entries if e.codec is not None}
+    for codec in codecs.values():
+        codec.prepare(device)
 
 
 def _desc(device: torch.device, loading: bool) -> str:

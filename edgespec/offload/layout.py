@@ -2,13 +2,15 @@
 
 The *dense* layout is what a device slot holds: every tensor at its own dtype, at an aligned byte
 offset. The *host* layout is what crosses the link: the dense layout itself, or, with a codec,
-compact encoded regions that `load` decodes into the dense layout on the device.
+compact encoded regions that `load` decodes into the dense layout on the device. A tensor can also
+arrive already encoded (`Encoded`: GGUF blocks as they are in the file); its bytes are packed as is.
 
 While a layer is not loaded its parameters and buffers are meta tensors (shape and dtype kept), so
 a layer that runs without its weights fails loudly instead of reading a slot that was overwritten.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +57,16 @@ class Entry:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
+@dataclass(eq=False)
+class Encoded:
+    """A tensor already in `codec`'s byte layout (e.g. GGUF blocks as in the file): `write(region)` puts
+    its `nbytes` bytes into the pack's host region, once; `codec` decodes them on the device."""
+
+    codec: object
+    nbytes: int
+    write: Callable[[torch.Tensor], None]
+
+
 def collect(layer: nn.Module) -> list[tuple[Entry, torch.Tensor]]:
     """Every parameter and buffer of `layer`, once each (a tensor named twice gets two targets)."""
     found: dict[int, tuple[Entry, torch.Tensor]] = {}
@@ -68,6 +80,17 @@ def collect(layer: nn.Module) -> list[tuple[Entry, torch.Tensor]]:
                     found[id(t)] = (entry, t)
                 found[id(t)][0].targets.append((mod, name))
     return list(found.values())
+
+
+def _encoded_of(layer: nn.Module, found, encoded: dict[str, Encoded]) -> list:
+    """The `Encoded` given for each found tensor (None where it is packed from the tensor itself)."""
+    if not encoded:
+        return [None] * len(found)
+    names = {id(t): k for k, t in layer.state_dict(keep_vars=True).items()}
+    unknown = set(encoded) - set(names.values())
+    if unknown:
+        raise KeyError(f"encoded tensors not in the layer: {sorted(unknown)}")
+    return [encoded.get(names.get(id(t))) for _, t in found]
 
 
 def _assign(entry: Entry, value: torch.Tensor) -> None:
@@ -93,23 +116,36 @@ class LayerPack:
     def host_bytes(self) -> int:
         return self.host.numel()
 
+    @property
+    def staged(self) -> bool:
+        """Whether some tensor crosses the link encoded (its slot then stages bytes and decodes them)."""
+        return any(e.codec is not None for e in self.entries)
+
     @classmethod
-    def pack(cls, index: int, layer: nn.Module, codec=None, pin: bool = False) -> "LayerPack":
-        """Copy `layer`'s tensors into one new host buffer; the layer is left unbound (meta)."""
+    def pack(cls, index: int, layer: nn.Module, codec=None, pin: bool = False,
+             encoded: dict[str, Encoded] | None = None) -> "LayerPack":
+        """Copy `layer`'s tensors into one new host buffer; the layer is left unbound (meta).
+        `encoded`: tensors (by state-dict name in the layer) given already encoded, packed as they are."""
         found = collect(layer)
+        given = _encoded_of(layer, found, encoded or {})
         dense = host = 0
-        for entry, t in found:
-            entry.codec = codec if codec is not None and entry.is_param and codec.applies(t) else None
+        for (entry, t), enc in zip(found, given):
+            if enc is not None:
+                entry.codec, entry.host_nbytes = enc.codec, enc.nbytes
+            else:
+                entry.codec = codec if codec is not None and entry.is_param and codec.applies(t) else None
+                entry.host_nbytes = entry.codec.nbytes(t.shape) if entry.codec else entry.nbytes
             entry.offset, dense = dense, align(dense + entry.nbytes)
-            entry.host_nbytes = entry.codec.nbytes(t.shape) if entry.codec else entry.nbytes
             entry.host_offset, host = host, align(host + entry.host_nbytes)
         pack = cls(index, [e for e, _ in found], torch.empty(0, dtype=torch.uint8), dense,
-                   codec if any(e.codec for e, _ in found) else None)
+                   codec if any(e.codec is codec for e, _ in found) else None)
         pack.host = buf = host_buffer(host, pin, pack)
         with torch.no_grad():
-            for entry, t in found:
+            for (entry, t), enc in zip(found, given):
                 region = buf[entry.host_offset : entry.host_offset + entry.host_nbytes]
-                if entry.codec:
+                if enc is not None:
+                    enc.write(region)
+                elif entry.codec:
                     entry.codec.encode_into(t, region)
                 else:
                     typed(buf, entry.host_offset, entry.numel, entry.dtype, entry.shape).copy_(t)
@@ -129,7 +165,7 @@ class LayerPack:
             v = typed(slot.dense, e.offset, e.numel, e.dtype, e.shape)
             views.append(nn.Parameter(v, requires_grad=False) if e.is_param else v)
         self._views[slot.index] = views
-        if self.codec is None:
+        if not self.staged:
             self._loads[slot.index] = (slot.dense[: self.host_bytes], [])
             return
         steps = []
@@ -139,10 +175,18 @@ class LayerPack:
         self._loads[slot.index] = (slot.staging[: self.host_bytes], steps)
 
     def load(self, slot: Slot, non_blocking: bool = False) -> None:
-        """Copy the host bytes into `slot` (and decode them there); runs on the copy side."""
-        dst, steps = self._loads[slot.index]
+        """Copy the host bytes into `slot` and decode them there; runs on the copy side."""
+        self.copy(slot, non_blocking)
+        self.decode(slot)
+
+    def copy(self, slot: Slot, non_blocking: bool = False) -> None:
+        """The host bytes into `slot` (its dense bytes, or its staging area when some are encoded)."""
+        dst, _ = self._loads[slot.index]
         dst.copy_(self.host, non_blocking=non_blocking)
-        for codec, src, out in steps:
+
+    def decode(self, slot: Slot) -> None:
+        """Staged bytes into the dense layout of `slot` (encoded tensors decoded, the others copied)."""
+        for codec, src, out in self._loads[slot.index][1]:
             if codec is None:
                 out.copy_(src)
             else:
@@ -178,7 +222,7 @@ def make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[
     if not packs:
         return []
     dense = max(p.dense_bytes for p in packs)
-    staging = max(p.host_bytes for p in packs) if any(p.codec for p in packs) else 0
+    staging = max(p.host_bytes for p in packs) if any(p.staged for p in packs) else 0
     slots = [Slot(i, torch.empty(dense, dtype=torch.uint8, device=device),
                   torch.empty(staging, dtype=torch.uint8, device=device) if staging else None)
              for i in range(ring)]
@@ -190,5 +234,5 @@ def make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[
 
 def fits(pack: LayerPack, slot: Slot) -> bool:
     """Whether `pack` can load into `slot` (dense bytes, and staging for its encoded bytes)."""
-    staged = pack.codec is None or (slot.staging is not None and slot.staging.numel() >= pack.host_bytes)
+    staged = not pack.staged or (slot.staging is not None and slot.staging.numel() >= pack.host_bytes)
     return pack.dense_bytes <= slot.dense.numel() and staged

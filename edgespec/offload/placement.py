@@ -87,9 +87,10 @@ def module_bytes(module: nn.Module) -> int:
 
 
 def auto_resident(model: nn.Module, layers: nn.ModuleList, device: torch.device, ring: int,
-                  reserve_bytes: int | None, quantize: str | None = None) -> int:
+                  reserve_bytes: int | None, staged: bool = False) -> int:
     """How many leading layers stay on the device: 0 on CPU (so streaming is exercised); on CUDA as
-    many as fit in free memory minus `reserve_bytes` (default 20 % of free) minus the ring of slots."""
+    many as fit in free memory minus `reserve_bytes` (default 20 % of free) minus the ring of slots
+    (`staged`: streamed layers cross the link encoded, so each slot also stages their bytes)."""
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)
@@ -101,5 +102,5 @@ def auto_resident(model: nn.Module, layers: nn.ModuleList, device: torch.device,
     budget = free - reserve - outside
     if budget >= per_layer * len(layers):
         return len(layers)
-    slot = per_layer * (2 if quantize else 1)  # a codec slot also stages the encoded bytes
+    slot = per_layer * (2 if staged else 1)  # a codec slot also stages the encoded bytes
     return max(0, min(len(layers), (budget - ring * slot) // per_layer))

@@ -7,11 +7,18 @@ and writes it back at the weight's dtype into a slot view (`decode_into`, every 
   ~1 byte per weight. Measured on random Llama-shaped layers: relative weight error ≈ 0.6 %
   (round-to-nearest on 255 levels); end-to-end logit error see tests/test_offload.py.
 - `NF4Blocks`: 4-bit "normal float" codebook (16 quantiles of N(0, 1) scaled to [-1, 1]) with one
-  fp32 absmax per block of 64 weights. ~0.56 bytes per weight, relative weight error ≈ 10 %.
+  fp32 absmax per block of 64 weights. ~0.56 bytes per weight, relative weight error ≈ 10 %. Its bytes
+  are bitsandbytes' nf4 layout (`quantize_4bit(w, blocksize=64, quant_type="nf4",
+  compress_statistics=False)`), so on CUDA bitsandbytes' own kernel decodes them into the slot in one
+  launch; elsewhere the torch decode here gives the same values.
+- `GGUFRaw`: a GGUF tensor as it is in the file (edgespec/offload/gguf_blocks.py decodes its blocks);
+  not a `--stream-quant` choice: the loader hands such tensors over already encoded.
 """
 from __future__ import annotations
 
 import torch
+
+from edgespec.offload import gguf_blocks
 
 ALIGN = 128  # byte alignment of every tensor inside a packed layer (and of parts inside a region)
 
@@ -58,13 +65,19 @@ class Int8Rows:
         torch.mul(q, s[:, None], out=out)
 
 
+# The 16 NF4 levels (QLoRA: quantiles of N(0, 1), 7 negative, 0, 8 positive, scaled to [-1, 1]) as
+# the float32 values bitsandbytes' kernels hold them (`bitsandbytes.functional.get_4bit_type("nf4")`;
+# a test checks they are equal), so the torch decode and bitsandbytes' kernel give the same weights.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
 def nf4_codebook() -> torch.Tensor:
-    """16 levels: quantiles of a standard normal (8 positive, 7 negative, and 0), scaled to [-1, 1]."""
-    edge = 0.9677083  # outermost quantile; makes ±1 the extreme levels
-    pos = torch.special.ndtri(torch.linspace(edge, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(edge, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
-    return (levels / levels.abs().max()).float()
+    """The 16 NF4 levels, ascending, fp32."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32)
 
 
 class NF4Blocks:
@@ -83,6 +96,7 @@ class NF4Blocks:
         codes = torch.arange(256)
         self.pairs = torch.stack([self.levels[codes >> 4], self.levels[codes & 15]], dim=1)
         self._device_pairs: dict[torch.device, torch.Tensor] = {}
+        self._kernel = None  # bitsandbytes' dequantize_4bit, once prepared for a CUDA device
 
     def applies(self, t: torch.Tensor) -> bool:
         return t.is_floating_point() and t.dim() == 2 and t.numel() > 0 and t.numel() % self.block == 0
@@ -106,6 +120,9 @@ class NF4Blocks:
 
     def decode_into(self, region: torch.Tensor, out: torch.Tensor) -> None:
         codes, absmax = self._parts(region, out.numel())
+        if out.is_cuda and self._kernel is not None:  # one bitsandbytes kernel, straight into the slot
+            self._kernel(codes, absmax=absmax, out=out, blocksize=self.block, quant_type="nf4")
+            return
         pairs = self._pairs_on(out.device)
         flat = out.view(-1, self.block)
         step = self.chunk_blocks.get(out.device.type, self.chunk_blocks["cpu"])
@@ -115,13 +132,41 @@ class NF4Blocks:
             torch.mul(vals, absmax[a:b, None], out=flat[a:b])
 
     def prepare(self, device: torch.device) -> None:
-        """Put the byte → level-pair table on `device` once, outside the copy path."""
+        """Put the byte → level-pair table on `device` once, outside the copy path; on CUDA, take
+        bitsandbytes' nf4 kernel when it is installed (else the torch decode runs there too)."""
         self._pairs_on(device)
+        if torch.device(device).type == "cuda":
+            self._kernel = _bnb_dequantize_4bit()
 
     def _pairs_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._device_pairs:
             self._device_pairs[device] = self.pairs.to(device)
         return self._device_pairs[device]
+
+
+def _bnb_dequantize_4bit():
+    try:
+        from bitsandbytes.functional import dequantize_4bit
+    except Exception:  # noqa: BLE001 — not installed, or no CUDA build: the torch decode runs
+        return None
+    return dequantize_4bit
+
+
+class GGUFRaw:
+    """One GGUF tensor type kept as in the file: its bytes are packed as they are (`layout.Encoded`)
+    and decoded into the slot, in fp32 and then cast to the slot's dtype, after each copy."""
+
+    def __init__(self, kind: str):
+        self.kind, self.name = kind, f"gguf:{kind}"
+
+    def nbytes(self, shape) -> int:
+        return gguf_blocks.nbytes(self.kind, torch.Size(shape).numel())
+
+    def prepare(self, device: torch.device) -> None:
+        gguf_blocks.prepare(device)
+
+    def decode_into(self, region: torch.Tensor, out: torch.Tensor) -> None:
+        gguf_blocks.decode_into(region, self.kind, out)
 
 
 CODECS = {"int8": Int8Rows, "nf4": NF4Blocks}

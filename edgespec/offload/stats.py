@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class PassStats:
-    """Times in seconds. `transfer_time` is copy-side time (link delay included), `compute_time` the
-    time layers spent computing, `wait_time` the time compute was blocked waiting for a copy."""
+    """Times in seconds. `transfer_time` is copy-side time (link delay and decoding included),
+    `decode_time` the part of it spent decoding encoded bytes on the device, `compute_time` the time
+    layers spent computing, `wait_time` the time compute was blocked waiting for a copy."""
 
     passes: int = 0
     layers: int = 0  # streamed layers consumed
@@ -17,6 +18,7 @@ class PassStats:
     compute_time: float = 0.0
     wait_time: float = 0.0
     wall_time: float = 0.0
+    decode_time: float = 0.0
 
     @property
     def overlap(self) -> float:
@@ -31,7 +33,8 @@ class PassStats:
         return self.bytes / self.transfer_time if self.transfer_time > 0 else 0.0
 
     def add(self, other: "PassStats") -> None:
-        for name in ("passes", "layers", "bytes", "transfer_time", "compute_time", "wait_time", "wall_time"):
+        for name in ("passes", "layers", "bytes", "transfer_time", "compute_time", "wait_time", "wall_time",
+                     "decode_time"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
@@ -85,4 +88,5 @@ class PassTrace:
                 s.bytes += lt.ticket.nbytes
                 s.wait_time += transport.elapsed(lt.wait_start, lt.compute_start)
                 s.transfer_time += transport.transfer_time(lt.ticket)
+                s.decode_time += transport.decode_time(lt.ticket)
         return s

@@ -68,6 +68,25 @@ class OffloadHandle:
         """Bytes one streamed layer sends over the link (the largest, if they differ)."""
         return max((p.host_bytes for p in self.packs), default=0)
 
+    def codecs(self) -> list[dict]:
+        """How the streamed tensors cross the link, per tensor type (a GGUF type such as "Q4_K", or the
+        dtype of a dense tensor) and codec ("gguf:Q4_K", "int8", "nf4", or "copy"): tensors, bytes per pass."""
+        rows: dict[tuple[str, str], dict] = {}
+        for pack in self.packs:
+            for e in pack.entries:
+                kind = getattr(e.codec, "kind", None) or str(e.dtype).removeprefix("torch.")
+                name = e.codec.name if e.codec is not None else "copy"
+                row = rows.setdefault((kind, name), {"type": kind, "codec": name, "tensors": 0, "bytes": 0})
+                row["tensors"] += 1
+                row["bytes"] += e.host_nbytes
+        return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+    def describe(self) -> dict:
+        """What one pass streams: bytes, layers, the codec of each tensor type, and the last pass's
+        stats (decode time included); for `generate --json` and `edgespec profile`."""
+        return {"streamed_layers": self.streamed_layers, "resident_layers": self.resident_layers,
+                "bytes_per_pass": self.pinned_bytes, "codecs": self.codecs(), **self.stats.as_dict()}
+
     @property
     def slot_bytes(self) -> int:
         """Device bytes of one slot (dense layer plus codec staging); the ring holds `ring` of them."""

@@ -7,7 +7,8 @@ Both transports offer the same small interface, used by the streamer from the co
 - `wait(ticket)`: make the compute side wait until that copy is done.
 - `release(slot)`: mark "the layer in `slot` has finished computing" (sets `slot.free`).
 - `mark()` / `elapsed(a, b)`: timestamps on the compute side, and seconds between two of them.
-- `transfer_time(ticket)`: copy-side seconds of one transfer (link delay included).
+- `transfer_time(ticket)`: copy-side seconds of one transfer (link delay and decoding included);
+  `decode_time(ticket)`: the part of it spent decoding encoded bytes in the slot (0 when none).
 - `drain()`: block the host until every submitted copy is complete. `close()`: stop.
 
 `CudaTransport` copies on a side CUDA stream ordered by CUDA events (no host synchronisation per
@@ -34,6 +35,8 @@ class Ticket:
     done: object = None  # threading.Event (CPU) or torch.cuda.Event (CUDA)
     start: object = None
     end: object = None
+    copied: object = None  # marks around the decode of encoded bytes (None: nothing to decode)
+    decoded: object = None
     error: BaseException | None = None
 
 
@@ -76,6 +79,10 @@ class ThreadTransport:
     def transfer_time(self, ticket: Ticket) -> float:
         ticket.done.wait()
         return ticket.end - ticket.start
+
+    def decode_time(self, ticket: Ticket) -> float:
+        ticket.done.wait()
+        return ticket.decoded - ticket.copied if ticket.copied is not None else 0.0
 
     def drain(self) -> None:
         marker = Ticket(0, done=threading.Event())
@@ -126,7 +133,11 @@ def _copy_worker(jobs: queue.Queue, transport_ref, stopping: threading.Event) ->
         ticket.start = time.perf_counter()
         try:
             with torch.no_grad():
-                pack.load(slot)
+                pack.copy(slot)
+                if pack.staged:
+                    ticket.copied = time.perf_counter()
+                    pack.decode(slot)
+                    ticket.decoded = time.perf_counter()
             delay = getattr(transport_ref(), "link_delay", 0.0)  # no strong reference kept
             if delay > 0 and ticket.nbytes:
                 time.sleep(delay)
@@ -141,8 +152,9 @@ class _Noop:
     """A job that copies nothing: its completion means every earlier job is complete."""
 
     host_bytes = 0
+    staged = False
 
-    def load(self, slot) -> None:
+    def copy(self, slot) -> None:
         pass
 
 
@@ -177,7 +189,11 @@ class CudaTransport:
             if slot.free is not None:
                 self.stream.wait_event(slot.free)
             ticket.start = _timed_event(self.stream)
-            pack.load(slot, non_blocking=True)
+            pack.copy(slot, non_blocking=True)
+            if pack.staged:
+                ticket.copied = _timed_event(self.stream)
+                pack.decode(slot)
+                ticket.decoded = _timed_event(self.stream)
             if self.link_delay > 0:
                 torch.cuda._sleep(int(self.link_delay * self._cycles_per_s))
             ticket.end = _timed_event(self.stream)
@@ -201,6 +217,9 @@ class CudaTransport:
 
     def transfer_time(self, ticket: Ticket) -> float:
         return self.elapsed(ticket.start, ticket.end)
+
+    def decode_time(self, ticket: Ticket) -> float:
+        return self.elapsed(ticket.copied, ticket.decoded) if ticket.copied is not None else 0.0
 
     def drain(self) -> None:
         self.stream.synchronize()

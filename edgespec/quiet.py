@@ -1,0 +1,33 @@
+"""Library chatter off where edgespec reports progress itself (transformers' load warnings and bars,
+bitsandbytes' note about an optional hub kernel)."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for a load or save edgespec reports itself."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def quiet_bitsandbytes() -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional kernel from the hub
+    (`kernels` package) is missing; its built-in kernel runs instead, so the warning only confuses.
+    (`addFilter` ignores a filter it already holds, so calling this again adds nothing.)"""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_warning)
+
+
+def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
