@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from edgespec import lean
-from edgespec.forward import compute_dtype, model_device
+from edgespec.device import compute_dtype, model_device
 from edgespec.prompts import chat_messages, load_prompts
 from edgespec.stats import Totals
 
@@ -213,7 +212,7 @@ def setup_line(engine, args) -> str:
     how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
     drafter = args.draft or ("the target's own copy" if args.target else "embedded")
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
-            f"({args.draft_quant}, {lean.describe(engine.drafter, engine.state.dcache)} forward); {where}; "
+            f"({args.draft_quant}, {engine.draft.describe(engine.conversation.dcache)} forward); {where}; "
             f"device {engine.device}; budget {args.budget}; {how}")
 
 

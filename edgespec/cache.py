@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from edgespec import lean
 from edgespec.static_cache import StaticCache
 
 
@@ -22,11 +21,7 @@ def new_cache(model) -> DynamicCache | StaticCache:
     It can be trimmed later: after each step, a sliding layer only needs the entries at positions
     >= (committed length - window), so `prune_to_path` could drop older ones per layer and keep a
     per-layer position offset for the masks (`forward.hidden_states`' kv_positions).
-    A drafter on the lean static path (edgespec/lean.py) gets preallocated buffers its forwards can
-    replay graphs over."""
-    lean_forward = lean.lookup(model)
-    if lean_forward is not None and lean_forward.static:
-        return lean_forward.new_cache()
+    A drafter on the lean static path has preallocated buffers instead (Drafter.new_cache)."""
     return DynamicCache()
 
 

@@ -20,16 +20,29 @@ from edgespec.prompts import chat_messages
 
 
 # ---- models ------------------------------------------------------------------------------------
+# each model option and the config field it sets (tests check that every option is here or CLI-only)
+OPTION_FIELDS = {
+    "target": ("LoadConfig", "target"), "draft": ("LoadConfig", "drafter"), "device": ("LoadConfig", "device"),
+    "draft_quant": ("LoadConfig", "draft_quant"), "no_offload": ("LoadConfig", "offload"),
+    "resident_layers": ("LoadConfig", "resident_layers"), "link_delay": ("LoadConfig", "link_delay"),
+    "stream_quant": ("LoadConfig", "stream_quant"), "target_shape": ("LoadConfig", "target_shape"),
+    "draft_temperature": ("DraftConfig", "draft_temperature"), "tree_scores": ("DraftConfig", "tree_scores"),
+    "temperature": ("SamplingConfig", "temperature"), "top_p": ("SamplingConfig", "top_p"),
+    "top_k": ("SamplingConfig", "top_k"), "min_p": ("SamplingConfig", "min_p"),
+    "repetition_penalty": ("SamplingConfig", "repetition_penalty"),
+}
+CLI_ONLY = {"budget", "max_new_tokens", "seed", "system"}  # per generation / Engine(budget=), not a config
+
+
 def make_engine(args: argparse.Namespace):
     """Build the engine from the model options (tests replace this to inject a ready engine)."""
     from edgespec.engine import Engine
 
-    drafter = args.draft or args.target  # no --draft: the target's own quantized copy drafts for it
-    return Engine.from_pretrained(args.target, drafter, device=args.device, draft_quant=args.draft_quant,
-                                  offload=not args.no_offload, resident_layers=args.resident_layers,
-                                  link_delay=args.link_delay, budget=args.budget, target_shape=args.target_shape,
-                                  stream_quant=args.stream_quant, draft_temperature=args.draft_temperature,
-                                  tree_scores=args.tree_scores)
+    fields = {field: getattr(args, opt) for opt, (cls, field) in OPTION_FIELDS.items()
+              if cls in ("LoadConfig", "DraftConfig")}
+    fields["offload"] = not args.no_offload
+    target, drafter = fields.pop("target"), fields.pop("drafter")
+    return Engine.from_pretrained(target, drafter, budget=args.budget, **fields)
 
 
 def budget_arg(text: str):

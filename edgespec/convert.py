@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from edgespec.errors import EdgespecError, ModelNotFoundError
-from edgespec.resolve import cache_dir
+from edgespec.files import cache_dir, write_folder
 from edgespec.skeleton import gguf_model, layer_groups, meta_model
 from edgespec.tensors import GGUFTensors, Unsupported, gguf_table
 
@@ -102,24 +102,17 @@ def _convert(folder: str, gguf: str, out: Path, dtype: torch.dtype, progress: bo
 
 def _convert_into(out: Path, src: Path, write) -> Path:
     """Run `write(tmp)` and move tmp to `out`; a failure names the GGUF and leaves no partial folder."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
+        return write_folder(out, write)
     except EdgespecError:  # already says what to do (a nested copy's failure)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as err:  # a corrupt or unsupported GGUF surfaces here
-        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise EdgespecError(f"Not enough disk space in {out.parent} for the de-quantized copy of {src.name} "
                                 f"(several times the file's {src.stat().st_size / 1e9:.1f} GB): free some space, "
                                 "or point EDGESPEC_CACHE at a bigger disk.") from None
         raise ModelNotFoundError(f"Could not read GGUF {src}: {err}. Re-download the file or use another "
                                  "model.") from err
-    if not out.exists():
-        tmp.rename(out)
-    return out
 
 
 def convert_whole(folder: str, gguf: str, out: Path, dtype: torch.dtype = torch.float32) -> None:

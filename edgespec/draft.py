@@ -16,13 +16,17 @@ subtree already drafted under it (its drafter KV entries kept, the rest compacte
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from edgespec.attention import slides
 from edgespec.cache import keep_positions
-from edgespec.forward import hidden_states, logits_from_hidden
 from edgespec.stats import Plan
 from edgespec.tree import Tree, ancestor_chains
+
+if TYPE_CHECKING:
+    from edgespec.scores import ScoreCalibration
 
 
 class TreeSearch:
@@ -34,16 +38,16 @@ class TreeSearch:
 
     slack = 4
 
-    def __init__(self, model, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
-                 vocab: int | None = None):
-        self.model, self.cache, self.sampler = model, cache, sampler
+    def __init__(self, drafter, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
+                 calibration: "ScoreCalibration | None" = None):
+        self.drafter, self.cache, self.sampler = drafter, cache, sampler
+        self.calibration = calibration  # maps draft log-probs to calibrated log hit rates (None: raw scores)
         self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
         self.seen = seen  # (vocab,) bool: committed tokens, for the repetition penalty (None: off)
-        self.vocab = vocab  # proposals only among ids below this (the target's vocabulary), None = all
         self.tokens = torch.tensor([root_token])
         self.parents = torch.tensor([-1])
         self.depths = torch.tensor([0])
-        self.scores = torch.tensor([0.0])  # cumulative edge scores (calibrated when sampler.calibration is set)
+        self.scores = torch.tensor([0.0])  # cumulative edge scores (calibrated when a calibration is given)
         self.logp = torch.tensor([0.0])  # each node's raw draft log-prob given its parent
         self.rank = torch.tensor([0])  # each node's rank among its parent's proposals
         self.fed = torch.tensor([root_pos])  # drafter cache position, -1 until fed
@@ -52,18 +56,16 @@ class TreeSearch:
         self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
 
     @classmethod
-    def start(cls, model, cache, stem: torch.Tensor, sampler, branch: int, history=None,
-              vocab: int | None = None) -> "TreeSearch":
-        """Feed the pending `stem` (ending in the root) and propose the root's children. `history`:
-        the committed tokens, root included (for the repetition penalty); `vocab`: propose only ids
-        below it (a drafter whose embeddings are padded beyond the target's)."""
+    def start(cls, drafter, cache, stem: torch.Tensor, sampler, branch: int, history=None,
+              calibration: "ScoreCalibration | None" = None) -> "TreeSearch":
+        """Feed the pending `stem` (ending in the root) to the `drafter` (edgespec/drafter.py) and
+        propose the root's children. `history`: the committed tokens, root included (for the
+        repetition penalty); `calibration`: how to score nodes (edgespec/scores.py; None: raw)."""
         past = cache.get_seq_length()
         s = stem.numel()
-        rows = model.get_input_embeddings().num_embeddings
-        hidden = hidden_states(model, cache, stem.clamp(max=rows - 1), torch.arange(past, past + s), None)
-        logits = logits_from_hidden(model, hidden[-1:])[:, :vocab]
+        logits = drafter.logits(drafter.hidden_states(cache, stem, torch.arange(past, past + s), None)[-1:])
         seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
-        search = cls(model, cache, sampler, int(stem[-1]), past + s - 1, seen, vocab)
+        search = cls(drafter, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration)
         search._add_children(torch.tensor([0]), logits, branch)
         return search
 
@@ -96,9 +98,9 @@ class TreeSearch:
                     self.logp[keep], self.rank[keep])
 
     def rescore(self) -> None:
-        """Recompute every node's score from its edges with the sampler's current calibration (which
-        learnt from the trees verified since these nodes were drafted)."""
-        calib = self.sampler.calibration
+        """Recompute every node's score from its edges with the calibration as it is now (it learnt
+        from the trees verified since these nodes were drafted)."""
+        calib = self.calibration
         if calib is None or self.tokens.numel() <= 1:
             return
         edges = calib.edge_scores(self.logp, self.rank)
@@ -143,8 +145,8 @@ class TreeSearch:
             seen = seen.clone()
             path = ancestor_chains(self.parents, torch.tensor([new_root]), int(self.depths[new_root]))[0]
             seen[self.tokens[path]] = True
-        nxt = TreeSearch(self.model, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
-                         self.vocab)
+        nxt = TreeSearch(self.drafter, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
+                         self.calibration)
         parents = self.parents[sub]
         nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
         nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
@@ -169,7 +171,7 @@ class TreeSearch:
         k = top_tok.shape[1]
         n = parents.numel() * k
         rank = torch.arange(k).expand(parents.numel(), k)
-        calib = self.sampler.calibration
+        calib = self.calibration
         edge = calib.edge_scores(top_lp, rank) if calib is not None else top_lp
         self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
         self.parents = torch.cat([self.parents, parents.repeat_interleave(k)])
@@ -220,10 +222,10 @@ class TreeSearch:
         rows = torch.arange(b)[:, None].expand_as(cols)
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
-        kv_pos = self._slot_positions(start + b) if slides(self.model.config) else None
-        hidden = hidden_states(self.model, self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes], allowed,
-                               kv_pos)
-        return logits_from_hidden(self.model, hidden)[:, : self.vocab]
+        kv_pos = self._slot_positions(start + b) if slides(self.drafter.config) else None
+        hidden = self.drafter.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
+                                            allowed, kv_pos)
+        return self.drafter.logits(hidden)
 
     def _slot_positions(self, n: int) -> torch.Tensor:
         """Sequence position of each of the drafter cache's first `n` slots: committed slots are their

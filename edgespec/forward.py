@@ -6,17 +6,9 @@ import inspect
 
 import torch
 
-from edgespec import attention, lean
+from edgespec import attention
 from edgespec.cache import cache_len
-
-
-def model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype the model computes in (its first floating-point parameter's)."""
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+from edgespec.device import compute_dtype, model_device
 
 
 def to_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
@@ -35,13 +27,10 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     `allowed` is a (q, cache_len + q) bool visibility matrix by cache slot, or None for plain causal
     attention. `kv_positions` gives each of those slots' sequence position (default: the cached
     slots are positions 0.. in order, the new ones `positions`); sliding-window layers see only keys
-    within their window of each query's position (edgespec/attention.py).
-    A model opted into the lean forward (the drafter, edgespec/lean.py) runs that instead.
+    within their window of each query's position (edgespec/attention.py). This is transformers'
+    forward; a drafter may run its own (edgespec/drafter.py).
     """
-    visible = _visibility(model.config, cache, positions, allowed, kv_positions)
-    lean_forward = lean.lookup(model)
-    if lean_forward is not None:  # lean takes only families whose layers share one pattern
-        return lean_forward(cache, tokens, positions, visible)
+    visible = visibility(model.config, cache, positions, allowed, kv_positions)
     dev = model_device(model)
     if isinstance(visible, dict):
         mask = {kind: to_model_mask(v, model) for kind, v in visible.items()}
@@ -58,7 +47,7 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     return out.last_hidden_state[0]
 
 
-def _visibility(config, cache, positions, allowed, kv_positions):
+def visibility(config, cache, positions, allowed, kv_positions):
     """`allowed` as each layer sees it; unchanged (None included) for a model without sliding layers."""
     if not attention.slides(config):
         return allowed

@@ -12,15 +12,13 @@ included), one SDPA call with the boolean tree mask and grouped KV heads. Over t
 a CPU); over a StaticCache (edgespec/static_cache.py, the default on a GPU) its fixed shapes and
 addresses let each forward replay as one CUDA graph.
 
-Only the drafter uses it (`enable(drafter)`); the target keeps transformers' forward, whose
+Only the drafter uses it (edgespec/drafter.py builds it once); the target keeps transformers' forward, whose
 token-exactness the tests check against `generate`. The drafter only proposes tokens, so rounding
 differences here could never change the output, only which tokens are proposed (in fp32 the
 dynamic path is bit-identical to transformers' on the tested models). tests/test_lean.py.
 """
 from __future__ import annotations
 
-import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +27,6 @@ from edgespec import attention
 from edgespec.static_cache import StaticCache
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
-
-_enabled: "weakref.WeakKeyDictionary[torch.nn.Module, LeanDecoder]" = weakref.WeakKeyDictionary()
-
 
 ROPES = {"default", "linear", "llama3", "yarn"}  # frequencies fixed at load (no per-call branching)
 
@@ -49,48 +44,6 @@ def supports(model) -> bool:
                  for layer in decoder.layers)
     return (cfg.model_type in SUPPORTED and len(set(attention.layer_windows(cfg))) == 1
             and rope in ROPES and hasattr(F, "rms_norm") and not hooked)
-
-
-def enable(model, static: bool | None = None) -> bool:
-    """Route `forward.hidden_states(model, ...)` through the lean forward; False where unsupported
-    (or EDGESPEC_LEAN=0), and the model keeps transformers' forward. `static` (default: on CUDA,
-    unless EDGESPEC_LEAN=dynamic; EDGESPEC_LEAN=static forces it) makes `cache.new_cache(model)` a
-    StaticCache whose forwards replay CUDA graphs."""
-    mode = os.environ.get("EDGESPEC_LEAN", "auto")
-    if mode == "0" or not supports(model):
-        return False
-    if static is None:  # EDGESPEC_LEAN=static forces the static path (eager on a CPU: for tests)
-        on_gpu = model.get_input_embeddings().weight.device.type == "cuda"
-        static = mode == "static" or (mode != "dynamic" and on_gpu)
-    _enabled[model] = LeanDecoder(model, static)
-    return True
-
-
-def prepare(model, cache) -> None:
-    """Capture the drafter's CUDA graphs over `cache` now, if it is a graph-replaying static cache."""
-    lean = lookup(model)
-    if lean is not None and isinstance(cache, StaticCache) and cache.use_graphs:
-        with torch.no_grad():
-            cache.capture(lean._static_forward)
-
-
-def disable(model) -> None:
-    _enabled.pop(model, None)
-
-
-def lookup(model) -> "LeanDecoder | None":
-    return _enabled.get(model)
-
-
-def describe(model, cache=None) -> str:
-    """How the model's forwards run: "transformers", "lean" or "lean+static"; given the cache they
-    run over, "lean+cuda-graphs" where its forwards replay graphs."""
-    lean = lookup(model)
-    if lean is None:
-        return "transformers"
-    if isinstance(cache, StaticCache) and cache.use_graphs:
-        return "lean+cuda-graphs"
-    return "lean+static" if lean.static else "lean"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

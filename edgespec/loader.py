@@ -25,9 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgespec.config import LoadConfig
 from edgespec.convert import dequantized_copy, gguf_index
+from edgespec.device import run_dtype
 from edgespec.errors import UnsupportedModelError
-from edgespec.models import check_tokenizers, load_model, load_tokenizer, pick_device
+from edgespec.models import load_model, load_tokenizer, pick_device
+from edgespec.pair import check_tokenizers
 from edgespec.offload import api
 from edgespec.offload.gguf_blocks import TYPES, supported
 from edgespec.offload.layout import Encoded
@@ -50,30 +53,31 @@ class Loaded:
     offload: object = None  # the target's OffloadHandle, when its layers stream
 
 
-def load_pair(target: str | None, drafter: str | None, *, device: str = "auto", draft_quant: str | None = "nf4",
-              offload: bool = True, resident_layers: int | None = None, link_delay: float = 0.0,
-              progress: bool = True, target_shape: str | None = None, stream_quant: str | None = None) -> Loaded:
-    """The target (offloaded unless `offload=False`), the drafter and the shared tokenizer (see
-    `Engine.from_pretrained` for the arguments)."""
-    dev = pick_device(device)
-    tok = load_tokenizer(target, progress)
-    draft_tok = load_tokenizer(drafter, progress) if drafter != target else tok
-    check_tokenizers(tok, draft_tok, "target", "drafter")
-    draft_model = load_model(drafter, quantize=_codec(draft_quant), device=dev, progress=progress)
-    stream = dict(resident_layers=resident_layers, link_delay=link_delay, quantize=_codec(stream_quant))
-    if target_shape:
+def load_pair(config: LoadConfig) -> Loaded:
+    """The target (offloaded unless `config.offload` is False), the drafter and the shared tokenizer."""
+    c = config
+    drafter = c.drafter or c.target  # no drafter: the target's own quantized copy drafts for it
+    dev = pick_device(c.device)
+    tok = load_tokenizer(c.target, c.progress)
+    draft_tok = load_tokenizer(drafter, c.progress) if drafter != c.target else tok
+    check_tokenizers(tok, draft_tok, "target", "drafter")  # before any weights are read
+    draft_model = load_model(drafter, quantize=_codec(c.draft_quant), device=dev, progress=c.progress)
+    stream = dict(resident_layers=c.resident_layers, link_delay=c.link_delay, quantize=_codec(c.stream_quant))
+    handle = None
+    if c.target_shape:
         from edgespec.offload.padded import pad_to_shape
 
-        target_model = pad_to_shape(load_model(target, dtype=host_dtype(dev), progress=progress), target_shape)
-        if offload:
-            api.offload_layers(target_model, dev, progress=progress, **stream)
+        target_model = pad_to_shape(load_model(c.target, dtype=run_dtype(dev), progress=c.progress), c.target_shape)
+        if c.offload:
+            handle = api.offload_layers(target_model, dev, progress=c.progress, **stream)
         else:
             target_model = target_model.to(dev)
-    elif offload:
-        target_model = load_offloaded(target, dev, host_dtype(dev), progress=progress, **stream)
+    elif c.offload:
+        target_model = load_offloaded(c.target, dev, run_dtype(dev), progress=c.progress, **stream)
+        handle = api.find_handle(target_model)
     else:
-        target_model = load_model(target, device=dev, progress=progress)
-    return Loaded(target_model, draft_model, tok, getattr(target_model, "_edgespec_offload", None))
+        target_model = load_model(c.target, device=dev, progress=c.progress)
+    return Loaded(target_model, draft_model, tok, handle)
 
 
 def load_offloaded(spec: str | None, device: torch.device, dtype: torch.dtype, *, progress: bool = True,
@@ -180,11 +184,6 @@ def _check_streamable(source, per_layer: list[list[str]], path: Path) -> None:
 def _codec(name: str | None) -> str | None:
     """A quantization option as the loaders take it: "none" or "" means None."""
     return None if name in ("none", "") else name
-
-
-def host_dtype(dev: torch.device) -> torch.dtype:
-    """The dtype a target runs in: bf16 on a GPU, fp32 on a CPU."""
-    return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
 def _note(progress: bool, text: str) -> None:

@@ -9,6 +9,8 @@ import time
 import psutil
 import torch
 
+from edgespec.device import sync
+
 
 def tree_inputs(tokens: int, past: int, vocab: int, device, seed: int = 0):
     """Random tree of `tokens` nodes under a `past`-token prefix: ids, positions, bool mask (1,1,q,past+q)."""
@@ -22,11 +24,6 @@ def tree_inputs(tokens: int, past: int, vocab: int, device, seed: int = 0):
         depth[i] = depth[parents[i]] + 1
     mask = torch.cat([torch.ones(tokens, past, dtype=torch.bool), anc], dim=1)[None, None]
     return ids.to(device), (past + depth)[None].to(device), mask.to(device)
-
-
-def sync(device: torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -63,18 +60,18 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
 @torch.inference_mode()
 def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
                 draft_temperature: float = 1.0) -> list[dict]:
-    """Median seconds to build a tree of each budget under `prefix` (its last token the root), as a
-    step does: feed the root, grow best-first, take the top-`budget` tree. `plan_for(k)` gives the
-    Plan (depth, branch, batch). The prefix's drafter cache is filled once, outside the timing."""
-    from edgespec.cache import crop, new_cache
+    """Median seconds for `drafter` (edgespec/drafter.py) to build a tree of each budget under `prefix`
+    (its last token the root), as a step does: feed the root, grow best-first, take the top-`budget`
+    tree. `plan_for(k)` gives the Plan (depth, branch, batch). The prefix's drafter cache is filled
+    once, outside the timing."""
+    from edgespec.cache import crop
     from edgespec.draft import TreeSearch
-    from edgespec.forward import hidden_states, model_device
     from edgespec.sampling import Sampler
 
-    device = model_device(drafter)
-    cache = new_cache(drafter)
+    device = drafter.device
+    cache = drafter.new_cache()
     stem = torch.tensor(prefix)
-    hidden_states(drafter, cache, stem[:-1], torch.arange(stem.numel() - 1), None)
+    drafter.hidden_states(cache, stem[:-1], torch.arange(stem.numel() - 1), None)
     rows = []
     for budget in budgets:
         plan = plan_for(budget)

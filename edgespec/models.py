@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from edgespec.convert import dequantized_copy, tokenizer_copy
-from edgespec.errors import EdgespecError, ModelNotFoundError, TokenizerMismatchError
+from edgespec.device import run_dtype
+from edgespec.errors import EdgespecError, ModelNotFoundError
 from edgespec.quiet import quiet_bitsandbytes, quiet_transformers
-from edgespec.resolve import EMBEDDED, cache_dir, embedded_gguf, resolve
+from edgespec.files import cache_dir
+from edgespec.resolve import EMBEDDED, embedded_gguf, resolve
 
-__all__ = ["load_model", "load_tokenizer", "check_tokenizers", "pick_device", "local_folder", "resolve",
+__all__ = ["load_model", "load_tokenizer", "pick_device", "local_folder", "resolve",
            "embedded_gguf", "cache_dir", "quiet_transformers", "EMBEDDED"]
 
 
@@ -40,10 +42,10 @@ def load_model(spec: str | None = None, *, quantize: str | None = None, dtype: t
     from transformers import BitsAndBytesConfig
 
     device = torch.device(device)
-    kwargs: dict = {"dtype": dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)}
+    kwargs: dict = {"dtype": dtype or run_dtype(device)}
     folder = local_folder(spec, progress, kwargs["dtype"])
     if quantize:
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        compute = run_dtype(device)
         configs = {
             "nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute),
             "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
@@ -90,16 +92,3 @@ def load_tokenizer(spec: str | None = None, progress: bool = True):
         return AutoTokenizer.from_pretrained(folder)
     except OSError as err:
         raise ModelNotFoundError(f"Could not load the tokenizer of {spec!r}: {err}") from err
-
-
-def check_tokenizers(target_tok, draft_tok, target_name: str = "target", draft_name: str = "drafter") -> None:
-    """Refuse a pair whose vocabularies differ: draft token ids would mean other words to the target."""
-    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
-    if tv == dv:
-        return
-    diff = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: kv[1])[:3]
-    raise TokenizerMismatchError(
-        f"The {draft_name} and {target_name} tokenizers differ ({len(dv)} vs {len(tv)} tokens; "
-        f"e.g. {diff}). Speculative decoding needs a drafter from the same model family with the same "
-        "tokenizer: choose a drafter that shares the target's vocabulary."
-    )

@@ -17,7 +17,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from edgespec import lean
+from edgespec.device import param_bytes
 from edgespec.errors import EdgespecError
 from edgespec.stats import Totals
 
@@ -51,10 +51,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -86,11 +82,8 @@ def pass_times(engine, sizes: list[int], prefix: int, bar) -> list[dict]:
 def draft_times(engine, prompt_ids: list[int], budgets: list[int], bar) -> list[dict]:
     """Time to build a tree of each budget under the prompt (drafter prefix cached, not timed)."""
     from edgespec.measure import time_drafts
-    from edgespec.stats import Plan
 
-    sched = engine.scheduler
-    rows = time_drafts(engine.drafter, prompt_ids, budgets,
-                       lambda k: Plan(k, sched.max_depth, sched.branch, sched.batch))
+    rows = time_drafts(engine.draft, prompt_ids, budgets, engine.config.plan)
     bar.update(len(budgets))
     return rows
 
@@ -131,7 +124,7 @@ def per_layer(handle) -> dict:
 def memory(engine, before_load: int, after_load: int, after_gen: int, load_peak: int = 0) -> dict:
     mem = {"rss_before_load": before_load, "rss_peak_while_loading": load_peak, "rss_after_load": after_load,
            "rss_after_generate": after_gen,
-           "target_weight_bytes": weight_bytes(engine.target), "drafter_weight_bytes": weight_bytes(engine.drafter),
+           "target_weight_bytes": param_bytes(engine.target), "drafter_weight_bytes": param_bytes(engine.drafter),
            "pinned_bytes": engine.offload.pinned_bytes if engine.offload is not None else 0}
     mem["weight_bytes"] = mem["target_weight_bytes"] + mem["drafter_weight_bytes"]
     if engine.device.type == "cuda":
@@ -176,7 +169,7 @@ def model_info(engine) -> dict:
     off = engine.offload
     info = {"target": str(getattr(engine.target.config, "name_or_path", "")) or type(engine.target).__name__,
             "layers": engine.target.config.num_hidden_layers, "offloaded": off is not None,
-            "drafter_forward": lean.describe(engine.drafter, engine.state.dcache)}
+            "drafter_forward": engine.draft.describe(engine.conversation.dcache)}
     if off is not None:
         info.update(streamed_layers=off.streamed_layers, resident_layers=off.resident_layers, ring=off.ring,
                     link_delay=off.transport.link_delay, bytes_per_pass=off.pinned_bytes, codecs=off.codecs())

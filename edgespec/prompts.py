@@ -6,6 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from edgespec.errors import ContextLengthError, InvalidArgumentError
+
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -49,3 +53,30 @@ def _shown(file: Path) -> str:
         return os.path.relpath(file.resolve(), ROOT)
     except ValueError:
         return str(file)
+
+
+def encode(tokenizer, prompt, max_context: int) -> list[int]:
+    """A prompt as token ids: a str is tokenized as is, a list of {role, content} messages through the
+    tokenizer's chat template, ids (a list or tensor) pass through. Refuses an empty prompt, and one the
+    context window cannot hold with room to answer."""
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.reshape(-1).tolist()
+    elif isinstance(prompt, str):
+        ids = _needs(tokenizer).encode(prompt) if prompt else []
+    elif prompt and isinstance(prompt[0], dict):
+        ids = _needs(tokenizer).apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise InvalidArgumentError("The prompt is empty: give at least one token of text.")
+    if len(ids) >= max_context:
+        raise ContextLengthError(f"The prompt has {len(ids)} tokens but the context window is {max_context}: "
+                                 "shorten the prompt (or, in chat, /reset the conversation).")
+    return ids
+
+
+def _needs(tokenizer):
+    if tokenizer is None:
+        raise InvalidArgumentError("This engine has no tokenizer: pass token ids, or give Engine a tokenizer.")
+    return tokenizer

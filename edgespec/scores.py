@@ -134,3 +134,16 @@ def _isotonic(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
     return torch.tensor([b[0] for b in blocks for _ in range(b[2])], dtype=y.dtype)
 
+
+class ScoreCalibrations:
+    """One calibration per sampling setting (greedy, or each temperature/top-p/... combination), kept
+    across generations: what the trees of one setting teach says little about another's."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled  # False: raw draft scores everywhere
+        self.by_setting: dict[tuple, ScoreCalibration] = {}
+
+    def for_sampler(self, sampler) -> ScoreCalibration | None:
+        if not self.enabled:
+            return None
+        return self.by_setting.setdefault(sampler.key_of_setting(), ScoreCalibration())

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgespec.cache import crop, new_cache  # noqa: E402
 from edgespec.draft import TreeSearch  # noqa: E402
+from edgespec.drafter import Drafter  # noqa: E402
 from edgespec.forward import hidden_states  # noqa: E402
 from edgespec.sampling import Sampler  # noqa: E402
 from edgespec.stats import Plan  # noqa: E402
@@ -98,7 +99,7 @@ class RouterLog:
 
 def draft_trees(drafter, prompts: list[list[int]], sizes: list[int]) -> list[list[Tree]]:
     """For each prompt, one best-first tree per pass size (budget K - 1 draft nodes under the root)."""
-    out = []
+    out, draft = [], Drafter(drafter)
     with torch.no_grad():
         for ids in prompts:
             trees = []
@@ -106,7 +107,7 @@ def draft_trees(drafter, prompts: list[list[int]], sizes: list[int]) -> list[lis
                 if k == 1:
                     trees.append(Tree.root_only(ids[-1]))
                     continue
-                search = TreeSearch.start(drafter, new_cache(drafter), torch.tensor(ids), Sampler(), branch=8)
+                search = TreeSearch.start(draft, draft.new_cache(), torch.tensor(ids), Sampler(), branch=8)
                 search.grow(Plan(k - 1, 32, 8, 64))
                 tree = search.tree(k - 1)
                 assert tree.size == k - 1, (tree.size, k)

@@ -4,7 +4,7 @@
     python scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static
     python scripts/profile_draft.py --device cpu --quant none --budgets 1,16,64     # any machine
 
-`--forward` picks how the drafter's forwards run (edgespec/lean.py): `transformers` (the model's own
+`--forward` picks how the drafter's forwards run (edgespec/drafter.py): `transformers` (the model's own
 forward), `lean` (edgespec's lean forward over transformers' cache), `static` (the lean forward over
 preallocated buffers, replayed from CUDA graphs on a GPU; eager on a CPU).
 
@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgespec import lean  # noqa: E402
-from edgespec.cache import crop, new_cache  # noqa: E402
-from edgespec.forward import hidden_states  # noqa: E402
-from edgespec.measure import sync, time_drafts  # noqa: E402
+from edgespec.cache import crop  # noqa: E402
+from edgespec.drafter import Drafter  # noqa: E402
+from edgespec.device import sync  # noqa: E402
+from edgespec.measure import time_drafts  # noqa: E402
 from edgespec.models import load_model  # noqa: E402
 from edgespec.stats import Plan  # noqa: E402
 
@@ -49,15 +49,15 @@ def random_drafter_folder(layers: int = 30) -> str:
 
 
 @torch.inference_mode()
-def forward_ms(model, device, prefix: list[int], n: int, repeats: int = 5) -> float:
-    cache = new_cache(model)
+def forward_ms(draft: Drafter, device, prefix: list[int], n: int, repeats: int = 5) -> float:
+    cache = draft.new_cache()
     allowed = torch.ones(n, PREFIX - 1 + n, dtype=torch.bool).tril(PREFIX - 1)
-    hidden_states(model, cache, torch.tensor(prefix[:-1]), torch.arange(PREFIX - 1), None)
+    draft.hidden_states(cache, torch.tensor(prefix[:-1]), torch.arange(PREFIX - 1), None)
     times = []
     for _ in range(repeats + 1):  # the first warms up
         sync(device)
         t0 = time.perf_counter()
-        hidden_states(model, cache, torch.tensor(prefix[:n]), torch.arange(PREFIX - 1, PREFIX - 1 + n), allowed)
+        draft.hidden_states(cache, torch.tensor(prefix[:n]), torch.arange(PREFIX - 1, PREFIX - 1 + n), allowed)
         sync(device)
         times.append(time.perf_counter() - t0)
         crop(cache, PREFIX - 1)
@@ -79,14 +79,14 @@ def main(argv=None) -> None:
     for quant in args.quant.split(","):
         model = load_model(folder, quantize=None if quant == "none" else quant, device=args.device, progress=False)
         for how in args.forward.split(","):
-            lean.disable(model)
-            if how != "transformers" and not lean.enable(model, static=how == "static"):
+            draft = Drafter(model, how)
+            if how != "transformers" and draft.lean is None:
                 print(f"{how}: not available for this model", flush=True)
                 continue
             name = f"{'unquantized' if quant == 'none' else quant} {how}"
             for n in (1, 16, 64):
-                print(f"{name} drafter forward, {n} tokens: {forward_ms(model, device, prefix, n):.1f} ms", flush=True)
-            for r in time_drafts(model, prefix, budgets, lambda k: Plan(k, 32, 16, 64), repeats=2):
+                print(f"{name} drafter forward, {n} tokens: {forward_ms(draft, device, prefix, n):.1f} ms", flush=True)
+            for r in time_drafts(draft, prefix, budgets, lambda k: Plan(k, 32, 16, 64), repeats=2):
                 print(f"{name} tree build K={r['budget']}: {r['draft_s'] * 1e3:.1f} ms "
                       f"(size {r['tree_size']}, depth {r['tree_depth']})", flush=True)
         del model

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgespec.offload import find_handle  # noqa: E402
 from edgespec.profile import peak_rss, rss  # noqa: E402
 
 GB = 1e9
@@ -66,28 +67,29 @@ def prompts(args) -> list[str]:
 def prepare(name: str, args) -> None:
     """The de-quantized copy (for `copy`), the parsed index (for `raw`) and the tokenizer, made once."""
     from edgespec.convert import dequantized_copy, gguf_index, tokenizer_copy
-    from edgespec.loader import host_dtype
+    from edgespec.device import run_dtype
     from edgespec.resolve import resolve
 
     folder, gguf = resolve(spec_of(name))
     gguf_index(folder, gguf)
     tokenizer_copy(folder, gguf)
     if "copy" in args.ways.split(","):
-        dequantized_copy(folder, gguf, True, host_dtype(torch.device(args.device)))
+        dequantized_copy(folder, gguf, True, run_dtype(torch.device(args.device)))
 
 
 def child(name: str, way: str, args) -> dict:
     """One load, timed passes and greedy tokens, in this fresh process."""
-    from edgespec.loader import host_dtype, load_offloaded
+    from edgespec.device import run_dtype
+    from edgespec.loader import load_offloaded
     from edgespec.measure import time_passes
     from edgespec.models import load_tokenizer
 
     dev = torch.device(args.device)
     base, start = rss(), time.perf_counter()
-    model = load_offloaded(spec_of(name), dev, host_dtype(dev), progress=False, gguf_copy=way == "copy",
+    model = load_offloaded(spec_of(name), dev, run_dtype(dev), progress=False, gguf_copy=way == "copy",
                            resident_layers=args.resident_layers)
     load_s, peak, after = time.perf_counter() - start, peak_rss(), rss()
-    handle = model._edgespec_offload
+    handle = find_handle(model)
     sizes = [int(s) for s in args.sizes.split(",")]
     passes = time_passes(model, dev, sizes, past=64, repeats=args.repeats, handle=handle)
     tok = load_tokenizer(spec_of(name), progress=False)

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgespec.offload import find_handle  # noqa: E402
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
 from edgespec.profile import peak_rss, rss  # noqa: E402
 
@@ -77,7 +78,7 @@ def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) ->
         model = load_offloaded(folder, dev, dtype, progress=False, resident_layers=0, quantize=q)
     seconds = time.perf_counter() - start
     peak = peak_rss()  # before any forward: a CPU bf16 forward may upcast the head for a while
-    handle = model._edgespec_offload
+    handle = find_handle(model)
     with torch.no_grad():
         logits = model(torch.arange(16, device=dev)[None]).logits.float()
     return {"way": way, "quant": quant, "load_s": round(seconds, 2),

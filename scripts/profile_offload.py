@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgespec.measure import time_passes  # noqa: E402
 from edgespec.offload import offload_layers  # noqa: E402
 from edgespec.offload.bandwidth import measure_bandwidth  # noqa: E402
-from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model, model_bytes  # noqa: E402
+from edgespec.device import param_bytes  # noqa: E402
+from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
 
 MB = 1e6
 
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model = build_random_model(args.shape, args.dtype, seed=args.seed)
     built = time.perf_counter() - t0
-    print(f"model {args.shape} {args.dtype}: {model_bytes(model) / 1e9:.2f} GB, built in {built:.1f}s")
+    print(f"model {args.shape} {args.dtype}: {param_bytes(model) / 1e9:.2f} GB, built in {built:.1f}s")
     resident = None if args.resident == "auto" else int(args.resident)
     source = RandomBlocks(args.gguf_blocks, args.seed) if args.gguf_blocks else None
     handle = offload_layers(model, device, resident_layers=resident, ring=args.ring, link_delay=args.link_delay,

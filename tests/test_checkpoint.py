@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from edgespec.offload import find_handle
 from edgespec.errors import ModelNotFoundError
 from edgespec.models import load_model
 from edgespec.offload import offload_layers
@@ -52,7 +53,7 @@ def test_layerwise_equals_whole(tmp_path, arch, extra, quantize, resident):
     (la, ga), (lb, gb) = outputs(fast), outputs(ref)
     assert torch.equal(la, lb) and torch.equal(ga, gb)
     assert fast.config.num_hidden_layers == 4 and len(fast.model.layers) == 4
-    assert fast._edgespec_offload.resident_layers == resident
+    assert find_handle(fast).resident_layers == resident
     tied = fast.lm_head.weight is fast.model.embed_tokens.weight
     assert tied == bool(extra.get("tie_word_embeddings"))
 

@@ -71,7 +71,7 @@ def test_ctrl_c_in_the_engine_keeps_the_partial_answer():
     engine = tiny_engine(budget=1)
     s, out, _ = chat_session(engine, max_new_tokens=20)
     s.ask("hello world")
-    real_step, calls = engine.step, []
+    real_step, calls = engine.stepper.step, []
 
     def step(*a, **k):
         calls.append(1)
@@ -79,13 +79,13 @@ def test_ctrl_c_in_the_engine_keeps_the_partial_answer():
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    engine.step = step
+    engine.stepper.step = step
     partial = s.ask("the cat")
     assert "[interrupted]" in out.getvalue()
     assert s.messages[-1] == {"role": "assistant", "content": partial} and len(s.messages) == 4
     assert s.last.stop_reason == "interrupted" and 1 <= s.last.new_tokens < 20
     assert len(engine.state.ids) <= len(engine.encode(s.messages[:3])) + s.last.new_tokens
-    engine.step = real_step
+    engine.stepper.step = real_step
     s.ask("one two")  # the conversation goes on
     assert len(s.messages) == 6
 
@@ -209,6 +209,20 @@ def test_generate_prints_the_targets_greedy_answer(real_pair, tmp_path):
     expected = tok.decode(greedy_reference(target, ids, 24), skip_special_tokens=True)
     assert proc.stdout == expected + "\n"
     assert "de-quantizing SmolLM2-135M-Instruct.Q4_1.gguf once" in proc.stderr
+
+
+def test_every_model_option_sets_a_config_field():
+    """The CLI's model options are the configs' fields (or named CLI-only): none is lost on the way."""
+    from dataclasses import fields
+
+    from edgespec.config import DraftConfig, LoadConfig
+    from edgespec.sampling import SamplingConfig
+
+    configs = {c.__name__: {f.name for f in fields(c)} for c in (LoadConfig, DraftConfig, SamplingConfig)}
+    options = {a.dest for a in cli.model_options()._actions}
+    assert options == set(cli.OPTION_FIELDS) | cli.CLI_ONLY
+    for cls, field in cli.OPTION_FIELDS.values():
+        assert field in configs[cls], (cls, field)
 
 
 def test_model_options_reach_the_engine(monkeypatch):

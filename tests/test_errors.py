@@ -11,7 +11,8 @@ from edgespec import Engine
 from edgespec.errors import (
     ContextLengthError, InvalidArgumentError, ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError,
 )
-from edgespec.models import check_tokenizers, load_model
+from edgespec.models import load_model
+from edgespec.pair import check_tokenizers
 from edgespec.scheduler import make_scheduler
 from tests.conftest import Fixed, greedy_reference, tiny_pair
 from edgespec.stats import Plan

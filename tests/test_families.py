@@ -18,7 +18,8 @@ import warnings
 import pytest
 import torch
 
-from edgespec import Engine, attention, lean
+from edgespec import Engine, attention
+from edgespec.drafter import Drafter
 from edgespec.cache import new_cache
 from edgespec.errors import UnsupportedModelError
 from edgespec.forward import hidden_states
@@ -131,12 +132,13 @@ def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch)
 
     monkeypatch.setenv("EDGESPEC_LEAN", lean_mode)
     model = target_model(family, init=0.3)
-    assert lean.enable(model) == (family == "mistral")
+    draft = Drafter(model)
+    assert (draft.lean is not None) == (family == "mistral")
     branch, plan = 3, Plan(32, 16, 3, 8)
     sampler = Sampler(draft_temperature=0.1)  # deep trees (depth scores above siblings)
     ctx = [5, 9, 2, 33, 7, 1, 60, 12, 4, 8, 19, 23, 40, 2, 6]
     with torch.no_grad():
-        search = TreeSearch.start(model, new_cache(model), torch.tensor(ctx), sampler, branch)
+        search = TreeSearch.start(draft, draft.new_cache(), torch.tensor(ctx), sampler, branch)
         search.grow(plan)
         assert check_children(model, search, ctx, branch) > W, "the search never went deeper than the window"
         tree = search.tree(plan.budget)
@@ -149,7 +151,6 @@ def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch)
         ctx = ctx + [int(tree.tokens[a]), int(tree.tokens[b]), bonus]
         search.grow(Plan(48, 16, 3, 8))
         assert check_children(model, search, ctx, branch, pruned=True) > W
-    lean.disable(model)
 
 
 def check_children(model, search, ctx: list[int], branch: int, pruned: bool = False) -> int:
@@ -192,7 +193,8 @@ def test_sampling_matches_target_law_past_the_window(family):
     drafter = noisy_copy(target, scale=0.2)
     prompt = torch.randint(0, vocab, (3 * W,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        search = TreeSearch.start(drafter, new_cache(drafter), prompt, Sampler(1.0, seed=0), 4)
+        draft = Drafter(drafter)
+        search = TreeSearch.start(draft, draft.new_cache(), prompt, Sampler(1.0, seed=0), 4)
         search.grow(Plan(16, 3, 4, 16))
         tree = search.tree(16)
         cache = new_cache(target)

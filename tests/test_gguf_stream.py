@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import quantize
 
+from edgespec.offload import find_handle
 from edgespec import Engine
 from edgespec.loader import load_offloaded
 from edgespec.models import load_model
@@ -82,7 +83,7 @@ def prompts(n: int) -> list[list[int]]:
 def test_streams_raw_and_writes_no_dequantized_copy(tiny_gguf):
     path, wrote, raw = tiny_gguf
     assert wrote == [], "an offloaded GGUF target must not write a de-quantized copy"
-    handle = raw._edgespec_offload
+    handle = find_handle(raw)
     kinds = {c["type"]: c["codec"] for c in handle.codecs()}
     assert kinds == {"Q8_0": "gguf:Q8_0", "Q4_0": "gguf:Q4_0", "Q5_1": "gguf:Q5_1", "F32": "gguf:F32"}
     from edgespec.convert import gguf_index
@@ -104,7 +105,7 @@ def test_raw_stream_equals_the_dequantized_copy(tiny_gguf, resident, monkeypatch
     raw = load_offloaded(str(path), CPU, torch.float32, progress=False, resident_layers=resident)
     copy = load_offloaded(str(path), CPU, torch.float32, progress=False, resident_layers=resident, gguf_copy=True)
     whole = load_model(str(path), progress=False)
-    assert raw._edgespec_offload.streamed_layers == L - resident
+    assert find_handle(raw).streamed_layers == L - resident
     ids = torch.tensor([prompts(1)[0]])
     with torch.no_grad():
         a, b, c = raw(ids).logits, copy(ids).logits, whole(ids).logits
@@ -113,7 +114,7 @@ def test_raw_stream_equals_the_dequantized_copy(tiny_gguf, resident, monkeypatch
     for p in prompts(2):
         expected = greedy_reference(whole, p, 12)
         assert greedy_reference(raw, p, 12) == greedy_reference(copy, p, 12) == expected
-        assert engine.generate(p, max_new_tokens=12).ids == expected
+        assert engine.generate(p, max_new_tokens=12, temperature=0).ids == expected
 
 
 def test_llama_q_k_rows_are_permuted_once_on_the_host(tiny_gguf):
@@ -152,7 +153,7 @@ def test_an_iquant_layer_is_refused_before_loading(tmp_path, monkeypatch):
                                                     r"\.k_proj\.weight\) is Q5_1.*--stream-quant int8"):
         load_offloaded(str(path), CPU, torch.float32, progress=False, resident_layers=0)
     model = load_offloaded(str(path), CPU, torch.float32, progress=False, resident_layers=0, quantize="int8")
-    assert {c["codec"] for c in model._edgespec_offload.codecs()} == {"int8", "copy"}
+    assert {c["codec"] for c in find_handle(model).codecs()} == {"int8", "copy"}
 
 
 def test_generate_json_reports_the_stream(tiny_gguf, monkeypatch, capsys):
@@ -169,7 +170,7 @@ def test_generate_json_reports_the_stream(tiny_gguf, monkeypatch, capsys):
     monkeypatch.setattr(cli, "make_engine", lambda args: engine)
     assert cli.main(["generate", "AB ab", "--raw", "--json", "--max-new-tokens", "4"]) == 0
     off = json.loads(capsys.readouterr().out)["offload"]
-    assert off["bytes_per_pass"] == raw._edgespec_offload.pinned_bytes == off["last"]["bytes"]
+    assert off["bytes_per_pass"] == find_handle(raw).pinned_bytes == off["last"]["bytes"]
     assert {c["type"] for c in off["codecs"]} == {"Q8_0", "Q4_0", "Q5_1", "F32"}
     assert 0 < off["last"]["decode_time"] <= off["last"]["transfer_time"]
 
@@ -181,7 +182,7 @@ def test_embedded_default_streams_its_q4_1_blocks_raw(real_pair, resident):
     de-quantized copy streamed does; the engine over it too."""
     target, drafter, tok = real_pair
     raw = load_offloaded(None, CPU, torch.float32, progress=False, resident_layers=resident)
-    handle = raw._edgespec_offload
+    handle = find_handle(raw)
     assert handle.streamed_layers == 30 - resident
     if resident < 30:
         assert {c["type"] for c in handle.codecs()} == {"Q4_1", "F32"}
@@ -194,7 +195,7 @@ def test_embedded_default_streams_its_q4_1_blocks_raw(real_pair, resident):
         copy = load_offloaded(None, CPU, torch.float32, progress=False, resident_layers=resident, gguf_copy=True)
         assert greedy_reference(copy, ids, 8) == expected
         engine = Engine(raw, drafter, tok, budget=8, calibrate=False)
-        assert engine.generate(ids, max_new_tokens=8).ids == expected
+        assert engine.generate(ids, max_new_tokens=8, temperature=0).ids == expected
 
 
 def test_profile_script_compares_both_ways(tiny_gguf, tmp_path, monkeypatch, capsys):

@@ -9,9 +9,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "edgespec"
 
-# The one cycle still allowed: `edgespec profile` and `edgespec bench` take helpers from the CLI module
-# that dispatches to them. Being removed elsewhere; delete this set (and its use below) once it is.
-ALLOWED_CYCLE = {"edgespec.cli", "edgespec.bench", "edgespec.profile"}
 LOADING = {"edgespec.resolve", "edgespec.tensors", "edgespec.skeleton", "edgespec.convert", "edgespec.quantized",
            "edgespec.models", "edgespec.loader"}
 
@@ -86,7 +83,7 @@ def test_the_reader_sees_lazy_and_relative_imports():
 
 
 def test_no_import_cycle_in_edgespec():
-    found = [c for c in cycles(graph()) if not c <= ALLOWED_CYCLE]
+    found = cycles(graph())
     assert not found, f"import cycles: {[sorted(c) for c in found]}"
 
 

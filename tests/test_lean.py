@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from edgespec import Engine, lean, static_cache
-from edgespec.cache import crop, keep_positions, new_cache
-from edgespec.forward import hidden_states
+from edgespec import Engine, static_cache
+from edgespec.cache import crop, keep_positions
+from edgespec.drafter import Drafter
 from edgespec.static_cache import GraphFallbackWarning, StaticCache
 
 from tests.conftest import greedy_reference, tiny_model, tiny_pair
@@ -21,25 +21,25 @@ def qwen3(seed: int = 0):
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def small_static(model, capacity: int = 8, graphs: bool = False) -> StaticCache:
-    big = lean.lookup(model).new_cache()
+def small_static(draft: Drafter, capacity: int = 8, graphs: bool = False) -> StaticCache:
+    big = draft.new_cache()
     return StaticCache(big.n_layers, big.shape[1], big.shape[3], big.dtype, big.device, capacity, graphs)
 
 
-def feeds(model, cache) -> list[torch.Tensor]:
+def feeds(draft: Drafter, cache) -> list[torch.Tensor]:
     """A stem, a tree (two branches) over it, a pruning to one branch, then a longer stem."""
-    out = []
+    out, hidden_states = [], draft.hidden_states
     with torch.no_grad():
-        out.append(hidden_states(model, cache, torch.arange(10), torch.arange(10), None))
+        out.append(hidden_states(cache, torch.arange(10), torch.arange(10), None))
         allowed = torch.ones(5, 15, dtype=torch.bool)
         allowed[:, 10:] = torch.eye(5, dtype=torch.bool)
         allowed[2, 10] = allowed[3, 10] = allowed[4, 11] = True  # 10 -> {12, 13}, 11 -> {14}
-        out.append(hidden_states(model, cache, torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 10, 11, 11, 11]),
+        out.append(hidden_states(cache, torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 10, 11, 11, 11]),
                                  allowed))
         keep_positions(cache, torch.tensor([*range(10), 10, 13]))
-        out.append(hidden_states(model, cache, torch.arange(20, 40), torch.arange(12, 32), None))
+        out.append(hidden_states(cache, torch.arange(20, 40), torch.arange(12, 32), None))
         crop(cache, 25)
-        out.append(hidden_states(model, cache, torch.tensor([3]), torch.tensor([25]), None))
+        out.append(hidden_states(cache, torch.tensor([3]), torch.tensor([25]), None))
     return out
 
 
@@ -52,36 +52,42 @@ def graphed(monkeypatch, captured):
     """A tiny Llama on the lean static path whose "graphs" are `captured` (a CPU stand-in), its
     transformers-forward reference outputs, and an empty graph-replaying cache."""
     model = tiny_model("llama")
-    reference = feeds(model, new_cache(model))
+    reference = feeds(plain(model), plain(model).new_cache())
     monkeypatch.setattr(static_cache, "_Captured", captured)
-    lean.enable(model, static=True)
-    return model, reference, small_static(model, capacity=64, graphs=True)
+    draft = Drafter(model, "static")
+    return draft, reference, small_static(draft, capacity=64, graphs=True)
+
+
+def plain(model) -> Drafter:
+    """The model on transformers' own forward: the reference."""
+    return Drafter(model, "transformers")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_lean_forwards_match_transformers(arch):
     model = qwen3() if arch == "qwen3" else tiny_model(arch)
-    reference = feeds(model, new_cache(model))
-    assert lean.enable(model, static=False)
-    for want, got in zip(reference, feeds(model, new_cache(model))):
+    reference = feeds(plain(model), plain(model).new_cache())
+    dynamic = Drafter(model, "lean")
+    assert dynamic.describe() == "lean"
+    for want, got in zip(reference, feeds(dynamic, dynamic.new_cache())):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    assert lean.enable(model, static=True)
-    cache = small_static(model, capacity=8)  # grows twice on the way
-    assert_same(reference, feeds(model, cache))
+    static = Drafter(model, "static")
+    assert static.describe() == "lean+static"
+    cache = small_static(static, capacity=8)  # grows twice on the way
+    assert_same(reference, feeds(static, cache))
     assert cache.capacity >= 32 and cache.get_seq_length() == 26
-    lean.disable(model)
 
 
 def test_unsupported_models_keep_transformers_forward(monkeypatch):
     gemma = tiny_model("gemma")
-    assert not lean.enable(gemma) and lean.describe(gemma) == "transformers"
+    assert Drafter(gemma).lean is None and Drafter(gemma, "static").describe() == "transformers"
     llama = tiny_model("llama")
     monkeypatch.setenv("EDGESPEC_LEAN", "0")
-    assert not lean.enable(llama)
+    assert Drafter(llama).lean is None
     monkeypatch.setenv("EDGESPEC_LEAN", "static")
-    assert lean.enable(llama) and lean.describe(llama) == "lean+static"
-    assert isinstance(new_cache(llama), StaticCache)
-    lean.disable(llama)
+    draft = Drafter(llama)
+    assert draft.lean is not None and draft.describe() == "lean+static"
+    assert isinstance(draft.new_cache(), StaticCache)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -98,8 +104,7 @@ def test_engine_with_static_drafter_matches_generate_and_drafts_the_same(monkeyp
         out = engine.generate(prompt, max_new_tokens=40)
         assert out.ids == want
         accepted[mode] = [s.accepted for s in out.stats.steps]
-        assert isinstance(engine.state.dcache, StaticCache) == (mode == "static")
-        lean.disable(drafter)
+        assert isinstance(engine.conversation.dcache, StaticCache) == (mode == "static")
     assert accepted["static"] == accepted["0"]
     assert sum(accepted["static"]) > len(accepted["static"])  # the drafter was right sometimes
 
@@ -122,35 +127,33 @@ class ReplayByRerun:
 
 
 def test_static_cache_replays_captured_buckets(monkeypatch):
-    model, reference, cache = graphed(monkeypatch, ReplayByRerun)
-    assert_same(reference, feeds(model, cache))
+    draft, reference, cache = graphed(monkeypatch, ReplayByRerun)
+    assert_same(reference, feeds(draft, cache))
     assert sorted(cache._graphs) == [1, 8, 16, 32]  # 10, 5, 20 and 1 tokens, bucketed
     crop(cache, 0)
-    assert_same(reference, feeds(model, cache))  # the second round replays every bucket
+    assert_same(reference, feeds(draft, cache))  # the second round replays every bucket
     assert all(g.replays >= 2 for g in cache._graphs.values())
-    fresh = small_static(model, capacity=64, graphs=True)
-    lean.prepare(model, fresh)  # what an engine does at start-up: every bucket captured, nothing kept
+    fresh = small_static(draft, capacity=64, graphs=True)
+    draft.prepare(fresh)  # what an engine does at start-up: every bucket captured, nothing kept
     assert sorted(fresh._graphs) == list(static_cache.BUCKETS) and fresh.get_seq_length() == 0
-    assert_same(reference, feeds(model, fresh))
+    assert_same(reference, feeds(draft, fresh))
     with torch.no_grad():  # a long feed grows the buffers, which drops the graphs ...
-        hidden_states(model, fresh, torch.arange(1100) % 64, torch.arange(26, 1126), None)
-        hidden_states(model, fresh, torch.tensor([1]), torch.tensor([1126]), None)
+        draft.hidden_states(fresh, torch.arange(1100) % 64, torch.arange(26, 1126), None)
+        draft.hidden_states(fresh, torch.tensor([1]), torch.tensor([1126]), None)
     assert fresh._graphs == {} and fresh.capacity >= 1127  # ... and only `prepare` captures again
-    lean.prepare(model, fresh)
+    draft.prepare(fresh)
     assert sorted(fresh._graphs) == list(static_cache.BUCKETS) and fresh.get_seq_length() == 1127
-    lean.disable(model)
 
 
 def test_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    model, reference, cache = graphed(monkeypatch, broken)
+    draft, reference, cache = graphed(monkeypatch, broken)
     with pytest.warns(GraphFallbackWarning, match="CUDA graphs turned off"):
-        got = feeds(model, cache)
+        got = feeds(draft, cache)
     assert_same(reference, got)
     assert not cache.use_graphs
-    lean.disable(model)
 
 
 class ReplayWrong(ReplayByRerun):
@@ -161,9 +164,8 @@ class ReplayWrong(ReplayByRerun):
 
 
 def test_a_capture_that_replays_wrong_is_refused(monkeypatch):
-    model, reference, cache = graphed(monkeypatch, ReplayWrong)
+    draft, reference, cache = graphed(monkeypatch, ReplayWrong)
     with pytest.warns(GraphFallbackWarning, match="differs from the eager forward"):
-        got = feeds(model, cache)
+        got = feeds(draft, cache)
     assert_same(reference, got)  # the eager results were returned, never the replay's
     assert not cache.use_graphs and cache._graphs == {}
-    lean.disable(model)

@@ -66,13 +66,13 @@ def test_observe_tree_counts_tested_nodes_only():
 
 def test_rescore_matches_incremental_scores():
     target, drafter = tiny_pair("llama", init=0.1)
-    from edgespec.cache import new_cache
+    from edgespec.drafter import Drafter
 
     calib = ScoreCalibration()
     calib.observe(torch.log(torch.tensor([0.5, 0.2, 0.9])), torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1]))
-    sampler = Sampler(calibration=calib)
+    draft = Drafter(drafter)
     with torch.no_grad():
-        search = TreeSearch.start(drafter, new_cache(drafter), torch.tensor([1, 2, 3]), sampler, 4)
+        search = TreeSearch.start(draft, draft.new_cache(), torch.tensor([1, 2, 3]), Sampler(), 4, calibration=calib)
         search.grow(Plan(48, 8, 4, 16))
     before = search.scores.clone()
     search.rescore()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from edgespec.cache import new_cache
 from edgespec.draft import build_tree
+from edgespec.drafter import Drafter
 from edgespec.forward import stem_and_tree_mask
 from edgespec.sampling import Sampler
 from edgespec.stats import Plan
@@ -13,9 +13,10 @@ from tests.conftest import tiny_model
 
 def draft(budget, depth=8, branch=4, batch=16, seed=0):
     model = tiny_model("llama", seed=seed, init=0.2)
-    cache = new_cache(model)
+    drafter = Drafter(model)
+    cache = drafter.new_cache()
     stem = torch.tensor([3, 1, 4, 1, 5])
-    tree = build_tree(model, cache, stem, Plan(budget, depth, branch, batch), Sampler())
+    tree = build_tree(drafter, cache, stem, Plan(budget, depth, branch, batch), Sampler())
     return model, cache, stem, tree
 
 

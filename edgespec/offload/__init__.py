@@ -1,6 +1,7 @@
 """Run a model larger than the device: stream its decoder layers from host memory each forward pass.
 
     handle = offload_layers(model, device="cuda")   # or "cpu": same code path, a copy thread
+    find_handle(model)                               # the same handle, found from the model's hooks
     model(...)                                       # plain HF forward / generate, KV caches, 4-D masks
     handle.last_pass                                 # bytes, transfer / compute / wait / wall, overlap
     handle.remove()                                  # back to a normal (host) model
@@ -21,6 +22,6 @@ streamed layer, even when the ring could hold them all.
 """
 from edgespec.offload.api import offload_layers
 from edgespec.offload.stats import OffloadStats, PassStats
-from edgespec.offload.streamer import OffloadHandle
+from edgespec.offload.streamer import OffloadHandle, find_handle
 
-__all__ = ["offload_layers", "OffloadHandle", "OffloadStats", "PassStats"]
+__all__ = ["offload_layers", "find_handle", "OffloadHandle", "OffloadStats", "PassStats"]

@@ -10,14 +10,14 @@ from edgespec.errors import InvalidArgumentError
 from edgespec.offload.layout import LayerPack, make_slots
 from edgespec.offload.placement import auto_resident, check_no_sharing, decoder_layers, move_outside
 from edgespec.offload.quant import CODECS, make_codec
-from edgespec.offload.streamer import OffloadHandle
+from edgespec.offload.streamer import OffloadHandle, find_handle
 from edgespec.offload.transport import make_transport
 
 
 def offload_layers(model: nn.Module, device: str | torch.device = "cuda", resident_layers: int | None = None,
                    ring: int = 2, link_delay: float = 0.0, quantize: str | None = None, progress: bool = True,
                    reserve_bytes: int | None = None, source=None) -> OffloadHandle:
-    """Offload `model`'s decoder layers; returns a handle (also stored as `model._edgespec_offload`).
+    """Offload `model`'s decoder layers; returns a handle (`find_handle(model)` finds it again).
 
     - `resident_layers`: leading layers kept on `device`; None = as many as fit in free device memory
       minus `reserve_bytes` (default 20 % of free) on CUDA, 0 on CPU (so streaming is exercised).
@@ -35,7 +35,7 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
     """
     device = _device(device)
     _check(ring, link_delay, quantize, resident_layers)
-    if getattr(model, "_edgespec_offload", None) is not None:
+    if find_handle(model) is not None:
         raise InvalidArgumentError("This model is already offloaded: call handle.remove() before offloading again.")
     layers = decoder_layers(model, meta_layers=source is not None)
     n = len(layers)
@@ -64,7 +64,6 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
         slots = make_slots(packs, min(ring, len(packs)), device)
     handle = OffloadHandle(model, layers, device, packs, slots, make_transport(device, float(link_delay)), quantize,
                            codec=codec, ring_size=ring)
-    model._edgespec_offload = handle
     return handle
 
 

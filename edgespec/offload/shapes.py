@@ -69,6 +69,3 @@ def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> Non
             chunk = flat[start : start + pool.numel()]
             chunk.copy_(pool[: chunk.numel()])
 
-
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

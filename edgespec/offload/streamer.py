@@ -20,6 +20,17 @@ from edgespec.offload.placement import move_outside
 from edgespec.offload.stats import LayerTrace, OffloadStats, PassTrace
 
 
+def find_handle(model: nn.Module) -> "OffloadHandle | None":
+    """The handle streaming `model`'s decoder layers, read off the hooks it put on them (None when the
+    model is not offloaded)."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            handle = getattr(hook, "offload_handle", None)
+            if handle is not None:
+                return handle
+    return None
+
+
 class OffloadHandle:
     """Returned by `offload_layers`: stats, knobs, and `remove()` to undo the offloading."""
 
@@ -199,6 +210,7 @@ class OffloadHandle:
             self._layer = LayerTrace(start, self.transport.mark() if ticket is not None else start,
                                      ticket=ticket)
 
+        hook.offload_handle = self  # how find_handle() knows the layer is streamed, and by whom
         return hook
 
     def _post_hook(self, index: int):
@@ -236,7 +248,6 @@ class OffloadHandle:
         streamed = [self.layers[p.index] for p in self.packs]
         move_outside(self.model, streamed, device)
         self.packs, self.slots, self._tickets = [], [], {}
-        self.model.__dict__.pop("_edgespec_offload", None)
         return self.model
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 from typing import Callable, Iterable
 
+from edgespec.files import cache_dir, write_file
 from edgespec.scheduler.curve import DEFAULT_BUCKETS, Curve
 from edgespec.stats import StepStats
 
@@ -105,8 +106,7 @@ class CostModel:
 
 def default_cache_path() -> Path:
     """$EDGESPEC_CACHE/costs.json, else ~/.cache/edgespec/costs.json."""
-    root = os.environ.get("EDGESPEC_CACHE") or Path.home() / ".cache" / "edgespec"
-    return Path(root) / "costs.json"
+    return cache_dir() / "costs.json"
 
 
 def machine_key(model: str, extra: str = "") -> str:
@@ -135,9 +135,6 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, entries: dict) -> None:
     """Write atomically; a read-only cache directory only costs a recalibration next time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_file(path, json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True))
     except OSError:
         pass

@@ -242,7 +242,7 @@ def served_name(spec: str | None) -> str:
     name, or the hub id."""
     from pathlib import Path
 
-    from edgespec.models import EMBEDDED, EMBEDDED_FILE
+    from edgespec.resolve import EMBEDDED, EMBEDDED_FILE
 
     if spec in (None, "", EMBEDDED):
         return EMBEDDED_FILE.split(".")[0]
