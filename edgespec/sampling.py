@@ -22,15 +22,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
-
 import torch
 
 from edgespec.errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from edgespec.scores import ScoreCalibration
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -119,8 +113,6 @@ class Sampler:
     # over siblings: a drafter close to the target is right more often than its probabilities say,
     # because the target takes its argmax (benchmarks/acceptance_cpu.md, "draft temperature").
     draft_temperature: float = 1.0
-    # maps draft log-probs to calibrated log hit rates for tree scores (edgespec/scores.py); None = raw
-    calibration: "ScoreCalibration | None" = None
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0

@@ -52,7 +52,6 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     metrics = Metrics()
     worker = Worker(engine, metrics, config.max_queue)
     accepted = _sampler_parameters(engine)
-    started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -65,20 +64,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     _error_handlers(app)
     auth = [Depends(_key_check(config.api_key))]
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": config.model_id, "queue_length": worker.queue_length}
-
-    @app.get("/metrics", dependencies=auth)
-    async def prometheus():
-        text = metrics.render(worker.queue_length, worker.busy)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models", dependencies=auth)
-    async def models():
-        info = {"target": config.model_id, "drafter": config.drafter_id, "context_window": engine.max_context}
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
-                                            "owned_by": "edgespec", "edgespec": info}]}
+    _status_routes(app, engine, worker, metrics, config, auth)
 
     def checked(raw: bytes, chat: bool):
         req = check(ChatRequest if chat else CompletionRequest, parse_body(raw))
@@ -110,6 +96,26 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return await answer(request, chat=False)
 
     return app
+
+
+def _status_routes(app: FastAPI, engine, worker: Worker, metrics: Metrics, config: ServerConfig, auth) -> None:
+    """GET /health (open), /metrics and /v1/models (behind the key, if any)."""
+    started = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_id, "queue_length": worker.queue_length}
+
+    @app.get("/metrics", dependencies=auth)
+    async def prometheus():
+        text = metrics.render(worker.queue_length, worker.busy)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        info = {"target": config.model_id, "drafter": config.drafter_id, "context_window": engine.max_context}
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
+                                            "owned_by": "edgespec", "edgespec": info}]}
 
 
 # ---- one request ---------------------------------------------------------------------------------
