@@ -16,8 +16,6 @@ copy makes that a one-time cost). benchmarks/self_drafter_cpu.md measures what e
 """
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -35,10 +33,9 @@ def check(codec: str) -> None:
 
 
 def applies(linear: nn.Module, codec: str) -> bool:
-    """Whether `codec` can encode this layer (HQQ needs whole groups)."""
-    if not isinstance(linear, nn.Linear):
-        return False
-    return codec not in HQQ_BITS or linear.weight.numel() % GROUP == 0
+    """Whether `codec` encodes this layer: a linear layer whose rows are whole groups (blocks never straddle
+    rows; bitsandbytes' CPU kernels need it too). Others stay dense in the copy (tiny test models)."""
+    return isinstance(linear, nn.Linear) and linear.in_features % GROUP == 0
 
 
 def copy_bytes(shape: tuple[int, int], codec: str) -> int:
@@ -134,7 +131,7 @@ def _hqq_ready(module, dtype: torch.dtype):
 def _hqq():
     """HQQ's quantizer, or an EdgespecError with the install command."""
     try:
-        from hqq.core import quantize as hqq_quantize
+        import hqq.core.quantize as hqq_quantize
     except ImportError:
         raise EdgespecError("the hqq2/hqq3/hqq4 draft copies need HQQ: pip install hqq (or 'edgespec[hqq]'), "
                             "or use --draft-quant nf4") from None
@@ -188,6 +185,3 @@ def dequantized(module: nn.Module, codec: str) -> torch.Tensor:
 
     return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
-
-def meta_json(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True)
