@@ -109,6 +109,7 @@ def build(target: nn.Module, handle=None, codec: str = "nf4", *, cache: Path | N
                     store.save(i, layer, codec)
             bar.update()
     check_loaded(drafter)
+    drafter.config.name_or_path += f"-{codec}" if packs else ""  # calibration keys tell the layouts apart
     for p in drafter.parameters():
         p.requires_grad_(False)
     result = SelfDraft(drafter.eval(), codec, [i for i in range(len(mine)) if i not in packs], sorted(packs),
