@@ -60,11 +60,12 @@ class Loaded:
 def load_pair(config: LoadConfig) -> Loaded:
     """The target (offloaded unless `config.offload` is False), the drafter and the shared tokenizer.
     The drafter is the target itself (edgespec/selfdraft.py) for `drafter="self"`, and by default for an
-    offloaded target whose plan fits (pairplan.py); else the given model, or the target's own copy."""
+    offloaded target whose plan fits (pairplan.py, `_self_drafts`); else the given model, or the target's
+    own copy."""
     c = config
     dev = pick_device(c.device)
     tok = load_tokenizer(c.target, c.progress)
-    planner = _Planner(c, dev) if c.drafter == SELF or (c.drafter is None and c.offload) else None
+    planner = _Planner(c, dev) if _self_drafts(c) else None
     draft_model = None if planner is not None else _separate_drafter(c, c.drafter or c.target, dev, tok)
     stream = dict(resident_layers=c.resident_layers, link_delay=c.link_delay, quantize=_codec(c.stream_quant))
     handle = None
@@ -204,6 +205,15 @@ def _separate_drafter(c: LoadConfig, spec, dev: torch.device, tok) -> nn.Module:
     draft_tok = load_tokenizer(spec, c.progress) if spec != c.target else tok
     check_tokenizers(tok, draft_tok, "target", "drafter")  # before any weights are read
     return load_model(spec, quantize=quant, device=dev, progress=c.progress)
+
+
+def _self_drafts(c: LoadConfig) -> bool:
+    """Whether the target drafts for itself: asked (`drafter="self"`), or by default for an offloaded target
+    (not one zero-padded into a benchmark shape, whose own copy is the small model it predicts as; not with
+    `draft_quant="none"`, which asks for an unquantized copy)."""
+    if c.drafter == SELF:
+        return True
+    return c.drafter is None and c.offload and not c.target_shape and c.draft_quant != "none"
 
 
 class _Planner:

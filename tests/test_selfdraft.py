@@ -271,3 +271,14 @@ def test_sizes_of_a_model_before_its_layers_are_placed():
     assert sizes.copy["hqq2"] < sizes.copy["nf4"] < sizes.copy["int8"] < dense
     kv = 2 * 128 * LAYERS * pairplan.kv_layer_bytes(model.config, torch.float32)
     assert sizes.reserve > kv
+
+
+def test_who_drafts_by_default():
+    from edgespec.config import LoadConfig
+    from edgespec.loader import _self_drafts
+
+    assert _self_drafts(LoadConfig()) and _self_drafts(LoadConfig(drafter="self", offload=False))
+    assert not _self_drafts(LoadConfig(offload=False))  # the whole target on the device: its own copy drafts
+    assert not _self_drafts(LoadConfig(target_shape="llama-8b"))  # a padded benchmark target: the small copy
+    assert not _self_drafts(LoadConfig(draft_quant="none"))  # an unquantized copy asked for
+    assert not _self_drafts(LoadConfig(drafter="some/model"))
