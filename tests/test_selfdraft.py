@@ -282,3 +282,25 @@ def test_who_drafts_by_default():
     assert not _self_drafts(LoadConfig(target_shape="llama-8b"))  # a padded benchmark target: the small copy
     assert not _self_drafts(LoadConfig(draft_quant="none"))  # an unquantized copy asked for
     assert not _self_drafts(LoadConfig(drafter="some/model"))
+
+
+def test_profile_and_bench_report_the_layout(monkeypatch, tmp_path, capsys):
+    import json
+
+    from edgespec import cli
+
+    target = tiny_model("llama", layers=LAYERS, hidden=64, init=0.5)
+    handle = offload_layers(target, "cpu", resident_layers=1, progress=False)
+    sd = selfdraft.build(target, handle, "nf4", progress=False)
+    engine = Engine(target, sd.model, tiny_tokenizer(), budget=8, self_draft=sd)
+    monkeypatch.setattr(cli, "make_engine", lambda args: engine)
+    argv = ["profile", "--out-dir", str(tmp_path), "--sizes", "1,4", "--budgets", "2", "--prompts", "1",
+            "--max-new-tokens", "4", "--prefix", "8"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "profile.json").read_text())
+    assert r["model"]["self_draft"]["shared_layers"] == 1 and r["memory"]["drafter_weight_bytes"] == sd.copy_bytes
+    assert "self-drafter: 1 target layers shared" in capsys.readouterr().out
+    assert cli.main(["bench", "--n-prompts", "1", "--max-new-tokens", "6", "--draft", "self",
+                     "--out", str(tmp_path / "b.md")]) == 0
+    text = (tmp_path / "b.md").read_text()
+    assert "drafter the target itself (1 layers shared, 2 nf4 copies" in text and "| hf-assisted |" in text
