@@ -51,6 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--questions", default=str(default_questions()))
     ap.add_argument("--verify", choices=["oracle", "target"], default="target")
     ap.add_argument("--dense-copies", action="store_true", help="run the copies as their de-quantized weights")
+    ap.add_argument("--draft-temperature", type=float, default=1.0, help="Engine(draft_temperature=)")
     ap.add_argument("--refs", default=None, help="JSON file caching the target's greedy continuations")
     ap.add_argument("--json", default=None, help="append each row here as it is measured (JSON lines)")
     return ap.parse_args(argv)
@@ -114,11 +115,12 @@ def densify(model) -> None:
                 mod._modules[name] = lin
 
 
-def rows(name: str, loaded, budgets, prompts, refs, max_new: int, oracle: Oracle | None, sink) -> list[dict]:
+def rows(name: str, loaded, budgets, prompts, refs, max_new: int, oracle: Oracle | None, sink,
+         draft_temperature: float = 1.0) -> list[dict]:
     out = []
     for k in budgets:
         engine = Engine(loaded.target, loaded.drafter, loaded.tokenizer, budget=k, overlap=False,
-                        offload=loaded.offload, self_draft=loaded.self_draft)
+                        offload=loaded.offload, self_draft=loaded.self_draft, draft_temperature=draft_temperature)
         per_prompt, totals, equal, t0 = [], Totals(), True, time.perf_counter()
         for ids, ref in zip(prompts, refs):
             if oracle is not None:
@@ -170,7 +172,9 @@ def main(argv=None) -> list[dict]:
         if args.dense_copies and kind == "self":
             densify(loaded.drafter)
         name = (f"self {codec}, {resident} resident" if kind == "self" else "full nf4 copy")
-        results += rows(name, loaded, budgets, prompts, refs, args.max_new_tokens, oracle, args.json)
+        name += f", draft T={args.draft_temperature:g}" if args.draft_temperature != 1.0 else ""
+        results += rows(name, loaded, budgets, prompts, refs, args.max_new_tokens, oracle, args.json,
+                        args.draft_temperature)
         del loaded
         gc.collect()
     return results
