@@ -253,15 +253,6 @@ class _Planner:
         self.plan = plan
         return {**offload_kw, "resident_layers": plan.resident}
 
-    def unplanned(self, target: nn.Module, handle) -> None:
-        """A target placed without a plan (not offloaded; padded, or loaded another way): every layer it
-        keeps on the device is shared, the rest copied with the given or first codec."""
-        if self.plan is None and self.why is None:
-            layers = len(target.get_decoder().layers)
-            resident = handle.resident_layers if handle is not None else layers
-            codec = None if resident == layers else (self.codec or pairplan.ORDER[0])
-            self.plan = pairplan.PairPlan(resident, codec, 0, 0, 0, ("layout",))
-
 
 def _planned(plan, model: nn.Module, offload_kw: dict) -> dict:
     return plan(model, offload_kw) if plan is not None else offload_kw
@@ -269,12 +260,12 @@ def _planned(plan, model: nn.Module, offload_kw: dict) -> dict:
 
 def _self_drafted(c: LoadConfig, planner: _Planner, target: nn.Module, handle, tok, dev: torch.device) -> Loaded:
     """The pair with the target drafting for itself, or — a default that does not fit — its own copy."""
-    planner.unplanned(target, handle)
-    if planner.plan is None:
+    if planner.why is not None:
         _note(c.progress, f"drafting with the target's nf4 copy, not the self-drafter: {planner.why}")
         return Loaded(target, _separate_drafter(c, c.target, dev, tok), tok, handle)
-    codec = planner.plan.codec or planner.codec or pairplan.ORDER[0]
-    sd = selfdraft.build(target, handle, codec, cache=_copies_folder(c, codec, dev), plan=planner.plan,
+    plan = planner.plan  # None: not offloaded, every layer shared
+    codec = (plan.codec if plan is not None else None) or planner.codec or pairplan.ORDER[0]
+    sd = selfdraft.build(target, handle, codec, cache=_copies_folder(c, codec, dev), plan=plan,
                          progress=c.progress)
     return Loaded(target, sd.model, tok, handle, sd)
 
