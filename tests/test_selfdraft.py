@@ -304,3 +304,21 @@ def test_profile_and_bench_report_the_layout(monkeypatch, tmp_path, capsys):
                      "--out", str(tmp_path / "b.md")]) == 0
     text = (tmp_path / "b.md").read_text()
     assert "drafter the target itself (1 layers shared, 2 nf4 copies" in text and "| hf-assisted |" in text
+
+
+@pytest.mark.parametrize("codec", lowbit.CODECS)
+def test_each_codec_saves_and_restores_the_same_layer(codec):
+    if codec.startswith("hqq"):
+        pytest.importorskip("hqq")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64, bias=True)
+    copy = lowbit.quantize(linear, codec, torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = copy(x)
+        state, meta = lowbit.tensors(copy, codec)
+        again = lowbit.restore({k: v.clone() for k, v in state.items()}, meta, codec, torch.device("cpu"), torch.float32)
+        assert torch.equal(again(x), y)
+        err = (lowbit.dequantized(copy, codec).float() - linear.weight).norm() / linear.weight.norm()
+    assert err < {"int8": 0.01, "hqq4": 0.08, "nf4": 0.1, "fp4": 0.13, "hqq3": 0.15, "hqq2": 0.35}[codec]
+    assert lowbit.nbytes(copy) <= lowbit.copy_bytes((64, 128), codec) + 64 * 4 + 512  # + bias, a few scalars
