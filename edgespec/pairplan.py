@@ -15,9 +15,13 @@ streamed layers' host buffers. `resident` and `codec` given override the plan (t
 around them); a plan that does not fit says what would. The out-of-memory back-off then works as for
 any offloaded target: resident layers move to streaming and the drafter copies them (selfdraft.py).
 
-ORDER is by measurement (benchmarks/self_drafter_cpu.md): nf4 first — it keeps the most tokens per pass
-of the 4-bit-or-less codecs tried on both real targets at the same bytes as hqq4 and runs bitsandbytes'
-kernels — then HQQ's 3 and 2 bits, only for when nf4's copies do not fit.
+ORDER is by measurement (benchmarks/self_drafter_cpu.md: tokens per target pass on 5 MT-Bench first turns,
+SmolLM2-135M and Qwen2.5-Coder-1.5B targets): int8 copies keep about twice the tokens per pass of any
+4-bit codec (SmolLM2 at K=256 with no layer resident: 17.8 against nf4's 8.0 and hqq4's 7.4), more than
+keeping half the layers exact with nf4 copies does (9.7), so int8 comes first although its copies take
+1.8x nf4's bytes; then nf4 (bitsandbytes' kernels; hqq4 keeps no more tokens per pass at the same bytes),
+then HQQ's 3 and 2 bits, which lose most of the acceptance (2.4 and 1.0 tokens per pass), only for when
+nothing else fits.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from edgespec import lowbit, measure
 from edgespec.attention import text_config
 from edgespec.errors import OutOfMemoryError
 
-ORDER = ("nf4", "hqq3", "hqq2")
+ORDER = ("int8", "nf4", "hqq3", "hqq2")
 KV_TOKENS = 4096  # context the KV caches are reserved for (or the model's window, if shorter)
 TREE_TOKENS = 1024  # the largest tree whose target-pass activations are reserved
 MARGIN = 0.05  # of the free memory: allocator fragmentation, the CUDA context's growth

@@ -179,7 +179,7 @@ def test_load_pair_builds_it_from_a_gguf_target(tmp_path, monkeypatch):
     config = LoadConfig(str(path), "self", device="cpu", resident_layers=1, progress=False)
     loaded = load_pair(config)
     assert loaded.self_draft is not None and loaded.self_draft.shared == [0]
-    assert loaded.self_draft.plan.resident == 1 and loaded.self_draft.plan.codec == "nf4"
+    assert loaded.self_draft.plan.resident == 1 and loaded.self_draft.plan.codec == pairplan.ORDER[0]
     copies = sorted((tmp_path / "cache" / "selfdraft").rglob("layer*.safetensors"))
     assert len(copies) == 2
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("tiny-qwen2-")
@@ -225,7 +225,8 @@ def test_cli_draft_self_reaches_the_load_config(monkeypatch):
 
 # ---- the memory plan -----------------------------------------------------------------------------
 MIB = 1 << 20
-SIZES = pairplan.PairSizes(layers=32, layer=400 * MIB, copy={"nf4": 115 * MIB, "hqq3": 90 * MIB, "hqq2": 64 * MIB},
+SIZES = pairplan.PairSizes(layers=32, layer=400 * MIB,
+                           copy={"int8": 220 * MIB, "nf4": 115 * MIB, "hqq3": 90 * MIB, "hqq2": 64 * MIB},
                            outside=2000 * MIB, slot=800 * MIB, ring=2, reserve=1500 * MIB)
 
 
@@ -233,18 +234,21 @@ def fits(plan: pairplan.PairPlan, free: int) -> bool:
     return plan.used <= free
 
 
-def test_plan_keeps_as_many_layers_resident_as_fit_with_nf4_copies():
-    free = 12 * 1024 * MIB
+def test_plan_keeps_as_many_layers_resident_as_fit_with_the_first_codec_that_fits():
+    free = 14 * 1024 * MIB
     plan = pairplan.plan_pair(SIZES, free, "cuda")
-    assert plan.codec == "nf4" and 0 < plan.resident < 32 and fits(plan, free)
-    more = pairplan._used(SIZES, "nf4", plan.resident + 1, "cuda") + SIZES.outside + SIZES.reserve
+    assert plan.codec == "int8" and 0 < plan.resident < 32 and fits(plan, free)
+    more = pairplan._used(SIZES, "int8", plan.resident + 1, "cuda") + SIZES.outside + SIZES.reserve
     assert more > free, "one more resident layer would still have fitted"
 
 
 def test_plan_falls_to_fewer_bits_then_refuses():
-    nf4 = SIZES.outside + SIZES.reserve + SIZES.ring * SIZES.slot + 32 * SIZES.copy["nf4"]
-    plan = pairplan.plan_pair(SIZES, nf4 - MIB, "cuda")  # nf4's copies alone no longer fit
-    assert plan.codec == "hqq3" and fits(plan, nf4 - MIB)
+    def least(codec):  # the free memory the codec's copies need with no layer resident
+        return SIZES.outside + SIZES.reserve + SIZES.ring * SIZES.slot + 32 * SIZES.copy[codec]
+
+    assert pairplan.plan_pair(SIZES, least("int8") - MIB, "cuda").codec == "nf4"
+    plan = pairplan.plan_pair(SIZES, least("nf4") - MIB, "cuda")
+    assert plan.codec == "hqq3" and fits(plan, least("nf4") - MIB)
     with pytest.raises(OutOfMemoryError, match="--resident-layers.*hqq2.*--draft"):
         pairplan.plan_pair(SIZES, SIZES.outside + SIZES.reserve, "cuda")
 
@@ -254,13 +258,13 @@ def test_plan_takes_what_is_given_and_fits_the_rest():
     plan = pairplan.plan_pair(SIZES, free, "cuda", codec="hqq2")
     assert plan.codec == "hqq2" and plan.resident > pairplan.plan_pair(SIZES, free, "cuda").resident
     assert plan.given == ("codec",)
-    plan = pairplan.plan_pair(SIZES, free, "cuda", resident=4)
-    assert (plan.resident, plan.codec, plan.given) == (4, "nf4", ("resident layers",))
+    plan = pairplan.plan_pair(SIZES, free, "cuda", resident=12)  # int8 copies of the other 20 no longer fit
+    assert (plan.resident, plan.codec, plan.given) == (12, "nf4", ("resident layers",))
     whole = pairplan.plan_pair(SIZES, 64 * 1024 * MIB, "cuda")
     assert (whole.resident, whole.codec) == (32, None)  # everything fits: no copies
     cpu = pairplan.plan_pair(SIZES, 64 * 1024 * MIB, "cpu")
-    assert (cpu.resident, cpu.codec) == (0, "nf4")  # a CPU streams every layer unless told
-    assert "memory plan (automatic): 0 resident, nf4 copies" in cpu.line()
+    assert (cpu.resident, cpu.codec) == (0, "int8")  # a CPU streams every layer unless told
+    assert "memory plan (automatic): 0 resident, int8 copies" in cpu.line()
 
 
 def test_sizes_of_a_model_before_its_layers_are_placed():
