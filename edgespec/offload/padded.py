@@ -21,11 +21,14 @@ How the function is kept:
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from edgespec.errors import UnsupportedModelError
 from edgespec.offload.shapes import SHAPES
@@ -33,18 +36,34 @@ from edgespec.offload.shapes import SHAPES
 
 def pad_to_shape(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
     """A LlamaForCausalLM of `shape` (a name in shapes.SHAPES, or a dict of the same config fields)
-    on the host, computing `small`'s function."""
+    on the host, computing `small`'s function (the whole padded model at once: see `PaddedLayers`
+    for one layer at a time)."""
+    big = padded_skeleton(small, shape, dtype)
+    source = PaddedLayers(small, big.config)
+    for i, layer in enumerate(big.model.layers):
+        source.fill(i, layer, streamed=False)
+    return big
+
+
+def padded_skeleton(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+    """The padded model with everything outside its decoder layers filled on the host (embeddings,
+    final norm, head, rotary tables) and its decoder layers on the meta device (no memory), for
+    `PaddedLayers` to fill one at a time."""
     cfg = small.config
     _check_supported(small)
     big_cfg = padded_config(cfg, shape)
+    n, big_cfg.num_hidden_layers = big_cfg.num_hidden_layers, 0
+    dtype = dtype or small.dtype
     with no_init_weights():
-        big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype or small.dtype)
+        big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype)
+    big.config.num_hidden_layers = n
+    with torch.device("meta"):
+        big.model.layers.extend(LlamaDecoderLayer(big.config, i).to(dtype) for i in range(n))
+    big.requires_grad_(False)  # inference only (a benchmark target)
     with torch.no_grad():
         for p in big.parameters():
-            p.zero_()
-        heads = head_slots(cfg, big_cfg)
-        for src, dst in zip(small.model.layers, big.model.layers):
-            _copy_layer(src, dst, cfg, big_cfg, heads)
+            if not p.is_meta:
+                p.zero_()
         big.model.embed_tokens.weight[:, : cfg.hidden_size] = small.model.embed_tokens.weight
         _copy_norm(small.model.norm, big.model.norm, cfg, big_cfg)
         if not big_cfg.tie_word_embeddings:
@@ -54,6 +73,31 @@ def pad_to_shape(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype 
     big.generation_config = small.generation_config
     big.config.name_or_path = f"{cfg.name_or_path or type(small).__name__}@{_shape_name(shape)}"
     return big.eval()
+
+
+class PaddedLayers:
+    """A layer source for `offload_layers(padded_skeleton(...), source=PaddedLayers(small, config, device))`:
+    padded layer i is built on `device` just before it is placed (resident: it stays there; streamed:
+    packed into the streamer's host buffer, then released), so the padded model never exists whole,
+    and on a CPU host memory holds one padded layer at a time. Layers past the small model's are zeros."""
+
+    encodes = False
+
+    def __init__(self, small: LlamaForCausalLM, big_cfg, device: str | torch.device = "cpu"):
+        self.small, self.big_cfg, self.device = small, big_cfg, torch.device(device)
+        self.heads = head_slots(small.config, big_cfg)
+
+    @torch.no_grad()
+    def fill(self, i: int, layer: nn.Module, streamed: bool) -> dict:
+        layer.to_empty(device=self.device)
+        for p in layer.parameters():
+            p.zero_()
+        if i < len(self.small.model.layers):
+            src = self.small.model.layers[i]
+            if src.self_attn.q_proj.weight.device != self.device:  # a GPU: build there (a copy of the small layer)
+                src = copy.deepcopy(src).to(self.device)
+            _copy_layer(src, layer, self.small.config, self.big_cfg, self.heads)
+        return {}
 
 
 def padded_config(cfg, shape: str | dict) -> LlamaConfig:
