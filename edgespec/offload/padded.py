@@ -145,16 +145,16 @@ def head_slots(cfg, big_cfg) -> list[tuple[int, int]]:
     return slots
 
 
-def head_dims(small_hd: int, big_hd: int) -> torch.Tensor:
-    """Big head-dim index of each small head-dim index (the two rotary halves stay halves)."""
+def head_halves(small_hd: int, big_hd: int) -> list[tuple[slice, slice]]:
+    """(small head dims, big head dims) of the two rotary halves: small [0, d/2) -> big [0, d/2),
+    small [d/2, d) -> big [D/2, D/2 + d/2)."""
     half = small_hd // 2
-    return torch.cat([torch.arange(half), big_hd // 2 + torch.arange(half)])
+    return [(slice(0, half), slice(0, half)), (slice(half, small_hd), slice(big_hd // 2, big_hd // 2 + half))]
 
 
 def _copy_layer(src, dst, cfg, big_cfg, heads) -> None:
     h = cfg.hidden_size
     shd, bhd = _head_dim(cfg), big_cfg.head_dim
-    dims = head_dims(shd, bhd)
     q_scale = math.sqrt(bhd / shd)
     sa, da = src.self_attn, dst.self_attn
     dtype = da.q_proj.weight.dtype
@@ -164,10 +164,12 @@ def _copy_layer(src, dst, cfg, big_cfg, heads) -> None:
     bo = da.o_proj.weight.view(da.o_proj.weight.shape[0], -1, bhd)
     small_q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
     for head, (big_head, group) in enumerate(heads):
-        bq[big_head, dims, :h] = (q[head] * q_scale).to(dtype)
-        bo[:h, big_head, dims] = o[:, head]
-        bk[group, dims, :h] = k[head // small_q_per_kv].to(dtype)
-        bv[group, dims, :h] = v[head // small_q_per_kv].to(dtype)
+        kv = head // small_q_per_kv
+        for s, b in head_halves(shd, bhd):  # plain slices: copies, not index_put (a CPU builds 30x faster)
+            bq[big_head, b, :h] = (q[head, s] * q_scale).to(dtype)
+            bo[:h, big_head, b] = o[:, head, s]
+            bk[group, b, :h] = k[kv, s].to(dtype)
+            bv[group, b, :h] = v[kv, s].to(dtype)
     inter = cfg.intermediate_size
     dst.mlp.gate_proj.weight[:inter, :h] = src.mlp.gate_proj.weight
     dst.mlp.up_proj.weight[:inter, :h] = src.mlp.up_proj.weight
