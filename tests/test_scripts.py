@@ -103,7 +103,7 @@ def test_gpu_figures_dry_run_on_cpu(tmp_path):
     figs = tmp_path / "figs"
     env = {**os.environ, "EDGESPEC_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_figures.sh"), "--device", "cpu", str(figs)], env=env,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     steps = (figs / "steps.txt").read_text()
     assert [line.split()[:2] for line in steps.splitlines()] == [
@@ -113,22 +113,21 @@ def test_gpu_figures_dry_run_on_cpu(tmp_path):
         for how in ("transformers", "lean", "static"):
             assert f"{quant} {how} drafter forward, 64 tokens:" in draft and f"{quant} {how} tree build K=16:" in draft
     rows = json.loads((figs / "scheduler.json").read_text())
-    assert [r["config"] for r in rows] == ["K=4 overlap=off", "K=16 overlap=off", "K=4 overlap=on", "K=16 overlap=on",
-                                           "auto overlap=off", "auto overlap=on", "K=16 overlap=on raw scores"]
+    assert [r["config"] for r in rows] == ["auto overlap=off", "auto overlap=on", "K=4 overlap=off", "K=16 overlap=off",
+                                           "K=4 overlap=on", "K=16 overlap=on", "K=16 overlap=on raw scores"]
     scheduler = (figs / "scheduler.txt").read_text()
     assert "all outputs identical: True" in scheduler and "target shape llama-8b-tiny" in scheduler
     assert "calibrated vs raw scores at K=16 (overlap on):" in scheduler
-    for name, setup in (("bench_8b.md", "llama-8b-tiny shape, drafter embedded (nf4, lean forward); offloaded "
-                                        "target (32 streamed / 0 resident layers,"),
-                        ("bench_70b.md", "llama-70b-tiny shape, drafter embedded (nf4, lean forward); offloaded "
-                                         "target (34 streamed / 0 resident layers, streamed nf4-encoded")):
+    drafter = "shape, drafter embedded (nf4, lean forward); offloaded target"
+    for name, setup in (("bench_8b.md", f"llama-8b-tiny {drafter} (32 streamed / 0 resident layers,"),
+                        ("bench_70b.md", f"llama-70b-tiny {drafter} (34 streamed / 0 resident layers, streamed nf4")):
         report = (figs / name).read_text()
         assert setup in report, report
-        methods = {m: rest for m, rest in re.findall(r"^\| (edgespec|plain|hf-assisted) \|(.*)$", report, re.M)}
+        methods = {m: rest for m, rest in re.findall(r"^\| (edgespec|plain|hf-assisted) \|(.*)$", report, re.MULTILINE)}
         assert list(methods) == ["edgespec", "plain", "hf-assisted"], report
         assert methods["plain"].endswith("| reference |") and methods["edgespec"].endswith("| yes |"), report
     assert "- card: none (CPU run: nothing held)" in (figs / "bench_70b.md").read_text()
-    assert "bench-70b  rc=0" in (figs / "summary.txt").read_text()
+    assert re.search(r"^bench-70b +rc=0 ", (figs / "summary.txt").read_text(), re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -140,7 +139,7 @@ def test_gpu_carry_splits_and_joins_the_embedded_model(tmp_path):
 
     def carry(cmd):
         return subprocess.run(["bash", str(SCRIPTS / "gpu_carry.sh"), cmd, str(tmp_path)], env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
 
     assert carry("split").returncode == 0
     parts = [tmp_path / ".m1" / "part_a", tmp_path / ".m2" / "part_b"]
