@@ -18,6 +18,10 @@ How the function is kept:
 - rotary: small dims [0, d/2) and [d/2, d) go to big dims [0, d/2) and [D/2, D/2 + d/2), and the big
   rope theta is theta ** (D / d), so each pair rotates at the small model's frequency;
 - extra layers are all zero (they add nothing to the residual); vocabulary and tied head are kept.
+
+`pad_to_shape` builds the whole padded model on the host. For a target that streams (a 70B shape is
+140 GB in bf16), `padded_skeleton` builds everything but the decoder layers, and `PaddedLayers` is the
+layer source `offload_layers` fills them from, one at a time, each straight into the streamer.
 """
 from __future__ import annotations
 
@@ -52,11 +56,15 @@ def padded_skeleton(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dty
     cfg = small.config
     _check_supported(small)
     big_cfg = padded_config(cfg, shape)
-    n, big_cfg.num_hidden_layers = big_cfg.num_hidden_layers, 0
-    dtype = dtype or small.dtype
+    n, dtype = big_cfg.num_hidden_layers, dtype or small.dtype
+    per_layer = {k: getattr(big_cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(big_cfg, k)}
+    big_cfg.num_hidden_layers = 0  # the rest built by transformers, no layer (and none initialised)
+    if "layer_types" in per_layer:
+        big_cfg.layer_types = []
     with no_init_weights():
         big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype)
-    big.config.num_hidden_layers = n
+    for k, v in per_layer.items():
+        setattr(big.config, k, v)
     with torch.device("meta"):
         big.model.layers.extend(LlamaDecoderLayer(big.config, i).to(dtype) for i in range(n))
     big.requires_grad_(False)  # inference only (a benchmark target)
