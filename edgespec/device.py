@@ -25,6 +25,17 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def hold_beyond(device: torch.device, gib: float | None):
+    """On CUDA, take every free byte beyond `gib` GiB of card in one dummy tensor (returned: keep it
+    alive), so what runs next sees a card of that size; None on a CPU, or when nothing is to take."""
+    device = torch.device(device)
+    if gib is None or device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    take = free - max(0, int(gib * 2**30) - (total - free))
+    return torch.empty(take, dtype=torch.uint8, device=device) if take > 0 else None
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on a CPU)."""
     if torch.device(device).type == "cuda":

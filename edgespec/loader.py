@@ -70,13 +70,7 @@ def load_pair(config: LoadConfig) -> Loaded:
     stream = dict(resident_layers=c.resident_layers, link_delay=c.link_delay, quantize=_codec(c.stream_quant))
     handle = None
     if c.target_shape:
-        from edgespec.offload.padded import pad_to_shape
-
-        target_model = pad_to_shape(load_model(c.target, dtype=run_dtype(dev), progress=c.progress), c.target_shape)
-        if c.offload:
-            handle = api.offload_layers(target_model, dev, progress=c.progress, **_planned(planner, target_model, stream))
-        else:
-            target_model = target_model.to(dev)
+        target_model, handle = load_padded(c, dev, stream, planner)
     elif c.offload:
         target_model = load_offloaded(c.target, dev, run_dtype(dev), progress=c.progress, plan=planner, **stream)
         handle = api.find_handle(target_model)
@@ -85,6 +79,20 @@ def load_pair(config: LoadConfig) -> Loaded:
     if planner is None:
         return Loaded(target_model, draft_model, tok, handle)
     return _self_drafted(c, planner, target_model, handle, tok, dev)
+
+
+def load_padded(c: LoadConfig, device: torch.device, stream: dict, plan=None):
+    """(target zero-padded into `c.target_shape`, its OffloadHandle or None). Offloaded, its layers are
+    built one at a time straight into the streamer (edgespec/offload/padded.py): the padded model never
+    exists whole in host memory (a 70B shape streamed nf4 needs its packed bytes, not 140 GB of bf16)."""
+    from edgespec.offload.padded import PaddedLayers, pad_to_shape, padded_skeleton
+
+    small = load_model(c.target, dtype=run_dtype(device), progress=c.progress)
+    if not c.offload:
+        return pad_to_shape(small, c.target_shape).to(device), None
+    big = padded_skeleton(small, c.target_shape)
+    source = PaddedLayers(small, big.config, device)
+    return big, api.offload_layers(big, device, progress=c.progress, source=source, **_planned(plan, big, stream))
 
 
 def load_offloaded(spec: str | None, device: torch.device, dtype: torch.dtype, *, progress: bool = True,

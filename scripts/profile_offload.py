@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgespec.measure import time_passes  # noqa: E402
 from edgespec.offload import offload_layers  # noqa: E402
 from edgespec.offload.bandwidth import measure_bandwidth  # noqa: E402
-from edgespec.device import param_bytes  # noqa: E402
+from edgespec.device import hold_beyond, param_bytes  # noqa: E402
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
 
 MB = 1e6
@@ -58,16 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
-
-
-def reserve_vram(device: torch.device, vram_gb: float | None):
-    """Take all free memory beyond `vram_gb` GiB of card, so the run sees a smaller card."""
-    if vram_gb is None or device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    take = free - max(0, int(vram_gb * 2**30) - used)
-    return torch.empty(take, dtype=torch.uint8, device=device) if take > 0 else None
 
 
 def summarize(rows: list[dict], bandwidth: float) -> list[dict]:
@@ -172,7 +162,7 @@ def main(argv=None) -> dict:
     if args.dtype == "auto":
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     sizes = [int(s) for s in args.tree_sizes.split(",") if s.strip()]
-    dummy = reserve_vram(device, args.vram_gb)
+    dummy = hold_beyond(device, args.vram_gb)
     bandwidth = measure_bandwidth(device)
     link = "pinned host->device" if device.type == "cuda" else "host memcpy"
     print(f"link bandwidth ({link}): {bandwidth / 1e9:.2f} GB/s")

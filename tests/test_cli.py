@@ -251,3 +251,18 @@ def test_int8_streamed_target_answers_as_that_target(real_pair):
     ids = engine.encode([{"role": "user", "content": "Name three rivers in Europe."}])
     out = engine.generate(ids, max_new_tokens=24, temperature=0)
     assert out.ids == greedy_reference(engine.target, ids, 24)
+
+
+def test_streamed_pieces_never_show_what_a_stop_string_cuts():
+    """A stop string that spans two steps' text: the piece streamed before it is complete holds back
+    its start, so the pieces add up to exactly the result's text (which ends before the stop string)."""
+    engine = tiny_engine(budget=1)  # one or two tokens a step
+    prompt = [{"role": "user", "content": "the cat and the dog"}]
+    free = list(engine.run(prompt, max_new_tokens=24, temperature=0))
+    assert len(free) > 4, free
+    before = "".join(free[:3])
+    stop = before.split(" ")[-1] + free[3]  # the last word of the third piece, and the whole fourth
+    run = engine.run(prompt, max_new_tokens=24, temperature=0, stop=[stop])
+    pieces = list(run)
+    assert "".join(pieces) == run.result.text and stop not in run.result.text
+    assert run.result.text == before[: before.rindex(stop.split(" ")[0])] and run.result.stats.stop_reason == "stop"

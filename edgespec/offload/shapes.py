@@ -21,6 +21,15 @@ SHAPES = {
     # Llama 2 13B
     "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                       num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
+    # Llama 3.1 70B (a padded target's layers: 1.71 GB each in bf16, 0.48 GB nf4-encoded)
+    "llama-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    # the smallest shapes the embedded SmolLM2-135M (576 hidden, 1536 MLP, 30 layers, 9 / 3 heads of 64)
+    # pads into, standing in for llama-8b / llama-70b when scripts/gpu_figures.sh runs on a CPU
+    "llama-8b-tiny": dict(vocab_size=49152, hidden_size=768, intermediate_size=1792, num_hidden_layers=32,
+                          num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-70b-tiny": dict(vocab_size=49152, hidden_size=576, intermediate_size=1664, num_hidden_layers=34,
+                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=False),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
