@@ -211,8 +211,12 @@ def setup_line(engine, args) -> str:
     temperature = getattr(args, "temperature", None)
     how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
     drafter = args.draft or ("the target's own copy" if args.target else "embedded")
+    quant = args.draft_quant
+    sd = getattr(engine, "self_draft", None)
+    if sd is not None:  # the target drafts for itself
+        drafter, quant = "the target itself", f"{len(sd.shared)} layers shared, {len(sd.copies)} {sd.codec} copies"
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
-            f"({args.draft_quant}, {engine.draft.describe(engine.conversation.dcache)} forward); {where}; "
+            f"({quant}, {engine.draft.describe(engine.conversation.dcache)} forward); {where}; "
             f"device {engine.device}; budget {args.budget}; {how}")
 
 

@@ -145,6 +145,8 @@ class ChatSession:
         lines.append("scheduler: " + _flat(self.engine.scheduler.stats()))
         if self.engine.offload is not None:
             lines.append(offload_line(self.engine.offload))
+        if getattr(self.engine, "self_draft", None) is not None:
+            lines.append(self.engine.self_draft.line())
         return "\n".join(lines)
 
     def _last_line(self) -> str:

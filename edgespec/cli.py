@@ -61,7 +61,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--target", default=None,
                    help="hub id, local folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--draft", default=None,
-                   help="drafter: hub id, local folder or .gguf (default: the target itself, quantized)")
+                   help="drafter: 'self' (the target drafts for itself: its resident layers shared, its streamed "
+                        "layers as low-bit copies on the device), or a hub id, local folder or .gguf (default: self "
+                        "for an offloaded target whose copies fit, else the target's own nf4 copy)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--budget", type=budget_arg, default="auto", help="draft tokens per target pass: auto or N")
     s = p.add_argument_group(
@@ -80,7 +82,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--no-offload", action="store_true", help="keep the whole target on the device")
     g.add_argument("--resident-layers", type=int, default=None, help="target layers kept on the device (default: fit)")
     g.add_argument("--link-delay", type=float, default=0.0, help="emulated seconds per streamed layer (slow link)")
-    g.add_argument("--draft-quant", default="nf4", choices=["nf4", "int8", "none"])
+    g.add_argument("--draft-quant", default="auto", choices=["auto", "nf4", "fp4", "int8", "hqq4", "hqq3", "hqq2", "none"],
+                   help="the self-drafter's copies of the streamed layers (auto: the memory plan's; hqq* need "
+                        "pip install hqq), or a separate drafter's bitsandbytes copy (nf4 = auto, int8, none)")
     g.add_argument("--stream-quant", default="none", choices=["none", "int8", "nf4"],
                    help="keep the target's streamed layers int8/nf4-encoded in host RAM, decoded on the device: "
                         "fewer bytes per pass and less RAM, for a quantized target (output exact for that target)")
@@ -185,6 +189,8 @@ def generation_json(engine, out) -> dict:
     result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
         result["offload"] = engine.offload.describe()  # bytes per pass, codec per tensor type, decode time
+    if getattr(engine, "self_draft", None) is not None:
+        result["self_draft"] = engine.self_draft.describe()  # layers shared / copied, the memory plan
     if out.stats.hit_rates:
         result["hit_rates"] = out.stats.hit_rates  # how often the target took draft nodes, by draft probability
     return result
@@ -210,6 +216,8 @@ def cmd_serve(args) -> int:
     engine = make_engine(args)
     defaults = {**sampling_args(args), **({"seed": args.seed} if args.seed is not None else {})}
     drafter = args.draft or f"{server.served_name(args.target)}:{args.draft_quant}"  # no --draft: the target's copy
+    if getattr(engine, "self_draft", None) is not None:  # the target drafts for itself
+        drafter = f"{server.served_name(args.target)}:self-{engine.self_draft.codec}"
     config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
                                  max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
                                  defaults=defaults, system=args.system)

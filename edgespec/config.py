@@ -46,15 +46,19 @@ class DraftConfig:
 @dataclass(frozen=True)
 class LoadConfig:
     """What `Engine.from_pretrained` loads: `target` / `drafter` (hub id, folder, .gguf; None = the
-    embedded default; no drafter = the target's own copy), on `device`; the drafter quantized with
-    `draft_quant`; the target's layers streamed from host RAM (`offload`) with `resident_layers` kept on
-    the device (None = as fit), `stream_quant`-encoded in host RAM, through a link slowed by `link_delay`
-    seconds per layer (emulation); `target_shape` zero-pads the target into a bigger shape (benchmarks)."""
+    embedded default), on `device`. `drafter="self"`: the target drafts for itself (its resident layers
+    shared, its streamed layers as low-bit copies: edgespec/selfdraft.py); no drafter: the same for an
+    offloaded target when its memory plan fits (edgespec/pairplan.py), else — and for a `target_shape`
+    target, or `draft_quant="none"` — the target's own quantized copy. `draft_quant`: the self-drafter's copies (nf4, fp4, int8, hqq4/3/2; "auto": planned) or a
+    separate drafter's bitsandbytes copy (nf4 — "auto" —, int8, none). The target's layers stream from
+    host RAM (`offload`) with `resident_layers` kept on the device (None = as fit, or as planned),
+    `stream_quant`-encoded in host RAM, through a link slowed by `link_delay` seconds per layer
+    (emulation); `target_shape` zero-pads the target into a bigger shape (benchmarks)."""
 
     target: str | None = None
     drafter: str | None = None
     device: str = "auto"
-    draft_quant: str | None = "nf4"
+    draft_quant: str | None = "auto"
     offload: bool = True
     resident_layers: int | None = None
     link_delay: float = 0.0

@@ -38,13 +38,14 @@ class Engine:
     a generation's sampling arguments fall back to (None: the target's own generation_config, else chat
     defaults; edgespec/sampling.py). `draft_tokenizer`: the drafter's, when it has its own (the pair is
     refused unless it equals `tokenizer`). `offload`: the target's streaming handle (default: found
-    from the target, if `offload_layers` streams it).
+    from the target, if `offload_layers` streams it). `self_draft`: the selfdraft.SelfDraft whose model is
+    `drafter`, when the target drafts for itself (its layout shows in the stats).
     """
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", scheduler: Scheduler | None = None,
                  max_context: int | None = None, calibrate: bool = False, progress: bool = True,
                  sampling: SamplingConfig | None = None, draft_tokenizer=None, offload=None,
-                 draft: DraftConfig | None = None, **draft_fields):
+                 draft: DraftConfig | None = None, self_draft=None, **draft_fields):
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
@@ -54,6 +55,7 @@ class Engine:
         self.draft = Drafter(drafter, self.config.forward, self.vocab)
         self.sampling = sampling or model_defaults(target)
         self.offload = offload if offload is not None else find_handle(target)
+        self.self_draft = self_draft  # selfdraft.SelfDraft when `drafter` is the target's own (its layout, plan)
         self.device = model_device(target)
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)
@@ -79,8 +81,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, target: str | None = None, drafter: str | None = None, **options) -> "Engine":
         """Load a pair and build an engine. target/drafter: hub id, local folder, .gguf file; target None =
-        the embedded default (SmolLM2-135M-Instruct); drafter None = the target's own copy, quantized
-        with `draft_quant` (nf4). `options`: the fields of config.LoadConfig (device, draft_quant,
+        the embedded default (SmolLM2-135M-Instruct); drafter "self" = the target drafts for itself (its
+        resident layers shared, its streamed layers as low-bit copies, edgespec/selfdraft.py); drafter
+        None = the same for an offloaded target whose memory plan fits, else the target's own copy
+        quantized with `draft_quant` (nf4). `options`: the fields of config.LoadConfig (device, draft_quant,
         offload, resident_layers, link_delay, stream_quant, target_shape, progress) and of this class's
         constructor (budget, calibrate — default True here —, sampling, the DraftConfig fields, ...).
 
@@ -99,7 +103,8 @@ class Engine:
         loaded = load_pair(LoadConfig(target, drafter, **load_kw))
         options.setdefault("calibrate", True)
         options.setdefault("progress", load_kw.get("progress", True))
-        return cls(loaded.target, loaded.drafter, loaded.tokenizer, offload=loaded.offload, **options)
+        return cls(loaded.target, loaded.drafter, loaded.tokenizer, offload=loaded.offload,
+                   self_draft=loaded.self_draft, **options)
 
     # ---- the pieces, for stats and tests ------------------------------------------------------
     @property

@@ -126,6 +126,8 @@ def memory(engine, before_load: int, after_load: int, after_gen: int, load_peak:
            "rss_after_generate": after_gen,
            "target_weight_bytes": param_bytes(engine.target), "drafter_weight_bytes": param_bytes(engine.drafter),
            "pinned_bytes": engine.offload.pinned_bytes if engine.offload is not None else 0}
+    if getattr(engine, "self_draft", None) is not None:  # the drafter's own bytes: the rest is the target's
+        mem["drafter_weight_bytes"] = engine.self_draft.copy_bytes
     mem["weight_bytes"] = mem["target_weight_bytes"] + mem["drafter_weight_bytes"]
     if engine.device.type == "cuda":
         mem["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(engine.device)
@@ -173,6 +175,8 @@ def model_info(engine) -> dict:
     if off is not None:
         info.update(streamed_layers=off.streamed_layers, resident_layers=off.resident_layers, ring=off.ring,
                     link_delay=off.transport.link_delay, bytes_per_pass=off.pinned_bytes, codecs=off.codecs())
+    if getattr(engine, "self_draft", None) is not None:
+        info.update(self_draft=engine.self_draft.describe(), self_draft_line=engine.self_draft.line())
     return info
 
 
@@ -260,6 +264,8 @@ def table(r: dict) -> str:
         if key in m:
             lines.append(f"  {key:<22} {m[key] / 2**20:>10,.1f} MiB")
     lines += streamed_lines(r["model"])
+    if "self_draft_line" in r["model"]:
+        lines += ["", r["model"]["self_draft_line"]]
     head = "".join(f"{h:>10}" for h in ("pass ms", "xfer ms", "comp ms", "wait ms", "decode ms"))
     lines += ["", "target pass vs tree size (per pass)", f"  {'tokens':>6}{head}"]
     for p in r["pass_time"]:

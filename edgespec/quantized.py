@@ -32,6 +32,16 @@ def copy_path(folder: str, quantize: str, device: torch.device, dtype: torch.dty
     return cache_dir() / "quantized" / f"{source.name}-{quantize}-{device.type}-{key}"
 
 
+def source_stamp(folder: str) -> str | None:
+    """The files the model in `folder` (a local folder or hub id) loads from — resolved path, names, sizes,
+    mtimes — as one string for cache keys; None when they cannot be found."""
+    source = _source_dir(folder)
+    if source is None:
+        return None
+    files = sorted(p for p in source.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+    return "|".join([str(source.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+
+
 def load(path: Path | None, source: str, device: torch.device, dtype: torch.dtype):
     """The saved quantized copy of `source`, or None (no copy yet, or a broken one, now deleted)."""
     if path is None or not (path / "config.json").is_file():

@@ -198,8 +198,9 @@ def test_chat_on_the_embedded_default_through_a_pipe():
 
 @pytest.mark.slow
 def test_generate_prints_the_targets_greedy_answer(real_pair, tmp_path):
-    """From an empty cache (GGUF converted, drafter quantized, scheduler calibrated: progress on
-    stderr), stdout is exactly the target's greedy answer."""
+    """From an empty cache (the target drafting for itself: its streamed layers' low-bit copies made from the
+    GGUF's blocks, no de-quantized copy written; scheduler calibrated: progress on stderr), stdout is
+    exactly the target's greedy answer."""
     target, _, tok = real_pair
     question = "What is the capital of France?"
     proc = run_cli("generate", question, "--max-new-tokens", "24", "--temperature", "0", EDGESPEC_CACHE=str(tmp_path))
@@ -208,7 +209,10 @@ def test_generate_prints_the_targets_greedy_answer(real_pair, tmp_path):
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     expected = tok.decode(greedy_reference(target, ids, 24), skip_special_tokens=True)
     assert proc.stdout == expected + "\n"
-    assert "de-quantizing SmolLM2-135M-Instruct.Q4_1.gguf once" in proc.stderr
+    assert "copies of the streamed layers" in proc.stderr
+    copies = [p.name for p in tmp_path.iterdir() if p.name.startswith("SmolLM2") and not p.name.endswith(
+        ("-index", "-tokenizer"))]
+    assert "de-quantizing" not in proc.stderr and not copies, copies
 
 
 def test_every_model_option_sets_a_config_field():

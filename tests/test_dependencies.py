@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgespec"
 # optional features: the module that imports it, and the install hint its EdgespecError must carry
-OPTIONAL = {"matplotlib": ("profile.py", "pip install")}
+OPTIONAL = {"matplotlib": ("profile.py", "pip install"), "hqq": ("lowbit.py", "pip install")}
 
 
 def imported_top_level(path: Path) -> set[str]:
@@ -52,7 +52,7 @@ def test_optional_imports_fail_with_the_install_command():
     for mod, (where, hint) in OPTIONAL.items():
         text = (PACKAGE / where).read_text()
         assert f"import {mod}" in text and "except ImportError" in text and hint in text, mod
-        assert _norm(mod) in declared("plot") | declared("test"), mod
+        assert _norm(mod) in declared("plot") | declared("hqq") | declared("test"), mod
 
 
 def test_transformers_needs_accelerate_for_the_drafter():

@@ -202,6 +202,15 @@ class LayerPack:
         for entry, idle in zip(self.entries, self._idle):
             _assign(entry, idle)
 
+    def decoded(self, entry: Entry, device: torch.device) -> torch.Tensor:
+        """A new tensor on `device` holding `entry` as the layer computes with it (decoded if encoded)."""
+        region = self.host[entry.host_offset : entry.host_offset + entry.host_nbytes].to(device)
+        if not entry.codec:
+            return typed(region, 0, entry.numel, entry.dtype, entry.shape).clone()
+        out = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        entry.codec.decode_into(region, out)
+        return out
+
     def restore(self, device: torch.device) -> None:
         """Give the layer real tensors again on `device` (codec-encoded weights come back decoded)."""
         for e in self.entries:

@@ -49,6 +49,7 @@ class OffloadHandle:
         self._pending: list[PassTrace] = []
         self._stats = OffloadStats()
         self._removed = False
+        self.on_demote: list = []  # callables told the layer indices `demote` moved to streaming
         self._hooks = []
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(i)))
@@ -196,6 +197,8 @@ class OffloadHandle:
         self._slot_of = {p.index: i for i, p in enumerate(self.packs)}
         self._next = self._issued = 0
         self._issue_until(len(self.slots))
+        for listener in self.on_demote:  # e.g. a self-drafter replacing the layers it ran as the target's
+            listener(list(range(first, first + count)))
         return count
 
     # ---- hooks ------------------------------------------------------------------------------

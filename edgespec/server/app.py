@@ -114,6 +114,8 @@ def _status_routes(app: FastAPI, engine, worker: Worker, metrics: Metrics, confi
     @app.get("/v1/models", dependencies=auth)
     async def models():
         info = {"target": config.model_id, "drafter": config.drafter_id, "context_window": engine.max_context}
+        if getattr(engine, "self_draft", None) is not None:  # the target drafts for itself: its layout and plan
+            info["self_draft"] = engine.self_draft.describe()
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
                                             "owned_by": "edgespec", "edgespec": info}]}
 
