@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edgespec.errors import EdgespecError, InvalidArgumentError
+from edgespec.quiet import quiet_bitsandbytes
 
 CODECS = ("nf4", "fp4", "int8", "hqq4", "hqq3", "hqq2")
 HQQ_BITS = {"hqq4": 4, "hqq3": 3, "hqq2": 2}
@@ -90,6 +91,7 @@ def quantize(linear: nn.Linear, codec: str, device: torch.device, dtype: torch.d
 
 
 def _bnb4(w: torch.Tensor, bias, codec: str, device, dtype) -> nn.Module:
+    quiet_bitsandbytes()  # before its import: see quiet.py
     import bitsandbytes as bnb
 
     out, inp = w.shape
@@ -102,6 +104,7 @@ def _bnb4(w: torch.Tensor, bias, codec: str, device, dtype) -> nn.Module:
 
 
 def _int8(w: torch.Tensor, bias, device) -> nn.Module:
+    quiet_bitsandbytes()  # before its import: see quiet.py
     import bitsandbytes as bnb
 
     out, inp = w.shape
@@ -157,6 +160,7 @@ def restore(state: dict[str, torch.Tensor], meta: dict, codec: str, device: torc
         module = hqq.HQQLinear(None, None, compute_dtype=dtype, device=str(device), initialize=False)
         module.load_state_dict(dict(state))
         return _hqq_ready(module, dtype)
+    quiet_bitsandbytes()  # before its import: see quiet.py
     import bitsandbytes as bnb
 
     bias = state.get("bias")

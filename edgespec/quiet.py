@@ -1,5 +1,5 @@
 """Library chatter off where edgespec reports progress itself (transformers' load warnings and bars,
-bitsandbytes' note about an optional hub kernel)."""
+bitsandbytes' note about an optional hub kernel and its per-call note on int8 inputs)."""
 from __future__ import annotations
 
 import logging
@@ -23,11 +23,18 @@ def quiet_transformers():
 
 
 def quiet_bitsandbytes() -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional kernel from the hub
-    (`kernels` package) is missing; its built-in kernel runs instead, so the warning only confuses.
-    (`addFilter` ignores a filter it already holds, so calling this again adds nothing.)"""
+    """Before bitsandbytes is imported: on CPUs with AVX512-BF16 it warns at import that an optional
+    kernel from the hub (`kernels` package) is missing, and its built-in kernel runs instead; an int8
+    layer fed fp32 or bf16 (the self-drafter's int8 copies) logs on every call that its inputs are cast
+    to fp16 for quantization, which is how its kernel works. Both only confuse (thousands of lines in a
+    chat). (`addFilter` ignores a filter it already holds, so calling this again adds nothing.)"""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_warning)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_note)
 
 
 def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
     return "kernels-community" not in record.getMessage()
+
+
+def _drop_int8_cast_note(record: logging.LogRecord) -> bool:
+    return "to float16 during quantization" not in record.getMessage()

@@ -4,7 +4,7 @@
 #   bash scripts/gpu_figures.sh OUTDIR                 # one CUDA GPU (H200: ~6.6 min, capped at 9.5)
 #   bash scripts/gpu_figures.sh --device cpu OUTDIR    # the same steps on a CPU with tiny shapes (a dry run,
 #                                                      # tests/test_scripts.py; ~4 min on 2 cores)
-#   STREAM=1 / GGUF=1 / TEMP=1 bash scripts/gpu_figures.sh OUTDIR   # optional steps, ~1-3 min each on a GPU
+#   STREAM=1 / GGUF=1 / TEMP=1 / SELF=1 bash scripts/gpu_figures.sh OUTDIR   # optional steps, ~1-3 min each
 #   STEPS="bench-70b" bash scripts/gpu_figures.sh OUTDIR  # only the steps named (e.g. one to re-run)
 #
 # OUTDIR gets five files (the device tool returns at most 8): log.txt (every step's output as it prints),
@@ -27,7 +27,9 @@
 #             (scripts/small_card.py holds the rest of the H200: the resident layers are what fits
 #             there, ~7). The figure to compare: SpecExec's 10.6x plain offloaded decoding at 4-bit.
 #  Optional: STREAM=1 int8 / nf4 streaming of a random 8B (offload_gpu.md); GGUF=1 Q4_K blocks and nf4
-#  with / without bitsandbytes' kernel; TEMP=1 the scheduler rows at draft temperature 0.5.
+#  with / without bitsandbytes' kernel; TEMP=1 the scheduler rows at draft temperature 0.5; SELF=1 (issue
+#  19, acceptance 4) `edgespec bench` at the 8B shape with the target drafting for itself (--draft self:
+#  the memory plan's resident layers and copies) as on a 12 GB card, into OUTDIR/bench_self_8b.md (~2 min).
 #
 # Time on the H200, estimated from benchmarks/*_gpu.md (8B pass 255 ms; drafter forward <= 40 ms eager;
 # ~25 s per 144-token scheduler configuration; a 70B nf4 pass ~0.7-0.9 s: 35 GB streamed at 55 GB/s, 1.26x
@@ -95,6 +97,7 @@ steps=" ${STEPS:-draft scheduler bench-8b bench-70b} "  # STEPS="bench-70b": tha
 [[ ${STREAM:-0} == 1 ]] && steps+="offload-int8 offload-nf4 "
 [[ ${GGUF:-0} == 1 ]] && steps+="offload-q4k offload-nf4-bnb offload-nf4-torch "
 [[ ${TEMP:-0} == 1 ]] && steps+="scheduler-t05 "
+[[ ${SELF:-0} == 1 ]] && steps+="self-8b "
 
 die() { echo "gpu_figures.sh: $*" >&2; exit 1; }
 
@@ -141,7 +144,7 @@ EOF
 
 # --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
 model=0
-for name in scheduler bench-8b bench-70b scheduler-t05; do [[ $steps == *" $name "* ]] && model=1; done
+for name in scheduler bench-8b bench-70b scheduler-t05 self-8b; do [[ $steps == *" $name "* ]] && model=1; done
 if [[ $model == 1 ]] && ! $py -c "from edgespec.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null
 then
     bash scripts/gpu_carry.sh unpack "$root" || die "no embedded model (see the header: gpu_carry.sh)"
@@ -183,6 +186,9 @@ step offload-nf4-torch "$lim_opt" $py scripts/profile_offload.py --device "$devi
 step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" --link-delay 0 \
     --target-shape "$SHAPE_8B" --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
     --max-new-tokens "$NEW_TOKENS" --budgets "$COMPARE" --overlap on --draft-temperature 0.5 --tree-scores draft
+step self-8b "$lim_opt" $py scripts/small_card.py --vram-gb "${VRAM_SELF_GB:-12}" bench --device "$device" \
+    --target-shape "$SHAPE_8B" --draft self --questions "$questions" --n-prompts "$N_PROMPTS" \
+    --max-new-tokens "$NEW_TOKENS" --out "$out/bench_self_8b.md"
 
 # --- what it found, in one place: summary.txt (after the environment and the steps' lines) ---
 {
@@ -194,7 +200,7 @@ step scheduler-t05 "$lim_opt" $py scripts/bench_scheduler.py --device "$device" 
     for f in "$work"/offload-*.txt; do
         [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
     done
-    for f in "$out/bench_8b.md" "$out/bench_70b.md"; do
+    for f in "$out/bench_8b.md" "$out/bench_70b.md" "$out/bench_self_8b.md"; do
         [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }
     done
 } | tee -a "$out/summary.txt"
