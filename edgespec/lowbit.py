@@ -6,15 +6,26 @@ pickle). Each codec is a well-kept library's own layer module, so its kernels ru
 |---|---|---|---|
 | nf4  | bitsandbytes Linear4bit, 4-bit normal float, block 64, fp32 absmax | 0.56 | 9.1 % |
 | fp4  | bitsandbytes Linear4bit, 4-bit float, block 64, fp32 absmax | 0.56 | 12 % |
-| int8 | bitsandbytes Linear8bitLt (LLM.int8 rows, no outlier split) | 1.0 | 0.8 % |
+| int8 | bitsandbytes Linear8bitLt (LLM.int8 rows, outlier split at 6.0), as `Int8Copy` | 1.0 | 0.8 % |
 | hqq4 / hqq3 / hqq2 | HQQ (`pip install hqq`): half-quadratic, group 64, scale and zero per group | 0.56 / 0.44 / 0.31 (fp32 meta; bf16 halves it) | 6.2 / 13 / 31 % |
 
 nf4 is the same code as the drafter copy transformers makes for `--draft-quant nf4` (no double
 quantization), so a self-drafter with no resident layer drafts as that copy does. HQQ quantizes on the
 device it is given: seconds per layer on a GPU, ~1 min per 1.5B-model layer on a 2-core CPU (the saved
 copy makes that a one-time cost). benchmarks/self_drafter_cpu.md measures what each codec buys.
+
+int8 copies are bitsandbytes' Linear8bitLt with LLM.int8's outlier threshold (6.0, transformers'
+default for `load_in_8bit`): on a GPU its int8 matmul quantizes the activations too, keeping their
+outlier columns in fp16. Without the split, or on a CPU, that route loses much of what the copy accepts
+(3.9 % output error against its de-quantized weight on activations with outlier features, SmolLM2's int8
+self-drafter at K=64: 10.3 tokens per pass instead of 15.2) and is 10-20x slower on a CPU than a plain
+matmul. So on a CPU `Int8Copy` takes bitsandbytes' own CPU route for training instead (MatMul8bitFp's
+way): the weight de-quantized from its codes, then one matmul in the input's dtype — exactly the
+de-quantized weight.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -62,7 +73,8 @@ def library_version(codec: str) -> str:
         return name
 
 
-COPY_CLASSES = {"Linear4bit", "Linear8bitLt", "HQQLinear"}
+COPY_CLASSES = {"Linear4bit", "Int8Copy", "HQQLinear"}
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier split (see the module's docstring)
 
 
 def is_copy(module: nn.Module) -> bool:
@@ -108,10 +120,30 @@ def _int8(w: torch.Tensor, bias, device) -> nn.Module:
     import bitsandbytes as bnb
 
     out, inp = w.shape
-    module = bnb.nn.Linear8bitLt(inp, out, bias=bias is not None, has_fp16_weights=False, device="meta")
+    module = int8_class()(inp, out, bias=bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD,
+                          device="meta")
     module.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=False, has_fp16_weights=False)
     module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
     return module.to(device)
+
+
+@functools.cache
+def int8_class() -> type:
+    """`Int8Copy`: bitsandbytes' Linear8bitLt, de-quantize-then-matmul on a CPU (module docstring).
+    Made on first use, so that importing edgespec does not import bitsandbytes."""
+    quiet_bitsandbytes()  # before its import: see quiet.py
+    import bitsandbytes as bnb
+
+    class Int8Copy(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu":
+                return super().forward(x)
+            scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+            weight = self.weight.data.to(x.dtype) * (scb.to(x.dtype)[:, None] / 127)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, weight, bias)
+
+    return Int8Copy
 
 
 def _hqq_quantize(w: torch.Tensor, bias, bits: int, device, dtype) -> nn.Module:
@@ -165,7 +197,8 @@ def restore(state: dict[str, torch.Tensor], meta: dict, codec: str, device: torc
 
     bias = state.get("bias")
     if codec == "int8":
-        module = bnb.nn.Linear8bitLt(inp, out, bias=bias is not None, has_fp16_weights=False, device="meta")
+        module = int8_class()(inp, out, bias=bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD,
+                              device="meta")
         module.weight = bnb.nn.Int8Params(state["weight"].to(device), requires_grad=False, has_fp16_weights=False)
         module.weight.CB, module.weight.SCB = module.weight.data, state["SCB"].to(device)
     else:
