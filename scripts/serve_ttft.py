@@ -93,8 +93,8 @@ def main(argv=None) -> list[dict]:
             rows.append(conversation(client, engine, questions[c * step:(c + 1) * step], args))
     server.should_exit = True
     thread.join(30)
-    print(f"| conversation | turn 1 prompt tokens | turn 1 first token, s | turn 2 prompt tokens | "
-          f"turn 2 first token, s |\n|---:|---:|---:|---:|---:|")
+    print("| conversation | turn 1 prompt tokens | turn 1 first token, s | turn 2 prompt tokens | "
+          "turn 2 first token, s |\n|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows, 1):
         print(f"| {i} | {r['turn1_prompt_tokens']} | {r['turn1_ttft_s']:.2f} | {r['turn2_prompt_tokens']} | "
               f"{r['turn2_ttft_s']:.2f} |")
