@@ -12,11 +12,10 @@ by the loader exactly as `edgespec chat --draft self --draft-quant C --resident-
 greedy continuation, computed once per prompt with `target.generate` (its de-quantized copy): in greedy
 decoding a tree node is accepted exactly when its path is that continuation's next tokens, so the
 tokens per pass are the same as with the real pass (`--verify target` runs it: check one row both ways).
-`--dense-copies` runs each 4-bit and HQQ copy as its de-quantized weight in an nn.Linear: the values
-those codecs' CPU forwards multiply by (they de-quantize the weight, then multiply in the compute dtype;
-HQQ de-quantizes the whole weight in every call, which is what makes it slow here), so the tokens per
-pass are the codec's, drafted faster. int8 copies run as they are: on a CPU they already compute with
-their de-quantized weight (lowbit.Int8Copy).
+`--dense-copies` runs each low-bit copy as its de-quantized weight in an nn.Linear: the values every
+codec's CPU forward multiplies by (4-bit and HQQ copies de-quantize the weight in every call, then
+multiply in the compute dtype; int8 copies do the same on a CPU, lowbit.Int8Copy), so the tokens per
+pass are the codec's, drafted faster.
 """
 from __future__ import annotations
 
@@ -103,12 +102,11 @@ class Oracle:
 
 # ---- one drafter --------------------------------------------------------------------------------
 def densify(model) -> None:
-    """Every 4-bit or HQQ copy in `model` becomes an nn.Linear holding its de-quantized weight (int8
-    copies stay: their kernel quantizes the activations too, see the module's docstring)."""
+    """Every low-bit copy in `model` becomes an nn.Linear holding its de-quantized weight."""
     for mod in list(model.modules()):
         for name, child in list(mod._modules.items()):
-            if child is not None and lowbit.is_copy(child) and type(child).__name__ != "Int8Copy":
-                codec = "hqq" if type(child).__name__ == "HQQLinear" else "nf4"
+            if child is not None and lowbit.is_copy(child):
+                codec = {"Int8Copy": "int8", "HQQLinear": "hqq"}.get(type(child).__name__, "nf4")
                 w = lowbit.dequantized(child, "hqq2" if codec == "hqq" else codec).float()
                 lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None)
                 lin.weight = torch.nn.Parameter(w.reshape(lin.weight.shape).contiguous(), requires_grad=False)
