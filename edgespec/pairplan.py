@@ -16,12 +16,12 @@ around them); a plan that does not fit says what would. The out-of-memory back-o
 any offloaded target: resident layers move to streaming and the drafter copies them (selfdraft.py).
 
 ORDER is by measurement (benchmarks/self_drafter_cpu.md: tokens per target pass on 5 MT-Bench first turns,
-SmolLM2-135M and Qwen2.5-Coder-1.5B targets): int8 copies keep about twice the tokens per pass of any
-4-bit codec (SmolLM2 at K=256 with no layer resident: 17.8 against nf4's 8.0 and hqq4's 7.4), more than
-keeping half the layers exact with nf4 copies does (9.7), so int8 comes first although its copies take
-1.8x nf4's bytes; then nf4 (bitsandbytes' kernels; hqq4 keeps no more tokens per pass at the same bytes),
-then HQQ's 3 and 2 bits, which lose most of the acceptance (2.4 and 1.0 tokens per pass), only for when
-nothing else fits.
+greedy): int8 copies keep about twice the tokens per pass of any 4-bit codec (SmolLM2-135M at K=256 with
+no layer resident: 17.8 against nf4's 8.0 and hqq4's 7.4; Qwen2.5-Coder-1.5B Q4_K_M: 22.9), more than
+keeping half the layers exact with nf4 copies does (SmolLM2: 9.7), so int8 comes first although its
+copies take 1.8x nf4's bytes; then nf4 (bitsandbytes' kernels; hqq4 keeps no more tokens per pass at the
+same bytes), then HQQ's 3 and 2 bits, which lose most of the acceptance (SmolLM2: 2.4 and 1.0 tokens
+per pass), only for when nothing else fits. Measured on a CPU; a GPU run may reorder int8 and nf4.
 """
 from __future__ import annotations
 
