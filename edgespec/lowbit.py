@@ -103,8 +103,7 @@ def quantize(linear: nn.Linear, codec: str, device: torch.device, dtype: torch.d
 
 
 def _bnb4(w: torch.Tensor, bias, codec: str, device, dtype) -> nn.Module:
-    quiet_bitsandbytes()  # before its import: see quiet.py
-    import bitsandbytes as bnb
+    bnb = _bnb()
 
     out, inp = w.shape
     module = bnb.nn.Linear4bit(inp, out, bias=bias is not None, compute_dtype=dtype, compress_statistics=False,
@@ -116,8 +115,7 @@ def _bnb4(w: torch.Tensor, bias, codec: str, device, dtype) -> nn.Module:
 
 
 def _int8(w: torch.Tensor, bias, device) -> nn.Module:
-    quiet_bitsandbytes()  # before its import: see quiet.py
-    import bitsandbytes as bnb
+    bnb = _bnb()
 
     out, inp = w.shape
     module = int8_class()(inp, out, bias=bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD,
@@ -131,15 +129,13 @@ def _int8(w: torch.Tensor, bias, device) -> nn.Module:
 def int8_class() -> type:
     """`Int8Copy`: bitsandbytes' Linear8bitLt, de-quantize-then-matmul on a CPU (module docstring).
     Made on first use, so that importing edgespec does not import bitsandbytes."""
-    quiet_bitsandbytes()  # before its import: see quiet.py
-    import bitsandbytes as bnb
+    bnb = _bnb()
 
     class Int8Copy(bnb.nn.Linear8bitLt):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.device.type != "cpu":
                 return super().forward(x)
-            scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
-            weight = self.weight.data.to(x.dtype) * (scb.to(x.dtype)[:, None] / 127)
+            weight = int8_weight(self, x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, weight, bias)
 
@@ -161,6 +157,20 @@ def _hqq_ready(module, dtype: torch.dtype):
         module.meta[key] = module.meta[key].to(dtype)
     module.eval()
     return module
+
+
+def int8_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 copy's weight de-quantized in `dtype`: its codes times their row's absmax / 127."""
+    scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    return module.weight.data.to(dtype) * (scb.to(dtype)[:, None] / 127)
+
+
+def _bnb():
+    """bitsandbytes, imported with its chatter filtered first (quiet.py)."""
+    quiet_bitsandbytes()
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 def _hqq():
@@ -192,8 +202,7 @@ def restore(state: dict[str, torch.Tensor], meta: dict, codec: str, device: torc
         module = hqq.HQQLinear(None, None, compute_dtype=dtype, device=str(device), initialize=False)
         module.load_state_dict(dict(state))
         return _hqq_ready(module, dtype)
-    quiet_bitsandbytes()  # before its import: see quiet.py
-    import bitsandbytes as bnb
+    bnb = _bnb()
 
     bias = state.get("bias")
     if codec == "int8":
@@ -215,10 +224,6 @@ def dequantized(module: nn.Module, codec: str) -> torch.Tensor:
     if codec in HQQ_BITS:
         return module.dequantize()
     if codec == "int8":
-        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
-        cb = module.weight.data
-        return cb.float() * (scb.float()[:, None] / 127)
-    import bitsandbytes.functional as F
-
-    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        return int8_weight(module, torch.float32)
+    return _bnb().functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
 
