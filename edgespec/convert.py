@@ -33,9 +33,14 @@ __all__ = ["dequantized_copy", "gguf_index", "tokenizer_copy", "convert_gguf", "
 
 def gguf_cache(src: Path, suffix: str = "") -> Path:
     """Where the converted copy of the GGUF `src` lives (keyed by path, size and mtime)."""
-    stat = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(gguf_stamp(src).encode()).hexdigest()[:12]
     return cache_dir() / f"{src.stem}-{key}{suffix}"
+
+
+def gguf_stamp(src: Path) -> str:
+    """The GGUF file `src` as one string for cache keys: resolved path, size, mtime."""
+    stat = src.stat()
+    return f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def dequantized_copy(folder: str, gguf: str, progress: bool, dtype: torch.dtype = torch.float32) -> Path:

@@ -29,7 +29,7 @@ from torch import nn
 
 from edgespec import lowbit, measure, pairplan, selfdraft
 from edgespec.config import LoadConfig
-from edgespec.convert import dequantized_copy, gguf_index
+from edgespec.convert import dequantized_copy, gguf_index, gguf_stamp
 from edgespec.device import run_dtype
 from edgespec.errors import InvalidArgumentError, OutOfMemoryError, UnsupportedModelError
 from edgespec.models import load_model, load_tokenizer, pick_device
@@ -286,11 +286,7 @@ def _copies_folder(c: LoadConfig, codec: str, dev: torch.device):
     from edgespec.quantized import source_stamp
 
     folder, gguf = resolve(c.target)
-    if gguf:
-        path = Path(folder) / gguf
-        stamp = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
-    else:
-        stamp = source_stamp(folder)
+    stamp = gguf_stamp(Path(folder) / gguf) if gguf else source_stamp(folder)
     if stamp is None:
         return None
     setup = [codec, lowbit.library_version(codec), f"v{lowbit.VERSION}", str(run_dtype(dev)), dev.type,

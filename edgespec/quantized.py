@@ -25,10 +25,8 @@ def copy_path(folder: str, quantize: str, device: torch.device, dtype: torch.dty
         return None
     import bitsandbytes
 
-    files = sorted(p for p in source.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
-    stamp = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     setup = f"{quantize}:{device.type}:{dtype}:bnb{bitsandbytes.__version__}"
-    key = hashlib.sha1("|".join([str(source.resolve()), setup, *stamp]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{_stamp(source)}|{setup}".encode()).hexdigest()[:12]
     return cache_dir() / "quantized" / f"{source.name}-{quantize}-{device.type}-{key}"
 
 
@@ -36,8 +34,10 @@ def source_stamp(folder: str) -> str | None:
     """The files the model in `folder` (a local folder or hub id) loads from — resolved path, names, sizes,
     mtimes — as one string for cache keys; None when they cannot be found."""
     source = _source_dir(folder)
-    if source is None:
-        return None
+    return None if source is None else _stamp(source)
+
+
+def _stamp(source: Path) -> str:
     files = sorted(p for p in source.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
     return "|".join([str(source.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
 
