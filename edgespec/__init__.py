@@ -5,8 +5,9 @@ builds a large speculative token tree; the target verifies the whole tree in one
 Output is lossless: greedy decoding equals the target's own greedy output, sampling keeps its
 distribution.
 """
+from edgespec.base import VERSION
 from edgespec.engine import Engine, Generation
-from edgespec.errors import (
+from edgespec.base.errors import (
     BackoffWarning,
     ContextLengthError,
     EdgespecError,
@@ -16,9 +17,9 @@ from edgespec.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from edgespec.stats import Plan, RunStats, StepStats
+from edgespec.base.stats import Plan, RunStats, StepStats
 
-__version__ = "0.1.0"
+__version__ = VERSION
 __all__ = [
     "Engine", "Generation", "Plan", "RunStats", "StepStats", "EdgespecError", "ContextLengthError",
     "InvalidArgumentError", "ModelNotFoundError", "OutOfMemoryError", "TokenizerMismatchError",

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgespec import Engine  # noqa: E402
-from edgespec.bench import run_assisted  # noqa: E402
-from edgespec.prompts import default_questions, read_questions  # noqa: E402
-from edgespec.stats import Totals  # noqa: E402
+from edgespec.front.bench import run_assisted  # noqa: E402
+from edgespec.engine.prompts import default_questions, read_questions  # noqa: E402
+from edgespec.base.stats import Totals  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,7 +102,7 @@ def _assisted(target, drafter, chain: str, prompts, max_new: int, refs, temperat
 def main(argv=None, pair=None, prompts=None) -> list[dict]:
     args = parse_args(argv)
     if pair is None:
-        from edgespec.models import load_model, load_tokenizer
+        from edgespec.loading.models import load_model, load_tokenizer
 
         pair = (load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None))
     target, drafter, tok = pair

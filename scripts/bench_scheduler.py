@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgespec import Engine  # noqa: E402
-from edgespec.prompts import chat_messages, default_questions, read_questions  # noqa: E402
-from edgespec.stats import Totals  # noqa: E402
+from edgespec.engine.prompts import chat_messages, default_questions, read_questions  # noqa: E402
+from edgespec.base.stats import Totals  # noqa: E402
 
 
 def parse_args(argv=None):

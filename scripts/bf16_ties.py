@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgespec import Engine  # noqa: E402
-from edgespec.bench import first_difference, top2_gap  # noqa: E402
-from edgespec.models import load_model, load_tokenizer  # noqa: E402
+from edgespec.front.bench import first_difference, top2_gap  # noqa: E402
+from edgespec.loading.models import load_model, load_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -45,7 +45,7 @@ EOF
 
 split_gguf() {  # the embedded GGUF in two parts under 64 MiB each
     local src
-    src=$($py -c "from edgespec.resolve import embedded_gguf; print(embedded_gguf(fetch=False))")
+    src=$($py -c "from edgespec.loading.resolve import embedded_gguf; print(embedded_gguf(fetch=False))")
     echo "$SHA256  $src" | sha256sum -c --quiet
     mkdir -p "$root/.m1" "$root/.m2"
     head -c $CUT "$src" > "$root/.m1/part_a"

@@ -124,7 +124,7 @@ environment() {  # what ran where; refuses to start without the pieces a device 
 import importlib, importlib.metadata, sys
 import torch, transformers
 import edgespec
-from edgespec.resolve import embedded_gguf
+from edgespec.loading.resolve import embedded_gguf
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
       f"edgespec {edgespec.__version__} ({edgespec.__file__})")
 missing = []
@@ -145,7 +145,7 @@ EOF
 # --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
 model=0
 for name in scheduler bench-8b bench-70b scheduler-t05 self-8b; do [[ $steps == *" $name "* ]] && model=1; done
-if [[ $model == 1 ]] && ! $py -c "from edgespec.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null
+if [[ $model == 1 ]] && ! $py -c "from edgespec.loading.resolve import embedded_gguf; embedded_gguf(fetch=False)" 2>/dev/null
 then
     bash scripts/gpu_carry.sh unpack "$root" || die "no embedded model (see the header: gpu_carry.sh)"
 fi
@@ -164,7 +164,7 @@ step scheduler "$lim_sched" $py scripts/bench_scheduler.py --device "$device" --
     --json "$out/scheduler.json"
 
 # --- 3. end to end against plain streamed decoding and HF assisted: 8B shape, then 70B shape ---
-step bench-8b "$lim_8b" $py -m edgespec.cli bench --device "$device" --target-shape "$SHAPE_8B" \
+step bench-8b "$lim_8b" $py -m edgespec.front.cli bench --device "$device" --target-shape "$SHAPE_8B" \
     --resident-layers 0 --draft-quant nf4 --questions "$questions" --n-prompts "$N_PROMPTS" \
     --max-new-tokens "$NEW_TOKENS" --out "$out/bench_8b.md"
 step bench-70b "$lim_70b" $py scripts/small_card.py --vram-gb "$VRAM_GB" bench --device "$device" \

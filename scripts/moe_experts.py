@@ -30,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgespec.cache import crop, new_cache  # noqa: E402
-from edgespec.draft import TreeSearch  # noqa: E402
-from edgespec.drafter import Drafter  # noqa: E402
-from edgespec.forward import hidden_states  # noqa: E402
-from edgespec.sampling import Sampler  # noqa: E402
-from edgespec.stats import Plan  # noqa: E402
-from edgespec.tree import Tree  # noqa: E402
-from edgespec.verify import verify  # noqa: E402
+from edgespec.core.kv import crop, new_cache  # noqa: E402
+from edgespec.core.search import TreeSearch  # noqa: E402
+from edgespec.core.drafter import Drafter  # noqa: E402
+from edgespec.core.forward import hidden_states  # noqa: E402
+from edgespec.core.sampling import Sampler  # noqa: E402
+from edgespec.base.stats import Plan  # noqa: E402
+from edgespec.core.tree import Tree  # noqa: E402
+from edgespec.core.verify import verify  # noqa: E402
 
 # name, real model it mimics, family, experts, top-k
 SHAPES = [("mixtral-like", "Mixtral-8x7B", "mixtral", 8, 2),
@@ -133,7 +133,7 @@ def measure(target, experts: int, prompts, trees, sizes) -> dict[int, list[list[
 
 
 def load_prompts(args):
-    from edgespec.models import load_model, load_tokenizer
+    from edgespec.loading.models import load_model, load_tokenizer
 
     path = ROOT / "tests" / "data" / "mt_bench_first5.jsonl"
     turns = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]

@@ -4,14 +4,14 @@
     python scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static
     python scripts/profile_draft.py --device cpu --quant none --budgets 1,16,64     # any machine
 
-`--forward` picks how the drafter's forwards run (edgespec/drafter.py): `transformers` (the model's own
+`--forward` picks how the drafter's forwards run (edgespec/core/drafter.py): `transformers` (the model's own
 forward), `lean` (edgespec's lean forward over transformers' cache), `static` (the lean forward over
 preallocated buffers, replayed from CUDA graphs on a GPU; eager on a CPU).
 
 The drafter is SmolLM2-135M-shaped (30 layers, 576 hidden) with random weights (initializer range
 0.25, so its distributions are peaked and trees grow deep as with a real model), saved once and
 loaded through edgespec's loader, bitsandbytes-quantized where asked. Each forward runs on top of a
-199-token KV cache; tree builds time what an engine step's drafting does (`measure.time_drafts`).
+199-token KV cache; tree builds time what an engine step's drafting does (`timing.time_drafts`).
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgespec.cache import crop  # noqa: E402
-from edgespec.drafter import Drafter  # noqa: E402
-from edgespec.device import sync  # noqa: E402
-from edgespec.measure import time_drafts  # noqa: E402
-from edgespec.models import load_model  # noqa: E402
-from edgespec.stats import Plan  # noqa: E402
+from edgespec.core.kv import crop  # noqa: E402
+from edgespec.core.drafter import Drafter  # noqa: E402
+from edgespec.base.device import sync  # noqa: E402
+from edgespec.scheduler.timing import time_drafts  # noqa: E402
+from edgespec.loading.models import load_model  # noqa: E402
+from edgespec.base.stats import Plan  # noqa: E402
 
 PREFIX = 200
 

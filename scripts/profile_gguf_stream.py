@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgespec.offload import find_handle  # noqa: E402
-from edgespec.profile import peak_rss, rss  # noqa: E402
+from edgespec.front.profile import peak_rss, rss  # noqa: E402
 
 GB = 1e9
 WAYS = ("raw", "copy")
@@ -66,9 +66,9 @@ def prompts(args) -> list[str]:
 
 def prepare(name: str, args) -> None:
     """The de-quantized copy (for `copy`), the parsed index (for `raw`) and the tokenizer, made once."""
-    from edgespec.convert import dequantized_copy, gguf_index, tokenizer_copy
-    from edgespec.device import run_dtype
-    from edgespec.resolve import resolve
+    from edgespec.loading.convert import dequantized_copy, gguf_index, tokenizer_copy
+    from edgespec.base.device import run_dtype
+    from edgespec.loading.resolve import resolve
 
     folder, gguf = resolve(spec_of(name))
     gguf_index(folder, gguf)
@@ -79,10 +79,10 @@ def prepare(name: str, args) -> None:
 
 def child(name: str, way: str, args) -> dict:
     """One load, timed passes and greedy tokens, in this fresh process."""
-    from edgespec.device import run_dtype
-    from edgespec.loader import load_offloaded
-    from edgespec.measure import time_passes
-    from edgespec.models import load_tokenizer
+    from edgespec.base.device import run_dtype
+    from edgespec.loading.loader import load_offloaded
+    from edgespec.scheduler.timing import time_passes
+    from edgespec.loading.models import load_tokenizer
 
     dev = torch.device(args.device)
     base, start = rss(), time.perf_counter()

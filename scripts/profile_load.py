@@ -7,7 +7,7 @@
 Saves a random-weight model of `--shape` once as a sharded safetensors checkpoint (like a hub
 model), then loads it in a fresh process per configuration, offloaded to `--device` with its streamed
 layers kept as `--quantize`, two ways: `whole` (transformers loads the whole model, then its layers
-are packed: the path every load took before) and `layerwise` (edgespec/loader.py: each
+are packed: the path every load took before) and `layerwise` (edgespec/loading/loader.py: each
 layer read, placed and released in turn). It prints the peak resident set of each process during
 the load, the load time, the host bytes the streamed layers keep, and checks that both ways give the
 same logits (one forward after the load).
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgespec.offload import find_handle  # noqa: E402
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
-from edgespec.profile import peak_rss, rss  # noqa: E402
+from edgespec.front.profile import peak_rss, rss  # noqa: E402
 
 GB = 1e9
 
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quantize", default="none,int8,nf4", help="streamed-layer codecs to try (none, int8, nf4)")
     ap.add_argument("--ways", default="whole,layerwise", help="whole, layerwise or both (whole needs ~2x the model)")
     ap.add_argument("--gguf", default=None, help="instead: de-quantize this GGUF whole (transformers) and layer by "
-                    "layer (edgespec/convert.py)")
+                    "layer (edgespec/loading/convert.py)")
     ap.add_argument("--folder", default=None, help="checkpoint folder (made here if missing; default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
@@ -61,9 +61,9 @@ def save_checkpoint(args, folder: Path) -> None:
 
 def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) -> dict:
     """One load in this (fresh) process; peak RSS counts everything the load touched."""
-    from edgespec.models import load_model
+    from edgespec.loading.models import load_model
     from edgespec.offload import offload_layers
-    from edgespec.loader import load_offloaded
+    from edgespec.loading.loader import load_offloaded
 
     q = None if quant == "none" else quant
     dev = torch.device(device)
@@ -90,8 +90,8 @@ def child(folder: str, way: str, quant: str, dtype: torch.dtype, device: str) ->
 
 def convert_child(gguf: str, way: str) -> dict:
     """De-quantize a GGUF into a safetensors folder: transformers' whole-model way, or edgespec's."""
-    from edgespec.convert import convert_gguf, convert_whole
-    from edgespec.models import load_model
+    from edgespec.loading.convert import convert_gguf, convert_whole
+    from edgespec.loading.models import load_model
 
     src = Path(gguf)
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgespec.measure import time_passes  # noqa: E402
+from edgespec.scheduler.timing import time_passes  # noqa: E402
 from edgespec.offload import offload_layers  # noqa: E402
 from edgespec.offload.bandwidth import measure_bandwidth  # noqa: E402
-from edgespec.device import hold_beyond, param_bytes  # noqa: E402
+from edgespec.base.device import hold_beyond, param_bytes  # noqa: E402
 from edgespec.offload.shapes import DTYPES, SHAPES, build_random_model  # noqa: E402
 
 MB = 1e6
@@ -85,7 +85,7 @@ class RandomBlocks:
 
     def __init__(self, kind: str, seed: int = 0):
         from edgespec.offload.gguf_blocks import TYPES
-        from edgespec.offload.quant import GGUFRaw
+        from edgespec.offload.codecs import GGUFRaw
 
         if kind not in TYPES or TYPES[kind].decode is None:
             raise SystemExit(f"--gguf-blocks {kind}: a quantized type edgespec decodes ({', '.join(TYPES)})")

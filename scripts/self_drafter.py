@@ -1,4 +1,4 @@
-"""Tokens per target pass with the target drafting for itself (edgespec/selfdraft.py), by codec of the
+"""Tokens per target pass with the target drafting for itself (edgespec/loading/self_drafter.py), by codec of the
 streamed layers' copies and resident layers, next to the target's own full nf4 copy as drafter.
 
     python scripts/self_drafter.py --target /path/qwen.gguf --codecs nf4,hqq4,hqq3,hqq2 --resident 0,14
@@ -32,12 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgespec import Engine, lowbit  # noqa: E402
-from edgespec.config import LoadConfig  # noqa: E402
-from edgespec.loader import load_pair  # noqa: E402
-from edgespec.prompts import default_questions, read_questions  # noqa: E402
-from edgespec.stats import Totals  # noqa: E402
-from edgespec.verify import Verdict, walk  # noqa: E402
+from edgespec import Engine  # noqa: E402
+from edgespec.loading import lowbit
+from edgespec.base.config import LoadConfig  # noqa: E402
+from edgespec.loading.loader import load_pair  # noqa: E402
+from edgespec.engine.prompts import default_questions, read_questions  # noqa: E402
+from edgespec.base.stats import Totals  # noqa: E402
+from edgespec.core.verify import Verdict, walk  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,7 +66,7 @@ def references(target: str | None, prompts: list[list[int]], max_new: int, path:
     key = lambda ids: f"{target}|{max_new}|{','.join(map(str, ids))}"  # noqa: E731
     missing = [ids for ids in prompts if key(ids) not in saved]
     if missing:
-        from edgespec.models import load_model
+        from edgespec.loading.models import load_model
 
         model = load_model(target, dtype=torch.float32)
         for ids in missing:
@@ -164,11 +165,11 @@ def main(argv=None) -> list[dict]:
             prompts = [engine.encode([{"role": "user", "content": q}]) for q in questions]
             refs = references(args.target, prompts, args.max_new_tokens, args.refs)
             if args.verify == "oracle":
-                import edgespec.step
+                import edgespec.engine.step
 
                 eos = next(iter(engine.eos_ids), 0)
                 oracle = Oracle(loaded.target.config.vocab_size, eos)
-                edgespec.step.verify = oracle
+                edgespec.engine.step.verify = oracle
         if args.dense_copies and kind == "self":
             densify(loaded.drafter)
         name = (f"self {codec}, {resident} resident" if kind == "self" else "full nf4 copy")

@@ -23,8 +23,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgespec import Engine  # noqa: E402
-from edgespec.prompts import KEPT, default_questions, read_questions  # noqa: E402
-from edgespec.server import ServerConfig, bind, create_app, uvicorn_server  # noqa: E402
+from edgespec.engine.prompts import KEPT, default_questions, read_questions  # noqa: E402
+from edgespec.front.server import ServerConfig, bind, create_app, uvicorn_server  # noqa: E402
 
 
 def parse_args(argv=None):

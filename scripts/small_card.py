@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgespec import cli  # noqa: E402
-from edgespec.device import hold_beyond  # noqa: E402
+from edgespec.front import cli  # noqa: E402
+from edgespec.base.device import hold_beyond  # noqa: E402
 
 
 def main(argv=None) -> int:

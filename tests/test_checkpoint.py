@@ -1,4 +1,4 @@
-"""Loading an offloaded target layer by layer (edgespec/loader.py): the same model as
+"""Loading an offloaded target layer by layer (edgespec/loading/loader.py): the same model as
 loading it whole, with never more than one decoder layer's weights on the host outside the packs."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from edgespec.offload import find_handle
-from edgespec.errors import ModelNotFoundError
-from edgespec.models import load_model
+from edgespec.base.errors import ModelNotFoundError
+from edgespec.loading.models import load_model
 from edgespec.offload import offload_layers
-from edgespec.loader import load_offloaded
+from edgespec.loading.loader import load_offloaded
 from edgespec.offload.layout import LayerPack
 from tests.conftest import tiny_model
 
@@ -133,8 +133,8 @@ def gguf_copies(tmp_path_factory):
     import contextlib
     import io
 
-    import edgespec.convert as convert
-    from edgespec.models import embedded_gguf, load_tokenizer, local_folder
+    import edgespec.loading.convert as convert
+    from edgespec.loading.models import embedded_gguf, load_tokenizer, local_folder
 
     gguf, ours, theirs = str(embedded_gguf()), tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
     out = {}
@@ -152,7 +152,7 @@ def gguf_copies(tmp_path_factory):
 
 
 def _unsupported(*a, **kw):
-    from edgespec.convert import Unsupported
+    from edgespec.loading.convert import Unsupported
 
     raise Unsupported("GGUF architecture test needs transformers' whole-file conversion")
 
@@ -160,7 +160,7 @@ def _unsupported(*a, **kw):
 @pytest.mark.slow
 def test_gguf_converted_layer_by_layer_equals_transformers_whole_conversion(gguf_copies):
     """Bit for bit: weights, config, generation config, tokenizer."""
-    from edgespec.models import load_tokenizer
+    from edgespec.loading.models import load_tokenizer
 
     ours, theirs = Path(gguf_copies["fp32"]), Path(gguf_copies["whole"])
     assert len(list(ours.glob("model-*.safetensors"))) == 31  # outside + one shard per decoder layer
@@ -185,7 +185,7 @@ def test_gguf_conversion_falls_back_to_transformers(gguf_copies):
 def test_gguf_cache_per_dtype_and_tokenizer_alone(gguf_copies):
     """A GPU's bf16 copy is the fp32 copy cast to bf16 (so the same model on load, at half the disk);
     the tokenizer is converted alone, without de-quantizing any weight."""
-    from edgespec.models import load_tokenizer
+    from edgespec.loading.models import load_tokenizer
 
     files = gguf_copies["after_tokenizer"]
     assert files and not any(n.endswith(".safetensors") for n in files)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from edgespec import Engine, cli
-from edgespec.chat import ChatSession
+from edgespec import Engine
+from edgespec.front import cli
+from edgespec.front.chat import ChatSession
 from tests.conftest import chat_session, greedy_reference, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def test_repl_reads_a_pipe_until_eof():
 
 
 def cli_repl(s, text: str) -> int:
-    from edgespec.chat import repl
+    from edgespec.front.chat import repl
 
     return repl(s, io.StringIO(text))
 
@@ -184,7 +185,7 @@ def test_user_errors_exit_2_without_traceback(injected, capsys):
 # ---- the embedded default, as a user runs it ------------------------------------------------------
 def run_cli(*args, stdin: str = "", **env_extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra}
-    return subprocess.run([sys.executable, "-m", "edgespec.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgespec.front.cli", *args], input=stdin, capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=900, check=False)
 
 
@@ -219,8 +220,8 @@ def test_every_model_option_sets_a_config_field():
     """The CLI's model options are the configs' fields (or named CLI-only): none is lost on the way."""
     from dataclasses import fields
 
-    from edgespec.config import DraftConfig, LoadConfig
-    from edgespec.sampling import SamplingConfig
+    from edgespec.base.config import DraftConfig, LoadConfig
+    from edgespec.core.sampling import SamplingConfig
 
     configs = {c.__name__: {f.name for f in fields(c)} for c in (LoadConfig, DraftConfig, SamplingConfig)}
     options = {a.dest for a in cli.model_options()._actions}

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgespec"
 # optional features: the module that imports it, and the install hint its EdgespecError must carry
-OPTIONAL = {"matplotlib": ("profile.py", "pip install"), "hqq": ("lowbit.py", "pip install")}
+OPTIONAL = {"matplotlib": ("front/profile.py", "pip install"), "hqq": ("loading/lowbit.py", "pip install")}
 
 
 def imported_top_level(path: Path) -> set[str]:

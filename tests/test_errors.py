@@ -8,14 +8,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from edgespec import Engine
-from edgespec.errors import (
+from edgespec.base.errors import (
     ContextLengthError, InvalidArgumentError, ModelNotFoundError, TokenizerMismatchError, UnsupportedModelError,
 )
-from edgespec.models import load_model
-from edgespec.pair import check_tokenizers
+from edgespec.loading.models import load_model
+from edgespec.core.pair import check_tokenizers
 from edgespec.scheduler import make_scheduler
 from tests.conftest import Fixed, greedy_reference, tiny_pair
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 
 
 def word_tokenizer(words):
@@ -100,8 +100,8 @@ def test_empty_prompt():
 def test_gguf_conversion_out_of_disk_space(tmp_path, monkeypatch):
     import errno
 
-    import edgespec.convert as convert
-    from edgespec.errors import EdgespecError
+    import edgespec.loading.convert as convert
+    from edgespec.base.errors import EdgespecError
 
     monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
@@ -118,7 +118,7 @@ def test_gguf_conversion_out_of_disk_space(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
 def test_invalid_draft_temperature(bad):
-    from edgespec.sampling import Sampler
+    from edgespec.core.sampling import Sampler
 
     with pytest.raises(InvalidArgumentError, match="draft_temperature must be > 0"):
         Sampler(draft_temperature=bad)

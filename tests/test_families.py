@@ -18,13 +18,14 @@ import warnings
 import pytest
 import torch
 
-from edgespec import Engine, attention
-from edgespec.drafter import Drafter
-from edgespec.cache import new_cache
-from edgespec.errors import UnsupportedModelError
-from edgespec.forward import hidden_states
+from edgespec import Engine
+from edgespec.core import attention
+from edgespec.core.drafter import Drafter
+from edgespec.core.kv import new_cache
+from edgespec.base.errors import UnsupportedModelError
+from edgespec.core.forward import hidden_states
 from edgespec.offload import offload_layers
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, chi2, chi2_critical, greedy_reference, noisy_copy, tiny_model
 
 W = 8  # sliding window of the tiny sliding families
@@ -127,8 +128,8 @@ def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch)
     expanded node the top tokens of transformers' own forward over the node's path, deeper than the
     window too, and still after re-rooting; lean forward (Mistral: dynamic and static cache) or
     transformers' (mixed layers)."""
-    from edgespec.draft import TreeSearch
-    from edgespec.sampling import Sampler
+    from edgespec.core.search import TreeSearch
+    from edgespec.core.sampling import Sampler
 
     monkeypatch.setenv("EDGESPEC_LEAN", lean_mode)
     model = target_model(family, init=0.3)
@@ -182,10 +183,10 @@ def test_sampling_matches_target_law_past_the_window(family):
     target pass: the first two tokens its walk commits, over 4,000 seeds, follow the target's exact
     law from transformers' own forward (cells: (a, b) where the tree holds a, else (a,)), and the
     drafter's law is rejected by the same draws."""
-    from edgespec.draft import TreeSearch
-    from edgespec.forward import logits_from_hidden
-    from edgespec.sampling import Sampler
-    from edgespec.verify import walk
+    from edgespec.core.search import TreeSearch
+    from edgespec.core.forward import logits_from_hidden
+    from edgespec.core.sampling import Sampler
+    from edgespec.core.verify import walk
 
     vocab = 8
     target = target_model(family, vocab=vocab, init=0.3)
@@ -218,7 +219,7 @@ def test_sampling_matches_target_law_past_the_window(family):
 def tree_law(model, prompt: torch.Tensor, tree, vocab: int) -> dict:
     """The exact law of a walk's first two committed tokens, from `model`'s own forward (no cache):
     (a, b) for a first token the tree holds, (a,) for one it does not (the walk ends there)."""
-    from edgespec.sampling import Sampler
+    from edgespec.core.sampling import Sampler
 
     probs = Sampler(1.0).probs
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """An offloaded GGUF target streams its layers as the file's blocks, decoded on the device after each
-copy (edgespec/loader.py): the same model as its de-quantized copy, token for token, with 0, some and
+copy (edgespec/loading/loader.py): the same model as its de-quantized copy, token for token, with 0, some and
 all layers resident, and no de-quantized copy written. Tiny Llama and Qwen2 GGUFs of mixed types
 (Q8_0, Q4_0, Q5_1 from gguf.quants.quantize, F32 norms) are written here with gguf.GGUFWriter; the
 embedded default (Q4_1) is checked too (slow)."""
@@ -14,9 +14,9 @@ from gguf.quants import quantize
 
 from edgespec.offload import find_handle
 from edgespec import Engine
-from edgespec.loader import load_offloaded
-from edgespec.models import load_model
-from edgespec.stats import Plan
+from edgespec.loading.loader import load_offloaded
+from edgespec.loading.models import load_model
+from edgespec.base.stats import Plan
 from tests.conftest import greedy_reference, noisy_copy
 from tests.test_greedy import Fixed
 
@@ -86,8 +86,8 @@ def test_streams_raw_and_writes_no_dequantized_copy(tiny_gguf):
     handle = find_handle(raw)
     kinds = {c["type"]: c["codec"] for c in handle.codecs()}
     assert kinds == {"Q8_0": "gguf:Q8_0", "Q4_0": "gguf:Q4_0", "Q5_1": "gguf:Q5_1", "F32": "gguf:F32"}
-    from edgespec.convert import gguf_index
-    from edgespec.skeleton import gguf_model
+    from edgespec.loading.convert import gguf_index
+    from edgespec.loading.skeleton import gguf_model
 
     _, _, source = gguf_model(path, gguf_index(str(path.parent), path.name), torch.float32)
     in_file = sum(source.tensors[f"model.layers.{i}.{k}"].nbytes for i in (1, 2)
@@ -121,9 +121,9 @@ def test_llama_q_k_rows_are_permuted_once_on_the_host(tiny_gguf):
     """transformers un-permutes llama.cpp's q/k rows when it reads a GGUF (an internal processor this
     relies on): the raw bytes handed to the streamer carry that row order, for whole rows of blocks."""
     path, _, raw = tiny_gguf
-    from edgespec.convert import gguf_index
+    from edgespec.loading.convert import gguf_index
     from edgespec.offload.gguf_blocks import decode_into
-    from edgespec.skeleton import gguf_model
+    from edgespec.loading.skeleton import gguf_model
 
     _, _, source = gguf_model(path, gguf_index(str(path.parent), path.name), torch.float32)
     for name in ("model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight"):
@@ -142,7 +142,7 @@ def test_llama_q_k_rows_are_permuted_once_on_the_host(tiny_gguf):
 
 def test_an_iquant_layer_is_refused_before_loading(tmp_path, monkeypatch):
     """A layer tensor of a type the device cannot decode: an error naming tensor, type and fix."""
-    from edgespec.errors import UnsupportedModelError
+    from edgespec.base.errors import UnsupportedModelError
     from edgespec.offload import gguf_blocks
 
     monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path / "cache"))
@@ -160,8 +160,8 @@ def test_generate_json_reports_the_stream(tiny_gguf, monkeypatch, capsys):
     """`generate --json`: bytes per pass, the codec of each tensor type, decode time per pass."""
     import json
 
-    from edgespec import cli
-    from edgespec.models import load_tokenizer
+    from edgespec.front import cli
+    from edgespec.loading.models import load_tokenizer
 
     path, _, raw = tiny_gguf
     monkeypatch.setenv("EDGESPEC_CACHE", str(path.parent / "cache"))

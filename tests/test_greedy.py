@@ -2,7 +2,7 @@
 import pytest
 
 from edgespec import Engine
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_model, tiny_pair
 
 

@@ -9,8 +9,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "edgespec"
 
-LOADING = {"edgespec.resolve", "edgespec.tensors", "edgespec.skeleton", "edgespec.convert", "edgespec.quantized",
-           "edgespec.models", "edgespec.loader"}
+# The wings, lowest first, and which other wings each may import (edgespec/<wing>/__init__.py says why).
+# "edgespec" itself (the package's face) may import the engine and the base.
+WINGS = {
+    "base": set(),
+    "offload": {"base"},
+    "core": {"base"},
+    "scheduler": {"base", "core"},
+    "loading": {"base", "offload", "core"},
+    "engine": {"base", "offload", "core", "scheduler", "loading"},
+    "front": {"base", "offload", "core", "scheduler", "loading", "engine"},
+}
+FACE = {"engine", "base"}
 
 
 def modules() -> dict[str, Path]:
@@ -77,7 +87,7 @@ def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_reader_sees_lazy_and_relative_imports():
     edges = graph()
-    assert "edgespec.loader" in edges["edgespec.engine"]  # a function-level import in from_pretrained
+    assert "edgespec.loading.loader" in edges["edgespec.engine.engine"]  # a function-level import in from_pretrained
     assert "edgespec.offload.api" in edges["edgespec.offload"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
@@ -87,17 +97,58 @@ def test_no_import_cycle_in_edgespec():
     assert not found, f"import cycles: {[sorted(c) for c in found]}"
 
 
+def wing(module: str) -> str | None:
+    """The wing a module lives in ("edgespec.core.tree" → "core"); None for the package's face."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def wing_violations(edges: dict[str, set[str]]) -> list[str]:
+    """Every import that crosses into a wing its own wing may not import."""
+    bad = []
+    for mod, targets in sorted(edges.items()):
+        mine = wing(mod)
+        allowed = FACE if mine is None else WINGS[mine]
+        for target in sorted(targets):
+            theirs = wing(target)
+            if theirs != mine and theirs not in allowed:
+                bad.append(f"{mod} imports {target} ({mine or 'edgespec'} may import {sorted(allowed) or 'nothing'})")
+    return bad
+
+
+def test_every_module_lives_in_a_wing():
+    loose = [m for m in graph() if m != "edgespec" and wing(m) not in WINGS]
+    assert not loose, f"modules outside the wings {sorted(WINGS)}: {loose}"
+
+
+def test_imports_follow_the_wing_rules():
+    bad = wing_violations(graph())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_wing_rules_catch_a_planted_import():
+    """The checker fails on what the rules forbid: the core importing a front end or loading, offload
+    importing the core, the base importing anything."""
+    edges = graph()
+    for planted in [("edgespec.core.tree", "edgespec.front.cli"), ("edgespec.core.search", "edgespec.loading.loader"),
+                    ("edgespec.offload.streamer", "edgespec.core.kv"), ("edgespec.base.stats", "edgespec.core.tree"),
+                    ("edgespec.scheduler.policy", "edgespec.engine.step")]:
+        mod, target = planted
+        bad = wing_violations({**edges, mod: edges[mod] | {target}})
+        assert bad == [next(b for b in bad if b.startswith(f"{mod} imports {target} "))], bad
+
+
 def test_offload_does_not_import_the_model_loading_code():
     edges = graph()
-    bad = {m: sorted(edges[m] & LOADING) for m in edges if m.startswith("edgespec.offload") and edges[m] & LOADING}
-    assert not bad, f"edgespec/offload imports model loading: {bad}"
+    bad = {m: sorted(t for t in edges[m] if wing(t) == "loading") for m in edges if wing(m) == "offload"}
+    assert not any(bad.values()), f"edgespec/offload imports model loading: {bad}"
 
 
 def test_the_loading_path_flows_one_way():
     """resolve → tensors → skeleton → convert → models → loader: none imports one after it."""
-    order = ["edgespec.resolve", "edgespec.tensors", "edgespec.skeleton", "edgespec.convert", "edgespec.quantized",
-             "edgespec.models", "edgespec.loader"]
+    order = ["edgespec.loading.resolve", "edgespec.loading.tensors", "edgespec.loading.skeleton",
+             "edgespec.loading.convert", "edgespec.loading.bnb_copy", "edgespec.loading.models", "edgespec.loading.loader"]
     edges = graph()
     for i, mod in enumerate(order):
-        later = set(order[i + 1 :]) | {"edgespec.engine", "edgespec.cli"}
+        later = set(order[i + 1 :]) | {"edgespec.engine.engine", "edgespec.front.cli"}
         assert not edges[mod] & later, f"{mod} imports {sorted(edges[mod] & later)}"

@@ -1,15 +1,16 @@
-"""The drafter's lean forward (edgespec/lean.py) and its static, graph-replayable cache
-(edgespec/static_cache.py) against transformers' own forward."""
+"""The drafter's lean forward (edgespec/core/lean.py) and its static, graph-replayable cache
+(edgespec/core/static_kv.py) against transformers' own forward."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from edgespec import Engine, static_cache
-from edgespec.cache import crop, keep_positions
-from edgespec.drafter import Drafter
-from edgespec.static_cache import GraphFallbackWarning, StaticCache
+from edgespec import Engine
+from edgespec.core import static_kv as static_cache
+from edgespec.core.kv import crop, keep_positions
+from edgespec.core.drafter import Drafter
+from edgespec.core.static_kv import GraphFallbackWarning, StaticCache
 
 from tests.conftest import greedy_reference, tiny_model, tiny_pair
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from edgespec.errors import InvalidArgumentError, UnsupportedModelError
-from edgespec.forward import cache_kwarg
+from edgespec.base.errors import InvalidArgumentError, UnsupportedModelError
+from edgespec.core.forward import cache_kwarg
 from edgespec.offload import find_handle, offload_layers
 from tests.conftest import tiny_model
 
@@ -295,7 +295,7 @@ def test_quantized_streaming(quantize, tol, ratio):
 
 def test_nf4_decode_does_not_depend_on_its_step(monkeypatch):
     """The decode runs in steps of whole blocks (bigger on a GPU): any step gives the same weights."""
-    from edgespec.offload.quant import NF4Blocks
+    from edgespec.offload.codecs import NF4Blocks
 
     codec, w = NF4Blocks(), torch.randn(320, 192, generator=torch.Generator().manual_seed(0))
     region = torch.empty(codec.nbytes(w.shape), dtype=torch.uint8)

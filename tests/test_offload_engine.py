@@ -5,7 +5,7 @@ import pytest
 
 from edgespec import Engine
 from edgespec.offload import offload_layers
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
@@ -37,12 +37,12 @@ def test_overlap_auto_follows_the_link():
 def test_auto_budget_calibrates_once_and_stays_exact(tmp_path, monkeypatch):
     """budget="auto" with calibration: the pass-time and draft-time curves are measured at start-up,
     cached per machine/models/link, reused by the next engine; output still exact."""
-    import edgespec.measure as measure
+    import edgespec.scheduler.timing as timing
 
     monkeypatch.setenv("EDGESPEC_CACHE", str(tmp_path))
     calls = []
-    real = measure.time_passes
-    monkeypatch.setattr(measure, "time_passes", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = timing.time_passes
+    monkeypatch.setattr(timing, "time_passes", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     target, drafter = tiny_pair("llama", init=0.1, layers=4)
     plain = copy.deepcopy(target)
     offload_layers(target, "cpu", resident_layers=1, progress=False)
@@ -59,11 +59,11 @@ def test_auto_budget_calibrates_once_and_stays_exact(tmp_path, monkeypatch):
 
 
 def test_memory_cap_bounds_the_tree(monkeypatch):
-    import edgespec.measure as measure
+    import edgespec.base.memory as memory
 
     target, drafter = tiny_pair("llama", init=0.1)
     engine = Engine(target, drafter, scheduler=Fixed(Plan(512, 8, 8, 32)))
-    monkeypatch.setattr(measure, "max_tree_tokens", lambda config, past, free: 20)
+    monkeypatch.setattr(memory, "max_tree_tokens", lambda config, past, free: 20)
     ids = prompts(1)[0]
     out = engine.generate(ids, max_new_tokens=20)
     assert out.ids == greedy_reference(target, ids, 20)
@@ -71,7 +71,7 @@ def test_memory_cap_bounds_the_tree(monkeypatch):
 
 
 def test_max_tree_tokens_moves_the_right_way():
-    from edgespec.measure import max_tree_tokens, pass_bytes
+    from edgespec.base.memory import max_tree_tokens, pass_bytes
 
     target, _ = tiny_pair("llama")
     cfg = target.config

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-import edgespec.verify as verify
+import edgespec.core.verify as verify
 from edgespec import Engine
-from edgespec.drafter import Drafter
-from edgespec.errors import OutOfMemoryError
-from edgespec.stats import Plan
+from edgespec.core.drafter import Drafter
+from edgespec.base.errors import OutOfMemoryError
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
@@ -45,7 +45,7 @@ def test_injected_oom_is_recovered(monkeypatch, module, after_forward):
 
 def test_oom_streams_resident_layers_and_says_so(monkeypatch):
     """With an offloaded target, the back-off also moves resident layers to streaming; same output."""
-    from edgespec.errors import BackoffWarning
+    from edgespec.base.errors import BackoffWarning
     from edgespec.offload import offload_layers
 
     target, drafter = tiny_pair("qwen2", init=0.1, layers=4)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from edgespec import Engine
-from edgespec.errors import UnsupportedModelError
+from edgespec.base.errors import UnsupportedModelError
 from edgespec.offload import offload_layers
 from edgespec.offload.padded import PaddedLayers, head_slots, pad_to_shape, padded_config, padded_skeleton
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, noisy_copy, prompts, tiny_model
 
 GROUPED = dict(vocab_size=1, hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6,
@@ -119,8 +119,8 @@ def test_padded_skeleton_holds_no_layer_weights():
 def test_load_pair_pads_the_embedded_target_layer_by_layer(real_pair, mt_bench_prompts):
     """`target_shape` through the loader: SmolLM2 padded into a shape of more layers and a wider MLP,
     built one layer at a time into the streamer, decodes SmolLM2's own greedy tokens."""
-    from edgespec.config import LoadConfig
-    from edgespec.loader import load_pair
+    from edgespec.base.config import LoadConfig
+    from edgespec.loading.loader import load_pair
 
     target, _, tok = real_pair
     loaded = load_pair(LoadConfig(device="cpu", target_shape="llama-70b-tiny", resident_layers=1, progress=False))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edgespec import cli
+from edgespec.front import cli
 from tests.conftest import tiny_engine
 
 
@@ -90,7 +90,7 @@ def test_bench_names_where_outputs_part_and_whether_it_is_a_tie():
     """A method whose tokens leave plain decoding's is reported with the target's top-2 gap there."""
     import torch
 
-    from edgespec import bench
+    from edgespec.front import bench
     from tests.conftest import greedy_reference, tiny_model
 
     target = tiny_model("llama", init=0.5)

@@ -1,12 +1,12 @@
 """The drafter's bitsandbytes copy is saved once and loaded from edgespec's cache afterwards
-(edgespec/quantized.py): the same model as quantizing afresh, re-made when its source changes."""
+(edgespec/loading/bnb_copy.py): the same model as quantizing afresh, re-made when its source changes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import edgespec.models as models
-from edgespec.models import load_model
+import edgespec.loading.models as models
+from edgespec.loading.models import load_model
 from tests.conftest import tiny_model
 
 IDS = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(5))

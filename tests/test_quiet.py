@@ -1,9 +1,9 @@
-"""Library chatter edgespec turns off (edgespec/quiet.py) stays off where users would see it."""
+"""Library chatter edgespec turns off (edgespec/base/quiet.py) stays off where users would see it."""
 import logging
 
 import torch
 
-from edgespec import lowbit
+from edgespec.loading import lowbit
 
 
 def test_an_int8_copy_fed_fp32_logs_nothing(caplog):

@@ -38,7 +38,7 @@ def test_chat_defaults_do_not_loop(real_pair):
     import io
     from collections import Counter
 
-    from edgespec.chat import ChatSession
+    from edgespec.front.chat import ChatSession
 
     target, drafter, tok = real_pair
     worst = {}

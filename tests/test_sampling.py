@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from edgespec import Engine
-from edgespec.errors import InvalidArgumentError
-from edgespec.sampling import Sampler
-from edgespec.stats import Plan
-from edgespec.tree import Tree
-from edgespec.verify import walk
+from edgespec.base.errors import InvalidArgumentError
+from edgespec.core.sampling import Sampler
+from edgespec.base.stats import Plan
+from edgespec.core.tree import Tree
+from edgespec.core.verify import walk
 from tests.conftest import Fixed, chi2, chi2_critical, noisy_copy, tiny_pair
 
 

@@ -5,9 +5,9 @@ import torch
 from transformers import GenerationConfig
 
 from edgespec import Engine
-from edgespec.errors import InvalidArgumentError
-from edgespec.sampling import CHAT_DEFAULTS, Sampler, SamplingConfig, model_defaults, resolve
-from edgespec.stats import Plan
+from edgespec.base.errors import InvalidArgumentError
+from edgespec.core.sampling import CHAT_DEFAULTS, Sampler, SamplingConfig, model_defaults, resolve
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, chi2, chi2_critical, noisy_copy, prompts, tiny_model, tiny_pair
 
 
@@ -68,8 +68,8 @@ def test_sampling_options_keep_the_targets_law(kw):
 
 def test_penalty_context_is_the_nodes_own_path():
     """Two siblings: the penalty at each child's child counts that child's token, not its sibling's."""
-    from edgespec.tree import Tree
-    from edgespec.verify import walk
+    from edgespec.core.tree import Tree
+    from edgespec.core.verify import walk
 
     logits = torch.tensor([[0.0, 2.0, 1.9, 0.0], [0.0, 3.0, 2.9, 0.0], [0.0, 3.0, 2.9, 0.0]])
     tree = Tree(torch.tensor([3, 1, 2]), torch.tensor([-1, 0, 0]), torch.tensor([0, 1, 1]), torch.zeros(3),

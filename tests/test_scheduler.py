@@ -17,7 +17,7 @@ import statistics
 import numpy as np
 import pytest
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.scheduler import (
     AcceptanceModel,
     AutoScheduler,
@@ -27,7 +27,7 @@ from edgespec.scheduler import (
     default_cache_path,
     make_scheduler,
 )
-from edgespec.stats import Plan, StepStats
+from edgespec.base.stats import Plan, StepStats
 
 MAX_K = 2048
 

@@ -1,4 +1,4 @@
-"""Calibrated tree scores (edgespec/scores.py): hit rates learnt from verified trees reshape the tree,
+"""Calibrated tree scores (edgespec/core/scores.py): hit rates learnt from verified trees reshape the tree,
 never the output."""
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from edgespec import Engine
-from edgespec.draft import TreeSearch
-from edgespec.sampling import Sampler
-from edgespec.scores import MAX_HIT, ScoreCalibration
-from edgespec.stats import Plan
-from edgespec.tree import Tree
+from edgespec.core.search import TreeSearch
+from edgespec.core.sampling import Sampler
+from edgespec.core.scores import MAX_HIT, ScoreCalibration
+from edgespec.base.stats import Plan
+from edgespec.core.tree import Tree
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
 
 
@@ -66,7 +66,7 @@ def test_observe_tree_counts_tested_nodes_only():
 
 def test_rescore_matches_incremental_scores():
     target, drafter = tiny_pair("llama", init=0.1)
-    from edgespec.drafter import Drafter
+    from edgespec.core.drafter import Drafter
 
     calib = ScoreCalibration()
     calib.observe(torch.log(torch.tensor([0.5, 0.2, 0.9])), torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1]))
@@ -111,7 +111,7 @@ def test_sampling_and_greedy_calibrate_apart():
 
 
 def test_bad_tree_scores_option():
-    from edgespec.errors import InvalidArgumentError
+    from edgespec.base.errors import InvalidArgumentError
 
     target, drafter = tiny_pair("llama")
     with pytest.raises(InvalidArgumentError, match="tree_scores must be"):

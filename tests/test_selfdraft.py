@@ -1,17 +1,18 @@
-"""The target drafts for itself (edgespec/selfdraft.py): greedy output equal to the target's own `generate`
+"""The target drafts for itself (edgespec/loading/self_drafter.py): greedy output equal to the target's own `generate`
 for Llama, Qwen2 and two sliding-window families (Mistral: lean forward; Gemma 2: transformers' forward,
 eager attention) with 0, some and all layers resident; the drafter holds the target's very tensors for
 its resident layers (storage pointers) and low-bit copies only for the streamed ones; copies saved and read
-back; HF assisted generation takes it as its assistant; the memory plan (edgespec/pairplan.py)."""
+back; HF assisted generation takes it as its assistant; the memory plan (edgespec/loading/memory_plan.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from edgespec import Engine, lowbit, pairplan, selfdraft
-from edgespec.errors import InvalidArgumentError, OutOfMemoryError
+from edgespec import Engine
+from edgespec.loading import lowbit, memory_plan as pairplan, self_drafter as selfdraft
+from edgespec.base.errors import InvalidArgumentError, OutOfMemoryError
 from edgespec.offload import offload_layers
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, tiny_model, tiny_tokenizer
 
 W = 8  # sliding window of the sliding families
@@ -93,7 +94,7 @@ def test_hf_assisted_generation_takes_it_as_assistant():
 
 
 def test_bench_runs_all_three_methods_with_it():
-    from edgespec.bench import run_bench
+    from edgespec.front.bench import run_bench
 
     target = tiny_model("llama", layers=LAYERS, hidden=64, init=0.5)
     handle = offload_layers(target, "cpu", resident_layers=1, progress=False)
@@ -168,9 +169,9 @@ def test_stats_show_the_layout():
 def test_load_pair_builds_it_from_a_gguf_target(tmp_path, monkeypatch):
     """From a GGUF streamed as its blocks: the copies are made from the decoded blocks (no de-quantized
     copy written), saved, and read back by the next load."""
-    from edgespec.config import LoadConfig
-    from edgespec.loader import load_pair
-    from edgespec.models import load_model
+    from edgespec.base.config import LoadConfig
+    from edgespec.loading.loader import load_pair
+    from edgespec.loading.models import load_model
     from tests.test_gguf_stream import prompts, write_gguf
 
     path = tmp_path / "tiny-qwen2.gguf"
@@ -195,8 +196,8 @@ def test_load_pair_builds_it_from_a_gguf_target(tmp_path, monkeypatch):
 
 
 def test_the_default_drafter_of_an_offloaded_target_is_itself(tmp_path, monkeypatch):
-    from edgespec.config import LoadConfig
-    from edgespec.loader import load_pair
+    from edgespec.base.config import LoadConfig
+    from edgespec.loading.loader import load_pair
 
     folder = tmp_path / "tiny"
     tiny_model("llama", layers=LAYERS, hidden=64).save_pretrained(folder)
@@ -214,7 +215,7 @@ def test_the_default_drafter_of_an_offloaded_target_is_itself(tmp_path, monkeypa
 
 
 def test_cli_draft_self_reaches_the_load_config(monkeypatch):
-    from edgespec import cli
+    from edgespec.front import cli
 
     seen = {}
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: seen.update(kw, args=a) or "e"))
@@ -278,8 +279,8 @@ def test_sizes_of_a_model_before_its_layers_are_placed():
 
 
 def test_who_drafts_by_default():
-    from edgespec.config import LoadConfig
-    from edgespec.loader import _self_drafts
+    from edgespec.base.config import LoadConfig
+    from edgespec.loading.loader import _self_drafts
 
     assert _self_drafts(LoadConfig()) and _self_drafts(LoadConfig(drafter="self", offload=False))
     assert not _self_drafts(LoadConfig(offload=False))  # the whole target on the device: its own copy drafts
@@ -291,7 +292,7 @@ def test_who_drafts_by_default():
 def test_profile_and_bench_report_the_layout(monkeypatch, tmp_path, capsys):
     import json
 
-    from edgespec import cli
+    from edgespec.front import cli
 
     target = tiny_model("llama", layers=LAYERS, hidden=64, init=0.5)
     handle = offload_layers(target, "cpu", resident_layers=1, progress=False)

@@ -14,9 +14,10 @@ import openai
 import psutil
 import pytest
 
-from edgespec import Engine, cli
-from edgespec.server import ServerConfig, bind, create_app, exposure_warning, uvicorn_server
-from edgespec.server.worker import StopHoldback
+from edgespec import Engine
+from edgespec.front import cli
+from edgespec.front.server import ServerConfig, bind, create_app, exposure_warning, uvicorn_server
+from edgespec.front.server.worker import StopHoldback
 from tests.conftest import tiny_engine
 
 KEY = "sk-test-key"
@@ -391,7 +392,7 @@ def test_api_key():
 
 # ---- the command -------------------------------------------------------------------------------------
 def test_serve_command(monkeypatch):
-    from edgespec import server
+    from edgespec.front import server
 
     seen = {}
     engine = tiny_engine()
@@ -418,7 +419,7 @@ def test_exposure_warning():
 
 
 def test_port_in_use_is_a_clear_error():
-    from edgespec.errors import EdgespecError
+    from edgespec.base.errors import EdgespecError
 
     held = bind("127.0.0.1", 0)
     held.listen()
@@ -441,7 +442,7 @@ def test_embedded_default_serves_offline(tmp_path):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "EDGESPEC_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "edgespec.cli", "serve", "--port", "0", "--budget", "16"],
+    proc = subprocess.Popen([sys.executable, "-m", "edgespec.front.cli", "serve", "--port", "0", "--budget", "16"],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         url = _served_url(proc)

@@ -5,7 +5,7 @@ import psutil
 import pytest
 
 from edgespec import Engine
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, tiny_pair
 
 pytestmark = pytest.mark.slow

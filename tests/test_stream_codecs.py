@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from edgespec.offload.layout import Encoded, LayerPack, make_slots
-from edgespec.offload.quant import GGUFRaw, NF4Blocks, nf4_codebook
+from edgespec.offload.codecs import GGUFRaw, NF4Blocks, nf4_codebook
 from tests.conftest import tiny_model
 
 KINDS = {"self_attn.q_proj.weight": "Q8_0", "self_attn.k_proj.weight": "Q4_0", "mlp.down_proj.weight": "Q5_1",

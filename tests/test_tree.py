@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from edgespec.draft import build_tree
-from edgespec.drafter import Drafter
-from edgespec.forward import stem_and_tree_mask
-from edgespec.sampling import Sampler
-from edgespec.stats import Plan
-from edgespec.tree import ancestor_chains
+from edgespec.core.search import build_tree
+from edgespec.core.drafter import Drafter
+from edgespec.core.forward import stem_and_tree_mask
+from edgespec.core.sampling import Sampler
+from edgespec.base.stats import Plan
+from edgespec.core.tree import ancestor_chains
 from tests.conftest import tiny_model
 
 

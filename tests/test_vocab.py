@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from edgespec import Engine
-from edgespec.errors import TokenizerMismatchError
-from edgespec.stats import Plan
+from edgespec.base.errors import TokenizerMismatchError
+from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, noisy_copy, prompts, tiny_model, tiny_tokenizer
 
 

@@ -11,7 +11,7 @@ Modules: `api` (offload_layers), `streamer` (the ring and hooks), `layout` (pack
 in the file), `gguf_blocks` (GGUF blocks de-quantized in torch on the device), `stats`, `placement`,
 `bandwidth` (link measurement) and `shapes` (random-weight models of a named shape, for profiling),
 `pinned` (exact-size page-locked host buffers), `padded` (a small model at a big one's cost). Nothing
-here resolves or reads models: edgespec/loader.py hands `offload_layers` a layer source that fills
+here resolves or reads models: edgespec/loading/loader.py hands `offload_layers` a layer source that fills
 each layer (or gives its tensors already encoded) just before it is placed.
 
 Limits: inference only (streamed weights are bound without autograd); one forward at a time per
@@ -21,7 +21,7 @@ of the model; `ring` is clamped to the number of streamed layers and every pass 
 streamed layer, even when the ring could hold them all.
 """
 from edgespec.offload.api import offload_layers
-from edgespec.offload.stats import OffloadStats, PassStats
+from edgespec.offload.trace import OffloadStats, PassStats
 from edgespec.offload.streamer import OffloadHandle, find_handle
 
 __all__ = ["offload_layers", "find_handle", "OffloadHandle", "OffloadStats", "PassStats"]

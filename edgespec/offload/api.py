@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.offload.layout import LayerPack, make_slots
 from edgespec.offload.placement import auto_resident, check_no_sharing, decoder_layers, move_outside
-from edgespec.offload.quant import CODECS, make_codec
+from edgespec.offload.codecs import CODECS, make_codec
 from edgespec.offload.streamer import OffloadHandle, find_handle
 from edgespec.offload.transport import make_transport
 
@@ -27,7 +27,7 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
       sleeps; CUDA: the copy stream spins (torch.cuda._sleep), the host never sleeps.
     - `quantize`: "int8" or "nf4" keeps streamed 2-D weights encoded in host memory (fewer bytes
       cross the link), decoded on the device after each copy. Resident layers stay unquantized.
-    - `source`: for layers still on the meta device (edgespec/loader.py): `source.fill(i, layer,
+    - `source`: for layers still on the meta device (edgespec/loading/loader.py): `source.fill(i, layer,
       streamed)` gives layer i its host weights just before it is placed, so only one layer's host copy
       exists at a time. For a streamed layer it may instead return some tensors already encoded
       ({state-dict name: layout.Encoded}, e.g. GGUF blocks as in the file), which are packed as they

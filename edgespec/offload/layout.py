@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edgespec.offload.pinned import host_buffer, unpin
-from edgespec.offload.quant import align, typed
+from edgespec.offload.codecs import align, typed
 
 
 @dataclass(eq=False)

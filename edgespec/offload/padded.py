@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from edgespec.errors import UnsupportedModelError
+from edgespec.base.errors import UnsupportedModelError
 from edgespec.offload.shapes import SHAPES
 
 

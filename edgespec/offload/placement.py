@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgespec.errors import UnsupportedModelError
+from edgespec.base.errors import UnsupportedModelError
 
 
 def decoder_layers(model: nn.Module, meta_layers: bool = False) -> nn.ModuleList:

@@ -37,7 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def shape_config(shape: str, attn: str = "sdpa") -> LlamaConfig:
     if shape not in SHAPES:
-        from edgespec.errors import InvalidArgumentError
+        from edgespec.base.errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"Unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}.")
     cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[shape])

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.offload.layout import LayerPack, Slot, fits, make_slots
 from edgespec.offload.placement import move_outside
-from edgespec.offload.stats import LayerTrace, OffloadStats, PassTrace
+from edgespec.offload.trace import LayerTrace, OffloadStats, PassTrace
 
 
 def find_handle(model: nn.Module) -> "OffloadHandle | None":

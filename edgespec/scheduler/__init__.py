@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.scheduler.acceptance import AcceptanceModel
 from edgespec.scheduler.base import BaseScheduler, Scheduler
 from edgespec.scheduler.cost import CALIBRATION_SIZES, CostModel, default_cache_path, machine_key

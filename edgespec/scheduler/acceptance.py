@@ -23,7 +23,7 @@ from collections import deque
 
 import numpy as np
 
-from edgespec.stats import StepStats
+from edgespec.base.stats import StepStats
 
 
 class AcceptanceModel:

@@ -5,11 +5,11 @@ from collections import deque
 from statistics import median_low
 from typing import Protocol, runtime_checkable
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.scheduler.acceptance import AcceptanceModel
 from edgespec.scheduler.cost import CostModel
 from edgespec.scheduler.tracker import Tracker
-from edgespec.stats import Plan, StepStats
+from edgespec.base.stats import Plan, StepStats
 
 
 @runtime_checkable

@@ -14,9 +14,9 @@ import platform
 from pathlib import Path
 from typing import Callable, Iterable
 
-from edgespec.files import cache_dir, write_file
+from edgespec.base.files import cache_dir, write_file
 from edgespec.scheduler.curve import DEFAULT_BUCKETS, Curve
-from edgespec.stats import StepStats
+from edgespec.base.stats import StepStats
 
 CALIBRATION_SIZES = (1, 4, 16, 64, 256, 1024)
 DRAFT_CALIBRATION_SIZES = (1, 4, 16, 64, 256)  # larger budgets extrapolate (drafting grows ~linearly)

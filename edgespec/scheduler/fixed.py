@@ -1,9 +1,9 @@
 """FixedScheduler: the same budget every step (clipped to the context room and memory bound)."""
 from __future__ import annotations
 
-from edgespec.errors import InvalidArgumentError
+from edgespec.base.errors import InvalidArgumentError
 from edgespec.scheduler.base import BaseScheduler
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 
 
 class FixedScheduler(BaseScheduler):

@@ -21,7 +21,7 @@ import numpy as np
 from edgespec.scheduler.acceptance import AcceptanceModel
 from edgespec.scheduler.base import BaseScheduler
 from edgespec.scheduler.cost import CostModel
-from edgespec.stats import Plan
+from edgespec.base.stats import Plan
 
 ZERO_MARGIN = 0.75  # from budget 0, explore a tree predicted at >= this fraction of the best rate...
 ZERO_RARE = 0.1  # ...and one predicted worse only with this fraction of the exploration rate

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from edgespec.stats import StepStats
+from edgespec.base.stats import StepStats
 
 
 @dataclass

@@ -1,0 +1,11 @@
+"""The base: what every wing may use and which imports nothing of edgespec's.
+
+`errors` (the EdgespecError family), `device` (devices, dtypes, streams, synchronisation), `files` (the
+cache folder, atomic writes), `quiet` (third-party noise filtered), `stats` (Plan, StepStats, RunStats),
+`config` (DraftConfig, LoadConfig, a model's text config) and `memory` (how many bytes a pass needs and
+how many are free).
+
+May import: nothing of edgespec (tests/test_imports.py).
+"""
+
+VERSION = "0.1.0"  # edgespec.__version__, pyproject.toml's version

@@ -1,0 +1,245 @@
+"""Drafting: build a token tree best-first by cumulative draft probability (SpecExec-style).
+
+Each round feeds up to `batch` of the most probable unexpanded nodes to the drafter in ONE forward
+(tree mask over its KV cache, position = root position + depth), then proposes each node's top
+`branch` children. Only the global top-`budget` nodes survive; because a child never scores above
+its parent, the survivors always form a connected subtree, and the top-K sets for K < budget nest,
+which lets the scheduler read the acceptance curve off a single tree. The search stops when no
+unexpanded survivor can beat the K-th best node, or at `max_depth`. With a calibration on the
+sampler (edgespec/core/scores.py) a node's score sums its edges' learnt hit rates instead of raw draft
+log-probabilities; each node keeps its raw log-probability and rank, for the calibration to learn
+from and for `rescore` when it has.
+
+A search outlives its step: it can keep growing while the target verifies (overlap), and after
+acceptance `advance` re-roots it at the target's new token, so the next step starts from the
+subtree already drafted under it (its drafter KV entries kept, the rest compacted away).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from edgespec.core.attention import slides
+from edgespec.core.kv import keep_positions
+from edgespec.base.stats import Plan
+from edgespec.core.tree import Tree, ancestor_chains
+
+if TYPE_CHECKING:
+    from edgespec.core.scores import ScoreCalibration
+
+
+class TreeSearch:
+    """Best-first search state: candidate nodes (pruned ones marked dead) and the drafter cache.
+
+    Candidates beyond the budget are kept up to `slack` x budget (cheap: no drafter work), so that
+    after verification the target's token is often found already drafted under the accepted path.
+    """
+
+    slack = 4
+
+    def __init__(self, drafter, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
+                 calibration: "ScoreCalibration | None" = None):
+        self.drafter, self.cache, self.sampler = drafter, cache, sampler
+        self.calibration = calibration  # maps draft log-probs to calibrated log hit rates (None: raw scores)
+        self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
+        self.seen = seen  # (vocab,) bool: committed tokens, for the repetition penalty (None: off)
+        self.tokens = torch.tensor([root_token])
+        self.parents = torch.tensor([-1])
+        self.depths = torch.tensor([0])
+        self.scores = torch.tensor([0.0])  # cumulative edge scores (calibrated when a calibration is given)
+        self.logp = torch.tensor([0.0])  # each node's raw draft log-prob given its parent
+        self.rank = torch.tensor([0])  # each node's rank among its parent's proposals
+        self.fed = torch.tensor([root_pos])  # drafter cache position, -1 until fed
+        self.expanded = torch.tensor([False])
+        self.alive = torch.tensor([True])
+        self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
+
+    @classmethod
+    def start(cls, drafter, cache, stem: torch.Tensor, sampler, branch: int, history=None,
+              calibration: "ScoreCalibration | None" = None) -> "TreeSearch":
+        """Feed the pending `stem` (ending in the root) to the `drafter` (edgespec/core/drafter.py) and
+        propose the root's children. `history`: the committed tokens, root included (for the
+        repetition penalty); `calibration`: how to score nodes (edgespec/core/scores.py; None: raw)."""
+        past = cache.get_seq_length()
+        s = stem.numel()
+        logits = drafter.logits(drafter.hidden_states(cache, stem, torch.arange(past, past + s), None)[-1:])
+        seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
+        search = cls(drafter, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration)
+        search._add_children(torch.tensor([0]), logits, branch)
+        return search
+
+    # ---- growing -----------------------------------------------------------------------------
+    def grow(self, plan: Plan, rounds: int | None = None) -> bool:
+        """Expand best-first until the top-`budget` tree is final (or `rounds` forwards ran).
+        Returns True when there is nothing left to expand."""
+        done = 0
+        while rounds is None or done < rounds:
+            threshold = self._keep_top(plan.budget, keep=plan.budget * self.slack)
+            nodes = self._frontier(plan.max_depth, threshold, plan.batch)
+            if nodes.numel() == 0:
+                return True
+            self._add_children(nodes, self._feed(nodes), plan.branch)
+            done += 1
+        return False
+
+    def tree(self, budget: int) -> Tree:
+        """The current top-`budget` subtree, topologically ordered (root first)."""
+        scores = self.scores.masked_fill(~self.alive, float("-inf"))
+        scores[0] = float("-inf")
+        order = scores.sort(descending=True, stable=True).indices[: min(budget, int(self.alive.sum()) - 1)]
+        keep = torch.cat([torch.tensor([0]), order.sort().values])
+        self.snapshot = keep
+        remap = torch.full((self.tokens.numel(),), -1)
+        remap[keep] = torch.arange(keep.numel())
+        parents = self.parents[keep]
+        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep],
+                    self.logp[keep], self.rank[keep])
+
+    def rescore(self) -> None:
+        """Recompute every node's score from its edges with the calibration as it is now (it learnt
+        from the trees verified since these nodes were drafted)."""
+        calib = self.calibration
+        if calib is None or self.tokens.numel() <= 1:
+            return
+        edges = calib.edge_scores(self.logp, self.rank)
+        edges[0] = 0.0
+        nodes = torch.arange(self.tokens.numel())
+        chains = ancestor_chains(self.parents, nodes, int(self.depths.max()))
+        self.scores = edges[chains.clamp(min=0)].masked_fill(chains < 0, 0.0).sum(dim=1)
+
+    # ---- after verification ------------------------------------------------------------------
+    def advance(self, path: list[int], bonus: int) -> "TreeSearch | None":
+        """Commit the accepted `path` (indices into the last tree) and the target's `bonus` token.
+
+        If the search already holds the bonus token under the path's end, with its children
+        drafted, return the re-rooted search (drafter cache compacted to the committed tokens plus
+        that subtree). Otherwise prune the drafter cache to the committed tokens and return None.
+        """
+        nodes = [int(self.snapshot[j]) for j in path]
+        fed_path = [int(self.fed[n]) for n in nodes]
+        fed_path = fed_path[: next((i for i, p in enumerate(fed_path) if p < 0), len(fed_path))]
+        end = nodes[-1] if nodes else 0
+        hit = ((self.parents == end) & (self.tokens == bonus) & self.alive & self.expanded).nonzero()
+        prefix = list(range(self.root_pos + 1)) + fed_path
+        if hit.numel() == 0 or len(fed_path) < len(nodes):
+            self._keep_cache(prefix)
+            return None
+        return self._reroot(int(hit[0]), prefix)
+
+    def _reroot(self, new_root: int, prefix: list[int]) -> "TreeSearch":
+        alive = self.alive.nonzero().squeeze(1)
+        chains = ancestor_chains(self.parents, alive, int(self.depths.max()))
+        sub = alive[(chains == new_root).any(dim=1)]  # the new root and its alive descendants (ascending)
+        sub_fed = self.fed[sub]
+        kept_fed = sub_fed[sub_fed >= 0]
+        positions = torch.cat([torch.tensor(prefix, dtype=torch.long), kept_fed.sort().values])
+        self._keep_cache(positions.tolist())
+        new_pos = torch.full((int(positions.max()) + 1,), -1)
+        new_pos[positions] = torch.arange(positions.numel())
+        remap = torch.full((self.tokens.numel(),), -1)
+        remap[sub] = torch.arange(sub.numel())
+        seen = self.seen
+        if seen is not None:  # the accepted path and the new root are committed now
+            seen = seen.clone()
+            path = ancestor_chains(self.parents, torch.tensor([new_root]), int(self.depths[new_root]))[0]
+            seen[self.tokens[path]] = True
+        nxt = TreeSearch(self.drafter, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
+                         self.calibration)
+        parents = self.parents[sub]
+        nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
+        nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
+        nxt.scores = self.scores[sub] - self.scores[new_root]
+        nxt.logp, nxt.rank = self.logp[sub], self.rank[sub]
+        nxt.logp[0], nxt.rank[0] = 0.0, 0
+        nxt.fed = torch.where(sub_fed >= 0, new_pos[sub_fed.clamp(min=0)], sub_fed)
+        nxt.expanded, nxt.alive = self.expanded[sub], torch.ones(sub.numel(), dtype=torch.bool)
+        assert int(nxt.fed[0]) == len(prefix), "the new root must sit right after the committed tokens"
+        return nxt
+
+    def _keep_cache(self, positions: list[int]) -> None:
+        n = self.cache.get_seq_length()
+        if positions != list(range(n)):
+            keep_positions(self.cache, torch.tensor(positions, dtype=torch.long))
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
+        positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
+        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents))
+        top_lp = top_lp.cpu()
+        k = top_tok.shape[1]
+        n = parents.numel() * k
+        rank = torch.arange(k).expand(parents.numel(), k)
+        calib = self.calibration
+        edge = calib.edge_scores(top_lp, rank) if calib is not None else top_lp
+        self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
+        self.parents = torch.cat([self.parents, parents.repeat_interleave(k)])
+        self.depths = torch.cat([self.depths, (self.depths[parents] + 1).repeat_interleave(k)])
+        self.scores = torch.cat([self.scores, (self.scores[parents][:, None] + edge).reshape(-1)])
+        self.logp = torch.cat([self.logp, top_lp.reshape(-1)])
+        self.rank = torch.cat([self.rank, rank.reshape(-1)])
+        self.fed = torch.cat([self.fed, torch.full((n,), -1)])
+        self.expanded = torch.cat([self.expanded, torch.zeros(n, dtype=torch.bool)])
+        self.alive = torch.cat([self.alive, torch.isfinite(top_lp).reshape(-1)])  # top-k/p, min-p removed: dead
+        self.expanded[parents] = True
+
+    def _seen_at(self, parents: torch.Tensor) -> torch.Tensor | None:
+        """(n, V) bool: the tokens before each child of `parents`: committed ones, and the parent's
+        path from the root (for the repetition penalty); None when it is off."""
+        if self.seen is None:
+            return None
+        chains = ancestor_chains(self.parents, parents, int(self.depths[parents].max()))
+        seen = self.seen.expand(parents.numel(), -1).clone()
+        return seen.scatter_(1, self.tokens[chains.clamp(min=0)], True)  # padding -1 → the root, already seen
+
+    def _keep_top(self, budget: int, keep: int) -> float:
+        """Mark all but the root and the best `keep` nodes dead; returns the `budget`-th best score."""
+        scores = self.scores.masked_fill(~self.alive, float("-inf"))
+        scores[0] = float("-inf")
+        order = scores.sort(descending=True, stable=True).indices  # ties: parents (lower index) first
+        self.alive[order[keep:]] = False
+        self.alive[0] = True
+        full = int(self.alive.sum()) - 1 >= budget
+        return float(scores[order[budget - 1]]) if full and budget > 0 else float("-inf")
+
+    def _frontier(self, max_depth: int, threshold: float, batch: int) -> torch.Tensor:
+        ok = self.alive & ~self.expanded & (self.depths < max_depth) & (self.scores > threshold)
+        idx = ok.nonzero().squeeze(1)
+        if idx.numel() > batch:
+            idx = idx[self.scores[idx].sort(descending=True, stable=True).indices[:batch]]
+        return idx.sort().values
+
+    def _feed(self, nodes: torch.Tensor) -> torch.Tensor:
+        """One drafter forward over `nodes`; each sees the committed prefix, its ancestors and itself."""
+        start = self.cache.get_seq_length()
+        b = nodes.numel()
+        self.fed[nodes] = start + torch.arange(b)
+        chains = ancestor_chains(self.parents, nodes, int(self.depths[nodes].max()))  # node, parent, …, root
+        cols = torch.where(chains >= 0, self.fed[chains.clamp(min=0)], torch.full_like(chains, -1))
+        allowed = torch.zeros(b, start + b, dtype=torch.bool)
+        allowed[:, : self.root_pos] = True  # committed tokens before the root
+        rows = torch.arange(b)[:, None].expand_as(cols)
+        valid = cols >= 0
+        allowed[rows[valid], cols[valid]] = True
+        kv_pos = self._slot_positions(start + b) if slides(self.drafter.config) else None
+        hidden = self.drafter.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
+                                            allowed, kv_pos)
+        return self.drafter.logits(hidden)
+
+    def _slot_positions(self, n: int) -> torch.Tensor:
+        """Sequence position of each of the drafter cache's first `n` slots: committed slots are their
+        positions, a fed node's slot holds position root + depth (sliding windows go by position)."""
+        pos = torch.arange(n)
+        fed = self.fed >= 0
+        pos[self.fed[fed]] = self.root_pos + self.depths[fed]
+        return pos
+
+
+def build_tree(model, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:
+    """Feed the pending `stem` (ending in the root) to the drafter, then grow a tree under the root."""
+    if plan.budget <= 0:
+        return Tree.root_only(int(stem[-1]))  # the stem stays pending: nothing drafted
+    search = TreeSearch.start(model, cache, stem, sampler, plan.branch)
+    search.grow(plan)
+    return search.tree(plan.budget)

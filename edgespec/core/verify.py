@@ -1,0 +1,56 @@
+"""Verification: the target scores every tree node in one pass; the longest accepted path is kept.
+
+At each node on the walk the target picks its own next token (argmax, or a sample from its
+processed distribution, edgespec/core/sampling.py), with that node's own context: the committed tokens
+and the node's ancestors (which the repetition penalty looks at). If a child of the node carries that token, the child is accepted
+and the walk goes on; otherwise the picked token is the step's bonus token. The draft
+probabilities play no part, so the committed tokens are exactly what the target alone would have
+produced: greedy output is identical, and sampling is ordinary ancestral sampling from the target.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgespec.core.forward import hidden_states, logits_from_hidden, stem_and_tree_mask
+from edgespec.core.tree import Tree
+
+
+@dataclass
+class Verdict:
+    path: list[int]  # accepted draft node indices, root excluded, in order
+    tokens: list[int]  # committed tokens: the accepted nodes' tokens, then the bonus token
+
+
+def verify(model, cache, stem: torch.Tensor, tree: Tree, sampler, history=None) -> Verdict:
+    """One target pass over the pending `stem` (ending in the root) plus the tree; cache grows by all.
+    `history`: the committed tokens, root included (needed when the sampler penalises repetition)."""
+    past = cache.get_seq_length()
+    s = stem.numel()
+    root_pos = past + s - 1
+    positions = torch.cat([torch.arange(past, past + s), root_pos + tree.depths[1:]])
+    allowed = stem_and_tree_mask(past, s, tree.ancestor_mask()) if tree.size else None
+    hidden = hidden_states(model, cache, torch.cat([stem, tree.tokens[1:]]), positions, allowed)
+    return walk(tree, lambda i: logits_from_hidden(model, hidden[s - 1 + i]), sampler, root_pos, history)
+
+
+def walk(tree: Tree, logits_at, sampler, root_pos: int, history=None) -> Verdict:
+    """Follow the target's picks down the tree (the root at sequence position `root_pos`); logits are
+    computed only at the nodes visited. `history` (the committed tokens, root included) and the
+    accepted nodes so far are each pick's context."""
+    kids = tree.children()
+    node, path, tokens, seen = 0, [], [], None
+    while True:
+        logits = logits_at(node)
+        if seen is None and history is not None:
+            seen = sampler.seen(history, logits.shape[-1])
+        tok = sampler.pick(logits, root_pos + len(tokens) + 1, seen)
+        child = kids[node].get(tok)
+        tokens.append(tok)
+        if child is None:
+            return Verdict(path, tokens)
+        if seen is not None:
+            seen[tok] = True  # the accepted token is in the next node's context
+        path.append(child)
+        node = child

@@ -1,0 +1,63 @@
+"""Drafting while the target pass runs: the pass goes to a worker thread, the search keeps growing (up
+to `factor` x the budget) so the next step's tree is partly drafted when the pass ends.
+
+A drafting round that would outlast the pass would delay the step, so rounds stop at the pass's
+expected end: both the pass and a round are timed as they run (moving averages).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from edgespec.base.device import on_stream, wait_stream
+from edgespec.base.stats import Plan
+
+
+class Overlap:
+    def __init__(self, factor: int = 4, stream=None):
+        self.factor, self.stream = factor, stream  # the drafter's side stream (None on a CPU)
+        self.pass_estimate, self.round_estimate = float("inf"), 0.0  # seconds
+
+    def verify_while_drafting(self, verify, search, plan: Plan):
+        """Run `verify()` in a worker thread while growing `search`; returns (its verdict, seconds spent
+        drafting meanwhile). The worker's exception is raised here."""
+        box: dict = {}
+
+        def work():
+            try:
+                with torch.no_grad():
+                    box["verdict"] = verify()
+                    box["done"] = time.perf_counter()
+            except BaseException as err:  # re-raised in the caller's thread
+                box["error"] = err
+
+        worker = threading.Thread(target=work, name="edgespec-verify", daemon=True)
+        start = time.perf_counter()
+        worker.start()
+        self._draft(search, Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch),
+                    worker, start + self.pass_estimate)
+        drafted = time.perf_counter() - start
+        worker.join()
+        if "error" in box:
+            raise box["error"]
+        took = box["done"] - start
+        self.pass_estimate = took if self.pass_estimate == float("inf") else 0.5 * (self.pass_estimate + took)
+        return box["verdict"], drafted
+
+    def _draft(self, search, wider: Plan, worker: threading.Thread, deadline: float) -> None:
+        with on_stream(self.stream):
+            while worker.is_alive() and time.perf_counter() + self.round_estimate < deadline:
+                t = time.perf_counter()
+                if search.grow(wider, rounds=1):
+                    break
+                self.round_estimate = 0.7 * self.round_estimate + 0.3 * (time.perf_counter() - t)
+        wait_stream(self.stream)
+
+
+def wanted(offload) -> bool:
+    """Overlap when the pass waits on a (real or emulated) link."""
+    if offload is None:
+        return False
+    return torch.device(offload.device).type == "cuda" or offload.transport.link_delay > 0

@@ -1,0 +1,289 @@
+"""`edgespec bench`: tokens/s and tokens per target pass on MT-Bench first turns, greedy, for
+
+- edgespec: tree speculation, budget from the scheduler (auto unless --budget);
+- plain: the same (offloaded) target decoding alone, one target pass per token (Engine, budget 0);
+- HF assisted: `target.generate(assistant_model=drafter)` with the same pair.
+
+All three must produce the same tokens (greedy is lossless); the "same as plain" column says so. In
+bf16 on a GPU, different batch shapes (a tree, a chain, one token) round the target's logits
+differently, so a near-tie between its two best tokens can flip: where a method's output differs from
+plain decoding, the report names the first differing token and the target's top-2 logit gap there,
+and calls it a rounding tie only when that gap is within a few units in the last place of its dtype.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from edgespec.base.device import compute_dtype, model_device
+from edgespec.engine.prompts import chat_messages, load_prompts
+from edgespec.base.stats import Totals
+
+METHODS = ("edgespec", "plain", "hf-assisted")
+
+
+# ---- the three methods --------------------------------------------------------------------------
+# what every method decodes by: greedy, or sampling from the full distribution at T (top-p as asked),
+# never the model's chat defaults (HF assisted and plain decoding must do exactly the same)
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def run_engine(engine, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
+    engine.reset()  # no prefix cached from the previous prompt: every method starts cold
+    out = engine.generate(ids, max_new_tokens=max_new, **{**GREEDY, **(sampling or {})})
+    t = Totals.of([out.stats])
+    split = {name: getattr(t, f"{name}_time") for name in ("draft", "verify", "overhead", "overlap")}
+    return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": t.steps, "tree_tokens": t.tree_tokens,
+            "split": split}
+
+
+def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling: dict | None = None) -> dict:
+    counter = [0]
+    hook = target.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    x = torch.tensor([ids], device=model_device(target))
+    how = {"do_sample": False}
+    if sampling:  # its own random stream: speculative sampling, full distribution at T, top-p as asked
+        torch.manual_seed(sampling["seed"])
+        how = {"do_sample": True, "temperature": sampling["temperature"], "top_p": sampling["top_p"], "top_k": 0}
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=drafter,
+                                  max_new_tokens=max_new, pad_token_id=pad_id, **how)
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    return {"ids": out[0, len(ids):].tolist(), "seconds": seconds, "passes": counter[0], "tree_tokens": None}
+
+
+def runners(engine, sampling: dict | None = None):
+    from edgespec.engine.engine import Engine
+
+    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
+    pad = next(iter(engine.eos_ids), 0)
+    return {
+        "edgespec": lambda ids, n: run_engine(engine, ids, n, sampling),
+        "plain": lambda ids, n: run_engine(plain, ids, n, sampling),
+        "hf-assisted": lambda ids, n: run_assisted(engine.target, engine.drafter, ids, n, pad, sampling),
+    }
+
+
+def run_bench(engine, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
+              progress: bool = True, sampling: dict | None = None) -> dict:
+    """Every method on every prompt; returns per-method totals and per-prompt outputs. `sampling`
+    ({temperature, top_p, seed}) samples instead of decoding greedily: edgespec and plain decoding
+    then draw the same tokens for the same seed (edgespec/core/sampling.py), HF assisted its own."""
+    methods = runners(engine, sampling)
+    encoded = [engine.encode(chat_messages(p, system)) for p in prompts]
+    if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings
+        for fn in methods.values():
+            fn(encoded[0], 2)
+    outputs = {m: [] for m in METHODS}
+    with tqdm(total=len(encoded) * len(methods), desc="edgespec: bench", unit="run", disable=not progress) as bar:
+        for ids in encoded:
+            for name, fn in methods.items():
+                bar.set_postfix_str(name)
+                outputs[name].append(fn(ids, max_new))
+                bar.update()
+    own_stream = {"hf-assisted"} if sampling else set()  # draws from its own random stream: not comparable
+    diverged = divergences(engine.target, encoded, outputs, skip=own_stream)
+    return {"prompts": len(prompts), "max_new_tokens": max_new, "sampling": sampling,
+            "rows": summarize(outputs, diverged, own_stream),
+            "divergences": diverged, "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()}}
+
+
+TIE_ULPS = 8  # a gap within this many units in the last place of the top logit counts as a rounding tie
+
+
+def divergences(target, encoded: list[list[int]], outputs: dict, skip=()) -> list[dict]:
+    """Where a method's tokens first differ from plain decoding's, with the target's top-2 logit gap."""
+    found = []
+    for name in (m for m in METHODS if m not in skip):
+        for i, (ids, run) in enumerate(zip(encoded, outputs[name])):
+            ref = outputs["plain"][i]["ids"]
+            at = first_difference(run["ids"], ref)
+            if at is None or at >= len(ref):
+                continue
+            gap, ulp = top2_gap(target, ids + ref[:at])
+            found.append({"method": name, "prompt": i, "token": at, "gap": gap, "ulp": ulp,
+                          "tie": at < len(run["ids"]) and gap <= TIE_ULPS * ulp})
+    return found
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return at if at is not None or len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.no_grad()
+def top2_gap(target, ids: list[int]) -> tuple[float, float]:
+    """The target's top-1 minus top-2 logit after `ids`, and one unit in the last place of the top
+    logit in the target's compute dtype."""
+    x = torch.tensor([ids], device=model_device(target))
+    top = target(x, logits_to_keep=1).logits[0, -1].float().topk(2).values
+    ulp = torch.finfo(compute_dtype(target)).eps * 2.0 ** torch.floor(torch.log2(top[0].abs().clamp(min=1e-30)))
+    return (top[0] - top[1]).item(), ulp.item()
+
+
+def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) -> list[dict]:
+    rows = []
+    plain_rate = None
+    for name in METHODS:
+        rs = outputs[name]
+        tokens = sum(len(r["ids"]) for r in rs)
+        secs, passes = sum(r["seconds"] for r in rs), sum(r["passes"] for r in rs)
+        trees = None if any(r["tree_tokens"] is None for r in rs) else sum(r["tree_tokens"] for r in rs)
+        same = all(outputs["plain"][i]["ids"] == r["ids"] for i, r in enumerate(rs))
+        mine = [d for d in diverged or [] if d["method"] == name]
+        if name == "plain":
+            agreement = "reference"
+        elif name in own_stream:
+            agreement = "n/a (own sampler)"
+        else:
+            agreement = "yes" if same else ("near-tie" if mine and all(d["tie"] for d in mine) else "NO")
+        rate = tokens / secs if secs else 0.0
+        plain_rate = rate if name == "plain" else plain_rate
+        timed = rs and all("split" in r for r in rs)
+        split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if timed else None
+        rows.append({"method": name, "split": split, "tokens_per_s": rate,
+                     "tokens_per_pass": tokens / passes if passes else 0.0,
+                     "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
+                     "new_tokens": tokens, "seconds": secs, "same_output": same, "agreement": agreement})
+    for row in rows:
+        row["speedup"] = row["tokens_per_s"] / plain_rate if plain_rate else None
+    return rows
+
+
+# ---- output ------------------------------------------------------------------------------------
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["method", "tokens/s", "tokens/pass", "target passes", "mean tree", "new tokens", "seconds", "vs plain",
+            "same as plain"]
+    lines = ["| " + " | ".join(cols) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        tree = f"{r['mean_tree']:.1f}" if r["mean_tree"] is not None else "-"
+        cells = [r["method"], f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_pass']:.2f}", r["passes"], tree,
+                 r["new_tokens"], f"{r['seconds']:.1f}", speed, r["agreement"]]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {gpu}, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import transformers
+
+    from edgespec.base import VERSION
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}",
+             f"transformers {transformers.__version__}", f"edgespec {VERSION}"]
+    try:
+        import bitsandbytes
+
+        parts.append(f"bitsandbytes {bitsandbytes.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def setup_line(engine, args) -> str:
+    off = engine.offload
+    encoded = f", streamed {off.quantize}-encoded" if off is not None and off.quantize else ""
+    raw = sorted({c["type"] for c in off.codecs() if c["codec"].startswith("gguf:")}) if off is not None else []
+    encoded += f", streamed as the GGUF's blocks ({', '.join(raw)})" if raw else ""
+    where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers{encoded}, "
+             f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
+    shape = getattr(args, "target_shape", None)
+    padded = f" zero-padded into the {shape} shape" if shape else ""
+    temperature = getattr(args, "temperature", None)
+    how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
+    drafter = args.draft or ("the target's own copy" if args.target else "embedded")
+    quant = args.draft_quant
+    sd = getattr(engine, "self_draft", None)
+    if sd is not None:  # the target drafts for itself
+        drafter, quant = "the target itself", f"{len(sd.shared)} layers shared, {len(sd.copies)} {sd.codec} copies"
+    return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
+            f"({quant}, {engine.draft.describe(engine.conversation.dcache)} forward); {where}; "
+            f"device {engine.device}; budget {args.budget}; {how}")
+
+
+def report(result: dict, engine, args, argv_text: str) -> str:
+    head = [
+        "# edgespec bench", "",
+        f"- command: `{argv_text}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- machine: {machine()}",
+        f"- versions: {versions()}",
+        f"- setup: {setup_line(engine, args)}",
+        f"- prompts: {result['prompts']} from {result['source']}, max {result['max_new_tokens']} new tokens",
+        ("- tokens/pass = new tokens / target forward passes (prefill included in the first pass); "
+         "mean tree = draft tokens verified per target pass; "
+         "same as plain = token-identical to plain " + ("greedy decoding" if not result.get("sampling") else
+                                                         f"decoding with the same sampling seed ({sampling_text(result)})")
+         + " of the same target on every prompt (near-tie: see the notes under the table)"), "", ""
+    ]
+    return ("\n".join(head) + markdown_table(result["rows"]) + "\n" + time_split(result["rows"])
+            + divergence_notes(result) + "\n")
+
+
+def sampling_text(result: dict) -> str:
+    sp = result["sampling"]
+    return f"temperature {sp['temperature']}, top-p {sp['top_p']}, seed {sp['seed']}"
+
+
+def time_split(rows: list[dict]) -> str:
+    """Where the engine methods' seconds went: drafting before the pass, the passes, the rest."""
+    lines = []
+    for r in rows:
+        sp = r.get("split")
+        if sp:
+            lines.append(f"- {r['method']} time split: drafting {sp['draft']:.2f} s before the passes "
+                         f"(+{sp['overlap']:.2f} s during them), target passes {sp['verify']:.2f} s, "
+                         f"per-step rest {sp['overhead']:.2f} s (pruning, re-rooting, planning, text)")
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def divergence_notes(result: dict) -> str:
+    """One line per output that differs from plain decoding (empty when all agree)."""
+    lines = []
+    for d in result.get("divergences", []):
+        kind = "a rounding tie" if d["tie"] else "NOT a tie: a real mismatch"
+        lines.append(f"- {d['method']}, prompt {d['prompt'] + 1}: first differs from plain at new token {d['token']}, "
+                     f"where the target's top-2 logits differ by {d['gap']:.4f} (1 ulp = {d['ulp']:.4f}): {kind}")
+    if not lines:
+        return ""
+    return ("\nsame as plain = yes: token-identical to plain decoding on every prompt; near-tie: every difference "
+            f"starts where the target's two best logits are within {TIE_ULPS} units in the last place (batch-shape "
+            "rounding in low precision decides it); NO: a real mismatch.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(args, load) -> int:
+    prompts, source = load_prompts(args.n_prompts, args.questions)
+    engine = load()
+    sampling = None
+    if getattr(args, "temperature", None):  # bench decodes greedily unless --temperature is given
+        sampling = {"temperature": args.temperature, "top_p": args.top_p or 1.0, "seed": args.seed or 0}
+    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system, sampling=sampling)
+    result["source"] = source
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))
+    else:
+        print(markdown_table(result["rows"]))
+    if args.out:
+        argv_text = "edgespec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", ["bench"]))
+        Path(args.out).write_text(report(result, engine, args, argv_text))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,233 @@
+"""Terminal chat over an Engine: history, slash commands, streamed answers.
+
+`ChatSession` holds the messages and the engine and knows the commands; it reads nothing itself,
+so tests drive it with `session.handle(line)`. `repl()` feeds it lines from a terminal or a pipe.
+The engine keeps the conversation's KV cache and reuses the common prefix each turn, so a turn
+only pays for its new tokens.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edgespec.base.errors import EdgespecError, InvalidArgumentError
+from edgespec.base.stats import Totals
+
+HELP = """commands:
+  /stats       last answer's and the session's speed, the scheduler's and the offload's stats
+  /reset       forget the conversation
+  /save PATH   write the transcript (JSON list of messages)
+  /load PATH   replace the conversation with a saved transcript
+  /help        this text
+  /exit        quit (also Ctrl-D; Ctrl-C stops an answer, at the prompt it quits)"""
+
+
+class ChatSession:
+    def __init__(self, engine, *, system: str | None = None, max_new_tokens: int = 256,
+                 sampling: dict | None = None, seed: int | None = None, out=None, err=None, prefix: str = ""):
+        """`sampling`: the sampling arguments given (temperature, top_p, top_k, min_p,
+        repetition_penalty); the others are the engine's defaults (`engine.sampling`)."""
+        self.engine, self.system = engine, system
+        self.gen_kw = {"max_new_tokens": max_new_tokens, "seed": seed, **(sampling or {})}
+        self.no_tree_said = False  # the scheduler's "no speculation here" line is said once
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.prefix = prefix  # printed before each answer ("assistant: " when not on a terminal)
+        self.messages: list[dict] = []
+        self.last = None  # RunStats of the last answer
+        self.totals = Totals()  # over the session's answers
+        self.reset()
+
+    # ---- input -------------------------------------------------------------------------------
+    def handle(self, line: str) -> bool:
+        """One line from the user: a /command or a question. Returns False when the chat should end."""
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith("/"):
+            return self.command(line)
+        self.ask(line)
+        return True
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line.partition(" ")
+        actions = {"/stats": lambda: self.print(self.stats_text()), "/reset": self.reset,
+                   "/help": lambda: self.print(HELP), "/save": lambda: self.save(arg.strip()),
+                   "/load": lambda: self.load(arg.strip())}
+        if name in ("/exit", "/quit"):
+            return False
+        if name not in actions:
+            self.error(f"unknown command {name}: /help lists the commands")
+            return True
+        try:
+            actions[name]()
+        except EdgespecError as e:
+            self.error(str(e))
+        return True
+
+    # ---- a turn ------------------------------------------------------------------------------
+    def ask(self, text: str) -> str | None:
+        """Stream an answer to `text`. Ctrl-C keeps the partial answer; an error drops the turn."""
+        self.messages.append({"role": "user", "content": text})
+        self.out.write(self.prefix)
+        self.out.flush()
+        pieces: list[str] = []
+        try:
+            run = self.engine.run(self.messages, **self.gen_kw)
+            self._stream(run, pieces)
+        except EdgespecError as e:
+            self.messages.pop()
+            self.out.write("\n")
+            self.error(str(e))
+            return None
+        answer = "".join(pieces)
+        self.out.write("\n")
+        self.out.flush()
+        self.messages.append({"role": "assistant", "content": answer})
+        stats = run.result.stats if run.result is not None else None
+        self._record(stats)
+        self._say_no_tree()
+        if stats is not None and stats.stop_reason == "context":  # say why the answer ends early
+            self.err.write(f"edgespec: the answer stopped at the context window ({self.engine.max_context} tokens): "
+                           "/reset starts a new conversation\n")
+        return answer
+
+    def _say_no_tree(self) -> None:
+        reason = self.engine.scheduler.no_tree_reason()
+        if reason and not self.no_tree_said:
+            self.err.write(f"edgespec: {reason}\n")
+            self.err.flush()
+            self.no_tree_said = True
+
+    def _stream(self, run, pieces: list[str]) -> None:
+        it = iter(run)
+        try:
+            for piece in it:
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            it.close()  # ends the run: the engine keeps the tokens accepted so far
+            self.out.write(" [interrupted]")
+
+    def _record(self, stats) -> None:
+        if stats is None:
+            return
+        self.last = stats
+        self.totals.add(stats)
+
+    # ---- commands ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.last = None
+        self.engine.reset()
+
+    def save(self, path: str) -> None:
+        if not path:
+            raise InvalidArgumentError("/save needs a file name: /save chat.json")
+        try:
+            Path(path).expanduser().write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise EdgespecError(f"could not write {path}: {e.strerror}") from None
+        self.print(f"saved {len(self.messages)} messages to {path}")
+
+    def load(self, path: str) -> None:
+        if not path:
+            raise InvalidArgumentError("/load needs a file name: /load chat.json")
+        self.messages = read_transcript(path)
+        self.last = None
+        self.print(f"loaded {len(self.messages)} messages from {path}")
+
+    def stats_text(self) -> str:
+        sampling = {k: v for k, v in self.gen_kw.items() if k not in ("max_new_tokens", "seed")}
+        lines = [self._last_line(), self._session_line(),
+                 "sampling: " + self.engine.sampling_for(**sampling).describe()]
+        lines.append("scheduler: " + _flat(self.engine.scheduler.stats()))
+        if self.engine.offload is not None:
+            lines.append(offload_line(self.engine.offload))
+        if getattr(self.engine, "self_draft", None) is not None:
+            lines.append(self.engine.self_draft.line())
+        return "\n".join(lines)
+
+    def _last_line(self) -> str:
+        s = self.last
+        if s is None:
+            return "last answer: none yet"
+        return f"last answer: {Totals.of([s]).line()}, stop: {s.stop_reason or '-'}; sampling: {s.sampling or '-'}"
+
+    def _session_line(self) -> str:
+        return f"session: {self.totals.answers} answers, {self.totals.line()}"
+
+    # ---- output ------------------------------------------------------------------------------
+    def print(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def error(self, text: str) -> None:
+        self.err.write(f"edgespec: error: {text}\n")
+        self.err.flush()
+
+
+def read_transcript(path: str) -> list[dict]:
+    """A saved transcript: a JSON list of {"role", "content"} messages."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except OSError as e:
+        raise EdgespecError(f"could not read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise EdgespecError(f"{path} is not JSON ({e.msg}, line {e.lineno}): give a file written by /save") from None
+    ok = isinstance(data, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data)
+    if not ok:
+        raise EdgespecError(f"{path} is not a transcript: expected a JSON list of {{\"role\", \"content\"}} messages")
+    return [{"role": m["role"], "content": m["content"]} for m in data]
+
+
+def offload_line(handle) -> str:
+    total = handle.stats.total
+    layers = max(total.layers, 1)
+    return (f"offload: {handle.streamed_layers} streamed / {handle.resident_layers} resident layers, "
+            f"{total.passes} passes, {total.bytes / 1e9:.2f} GB streamed, per layer: transfer "
+            f"{1e3 * total.transfer_time / layers:.2f} ms, wait {1e3 * total.wait_time / layers:.2f} ms; "
+            f"compute {total.compute_time:.2f} s, overlap {total.overlap:.2f}")
+
+
+def _flat(d: dict) -> str:
+    """Scalars of a stats dict as `key value` pairs (nested dicts flattened as key.sub)."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            parts += [f"{k}.{k2} {_fmt(v2)}" for k2, v2 in v.items() if not isinstance(v2, (dict, list))]
+        elif not isinstance(v, list):
+            parts.append(f"{k} {_fmt(v)}")
+    return ", ".join(parts)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def repl(session: ChatSession, stdin=None) -> int:
+    """Read lines until /exit or EOF: a prompt on a terminal, plain lines from a pipe."""
+    stdin = stdin or sys.stdin
+    tty = stdin.isatty()
+    if tty:
+        _readline()
+        session.err.write("edgespec chat: type a message, /help for commands, /exit or Ctrl-D to quit\n")
+    while True:
+        try:
+            line = input("> ") if tty else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            session.out.write("\n" if tty else "")
+            return 0
+        if not tty and line == "":
+            return 0
+        if not session.handle(line):
+            return 0
+
+
+def _readline() -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass

@@ -1,0 +1,61 @@
+"""The scheduler's start-up calibration: target pass time against tree size and drafting time against
+budget, measured once per machine, models and link (cached by the scheduler's cost model), with a
+progress bar that appears only when something is measured."""
+from __future__ import annotations
+
+import torch
+
+from edgespec.base.config import DraftConfig
+from edgespec.base.device import compute_dtype, model_device
+from edgespec.scheduler import timing
+from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES, machine_key
+
+
+def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = True) -> dict:
+    """make_scheduler's keyword arguments for a cached (or measured) calibration of this pair."""
+    runs = len(CALIBRATION_SIZES) + len(DRAFT_CALIBRATION_SIZES)
+    bar = _LazyBar("edgespec: calibrating the scheduler (once per machine and models)", progress, runs)
+    prefix = torch.randint(0, draft.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    device = model_device(target)
+    return {"cache_key": pair_key(target, draft, offload, config),
+            "measure_fn": bar.wrap(lambda n: timing.time_passes(target, device, [n], past=64)[0]["pass_s"]),
+            "draft_fn": bar.wrap(lambda k: timing.time_drafts(draft, prefix, [k], config.plan,
+                                                       draft_temperature=config.draft_temperature)[0]["draft_s"])}
+
+
+def pair_key(target, draft, offload, config: DraftConfig) -> str:
+    """What the measured costs depend on: the machine, both models and how they run, the link."""
+    link = "plain" if offload is None else (
+        f"offload:resident={offload.resident_layers}:delay={offload.transport.link_delay}:q={offload.quantize}")
+    pair = f"{model_name(target)}+draft:{model_name(draft.model)}:{draft.describe()}"
+    if config.draft_temperature != 1.0:  # other tree shapes, other drafting costs
+        pair += f":dt{config.draft_temperature:g}"
+    return machine_key(pair, f"{link}:{compute_dtype(target)}")
+
+
+def model_name(model) -> str:
+    name = str(getattr(model.config, "name_or_path", "")) or type(model).__name__
+    quant = getattr(model, "quantization_config", None) or getattr(model.config, "quantization_config", None)
+    bits = getattr(quant, "bnb_4bit_quant_type", None) if getattr(quant, "load_in_4bit", False) else (
+        "int8" if getattr(quant, "load_in_8bit", False) else None)
+    return f"{name}:{bits}" if bits else name
+
+
+class _LazyBar:
+    """A progress bar that appears only if the wrapped measurements actually run (a cache miss)."""
+
+    def __init__(self, desc: str, enabled: bool, total: int | None = None):
+        self.desc, self.enabled, self.total, self.bar = desc, enabled, total, None
+
+    def wrap(self, fn):
+        def measured(n):
+            if self.bar is None and self.enabled:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc=self.desc, unit="run", total=self.total)
+            value = fn(n)
+            if self.bar is not None:
+                self.bar.update()
+            return value
+
+        return measured
