@@ -31,3 +31,7 @@ class OutOfMemoryError(EdgespecError):
 
 class BackoffWarning(UserWarning):
     """Device memory ran out during a step; edgespec shrank the plan and retried it."""
+
+
+class GrammarError(InvalidArgumentError):
+    """A grammar constraint (JSON schema, regex, Lark grammar, tools) that cannot be compiled or used."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from edgespec.base.errors import InvalidArgumentError
+from edgespec.core.grammar import mask_logits
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -160,10 +161,13 @@ class Sampler:
         return torch.where(seen, torch.where(logits < 0, logits * self.repetition_penalty,
                                              logits / self.repetition_penalty), logits)
 
-    def warp(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits (..., V) → the logits the target samples from: penalty, then (sampling)
-        temperature, top-k, top-p and min-p, each removed token at -inf, in transformers' order."""
-        logits = self.penalize(logits.float(), seen)
+    def warp(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+             allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (..., V) → the logits the target samples from: penalty, the grammar's mask
+        (`allowed` (..., V) bool, edgespec/core/grammar.py; None: no grammar), then (sampling) temperature,
+        top-k, top-p and min-p, each removed token at -inf, in transformers' order (a grammar is a
+        logits processor there, applied after the penalty and before the sampling steps)."""
+        logits = mask_logits(self.penalize(logits.float(), seen), allowed)
         if self.greedy:
             return logits
         logits = logits / self.temperature
@@ -179,38 +183,47 @@ class Sampler:
             logits = logits.masked_fill(probs < self.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
         return logits
 
-    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+              allowed: torch.Tensor | None = None) -> torch.Tensor:
         """The distribution the target samples from (sampling only)."""
-        return torch.softmax(self.warp(logits.cpu(), seen), dim=-1)
+        return torch.softmax(self.warp(logits.cpu(), seen, allowed), dim=-1)
 
-    def pick(self, logits: torch.Tensor, position: int, seen: torch.Tensor | None = None) -> int:
+    def pick(self, logits: torch.Tensor, position: int, seen: torch.Tensor | None = None,
+             allowed: torch.Tensor | None = None) -> int:
         """The token at sequence `position`, from the 1-D logits that predict it; `seen` marks the
-        tokens before it (for the repetition penalty)."""
+        tokens before it (for the repetition penalty), `allowed` the tokens the grammar allows there."""
+        return self.pick_warped(self.warp(logits.cpu() if not self.greedy else logits, seen, allowed), position)
+
+    def pick_warped(self, warped: torch.Tensor, position: int) -> int:
+        """The token at `position` from logits `warp` already transformed."""
         if self.greedy:
-            return int(torch.argmax(self.penalize(logits.float(), seen)))
-        probs = self.probs(logits, seen)
+            return int(torch.argmax(warped))
+        probs = torch.softmax(warped, dim=-1)
         return int(torch.argmax(probs.log() + self.noise(position, probs.numel(), probs.device)))
 
     # ---- the drafter's proposals -------------------------------------------------------------
-    def draft_logprobs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """Drafter scores: log-softmax of the drafter's penalised logits at the sampling temperature
-        (`draft_temperature` when greedy). No top-k / top-p / min-p cut: the drafter's cut is not the
-        target's, and a token outside the drafter's may still be the target's pick."""
+    def draft_logprobs(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                       allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Drafter scores: log-softmax of the drafter's penalised (and grammar-masked) logits at the
+        sampling temperature (`draft_temperature` when greedy). No top-k / top-p / min-p cut: the
+        drafter's cut is not the target's, and a token outside the drafter's may still be the target's
+        pick. A row the grammar closes entirely scores -inf everywhere."""
         t = self.temperature if not self.greedy else self.draft_temperature
-        return torch.log_softmax(self.penalize(logits.float(), seen) / t, dim=-1)
+        return _log_softmax(mask_logits(self.penalize(logits.float(), seen), allowed) / t)
 
     def draft_children(self, logits: torch.Tensor, positions: torch.Tensor, k: int,
-                       seen: torch.Tensor | None = None):
+                       seen: torch.Tensor | None = None, allowed: torch.Tensor | None = None):
         """The drafter's top-`k` proposals (log-scores, tokens) for the tokens at `positions` (n,),
-        from `logits` (n, V) (`seen` (n, V): the tokens before each, for the repetition penalty): by
-        draft probability when greedy; when sampling, by the draft's logits perturbed with the
-        target's own noise, scored by the log-softmax of those."""
-        logprobs = self.draft_logprobs(logits, seen)
+        from `logits` (n, V) (`seen` (n, V): the tokens before each, for the repetition penalty;
+        `allowed` (n, V): what the grammar allows there, so only those are proposed): by draft
+        probability when greedy; when sampling, by the draft's logits perturbed with the target's own
+        noise, scored by the log-softmax of those."""
+        logprobs = self.draft_logprobs(logits, seen, allowed)
         k = min(k, logprobs.shape[-1])
         if self.greedy:
             return logprobs.topk(k, dim=-1)
         noise = torch.stack([self.noise(int(p), logprobs.shape[-1], logprobs.device) for p in positions])
-        perturbed = torch.log_softmax(logprobs + noise, dim=-1)
+        perturbed = _log_softmax(logprobs + noise)
         return perturbed.topk(k, dim=-1)
 
     def noise(self, position: int, vocab: int, device) -> torch.Tensor:
@@ -224,6 +237,11 @@ class Sampler:
                 self._noise.clear()
             self._noise[key] = noise
         return noise
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension; a row of -inf stays -inf (not NaN)."""
+    return torch.log_softmax(x, dim=-1).nan_to_num(nan=float("-inf"), neginf=float("-inf"))
 
 
 _GOLD, _M1, _M2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64

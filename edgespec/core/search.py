@@ -13,6 +13,10 @@ from and for `rescore` when it has.
 A search outlives its step: it can keep growing while the target verifies (overlap), and after
 acceptance `advance` re-roots it at the target's new token, so the next step starts from the
 subtree already drafted under it (its drafter KV entries kept, the rest compacted away).
+
+Under a grammar (edgespec/core/grammar.py) every expanded node carries its grammar state — its parent's,
+forked, plus its own token — and the drafter proposes only the tokens that state allows, scored by its
+probabilities renormalised over them; re-rooting keeps the states under the new root.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edgespec.core.attention import slides
+from edgespec.core.grammar import GrammarState, allowed_rows
 from edgespec.core.kv import keep_positions
 from edgespec.base.stats import Plan
 from edgespec.core.tree import Tree, ancestor_chains
@@ -39,7 +44,7 @@ class TreeSearch:
     slack = 4
 
     def __init__(self, drafter, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
-                 calibration: "ScoreCalibration | None" = None):
+                 calibration: "ScoreCalibration | None" = None, grammar: GrammarState | None = None):
         self.drafter, self.cache, self.sampler = drafter, cache, sampler
         self.calibration = calibration  # maps draft log-probs to calibrated log hit rates (None: raw scores)
         self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
@@ -54,18 +59,22 @@ class TreeSearch:
         self.expanded = torch.tensor([False])
         self.alive = torch.tensor([True])
         self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
+        # node -> its grammar state (the text up to and including its token), for expanded nodes; None: no grammar
+        self.states: dict[int, GrammarState] | None = {0: grammar} if grammar is not None else None
 
     @classmethod
     def start(cls, drafter, cache, stem: torch.Tensor, sampler, branch: int, history=None,
-              calibration: "ScoreCalibration | None" = None) -> "TreeSearch":
+              calibration: "ScoreCalibration | None" = None, grammar: GrammarState | None = None) -> "TreeSearch":
         """Feed the pending `stem` (ending in the root) to the `drafter` (edgespec/core/drafter.py) and
         propose the root's children. `history`: the committed tokens, root included (for the
-        repetition penalty); `calibration`: how to score nodes (edgespec/core/scores.py; None: raw)."""
+        repetition penalty); `calibration`: how to score nodes (edgespec/core/scores.py; None: raw);
+        `grammar`: the grammar state after the root (None: unconstrained)."""
         past = cache.get_seq_length()
         s = stem.numel()
         logits = drafter.logits(drafter.hidden_states(cache, stem, torch.arange(past, past + s), None)[-1:])
         seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
-        search = cls(drafter, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration)
+        own = grammar.fork() if grammar is not None else None  # (the verifying thread reads the caller's)
+        search = cls(drafter, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration, own)
         search._add_children(torch.tensor([0]), logits, branch)
         return search
 
@@ -147,6 +156,8 @@ class TreeSearch:
             seen[self.tokens[path]] = True
         nxt = TreeSearch(self.drafter, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
                          self.calibration)
+        if self.states is not None:  # expanded nodes under the new root keep their states
+            nxt.states = {int(remap[n]): st for n, st in self.states.items() if remap[n] >= 0}
         parents = self.parents[sub]
         nxt.parents = torch.where(sub == new_root, -1, remap[parents.clamp(min=0)])
         nxt.tokens, nxt.depths = self.tokens[sub], self.depths[sub] - self.depths[new_root]
@@ -166,7 +177,8 @@ class TreeSearch:
     # ---- internals ---------------------------------------------------------------------------
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
         positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
-        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents))
+        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents),
+                                                      self._allowed_at(parents))
         top_lp = top_lp.cpu()
         k = top_tok.shape[1]
         n = parents.numel() * k
@@ -192,6 +204,19 @@ class TreeSearch:
         chains = ancestor_chains(self.parents, parents, int(self.depths[parents].max()))
         seen = self.seen.expand(parents.numel(), -1).clone()
         return seen.scatter_(1, self.tokens[chains.clamp(min=0)], True)  # padding -1 → the root, already seen
+
+    def _allowed_at(self, parents: torch.Tensor) -> torch.Tensor | None:
+        """(n, V) bool: what the grammar allows after each of `parents` (None: no grammar)."""
+        if self.states is None:
+            return None
+        return allowed_rows([self._state(int(p)) for p in parents])
+
+    def _state(self, node: int) -> GrammarState:
+        """`node`'s grammar state: its parent's (expanded before it) followed by its token."""
+        state = self.states.get(node)
+        if state is None:
+            state = self.states[node] = self._state(int(self.parents[node])).then(int(self.tokens[node]))
+        return state
 
     def _keep_top(self, budget: int, keep: int) -> float:
         """Mark all but the root and the best `keep` nodes dead; returns the `budget`-th best score."""

@@ -6,6 +6,8 @@ and the node's ancestors (which the repetition penalty looks at). If a child of 
 and the walk goes on; otherwise the picked token is the step's bonus token. The draft
 probabilities play no part, so the committed tokens are exactly what the target alone would have
 produced: greedy output is identical, and sampling is ordinary ancestral sampling from the target.
+Under a grammar each visited node's pick sees that node's grammar state (the root's, advanced by the
+accepted tokens), and the log-probabilities asked for are read off the same transformed logits.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from edgespec.core.forward import hidden_states, logits_from_hidden, stem_and_tree_mask
+from edgespec.core.grammar import GrammarState
+from edgespec.core.logprobs import TokenLogprob, token_logprob
 from edgespec.core.tree import Tree
 
 
@@ -21,35 +25,50 @@ from edgespec.core.tree import Tree
 class Verdict:
     path: list[int]  # accepted draft node indices, root excluded, in order
     tokens: list[int]  # committed tokens: the accepted nodes' tokens, then the bonus token
+    grammar: GrammarState | None = None  # the grammar state after `tokens` (None: no grammar)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
 
-def verify(model, cache, stem: torch.Tensor, tree: Tree, sampler, history=None) -> Verdict:
+def verify(model, cache, stem: torch.Tensor, tree: Tree, sampler, history=None, grammar: GrammarState | None = None,
+           logprobs: int | None = None) -> Verdict:
     """One target pass over the pending `stem` (ending in the root) plus the tree; cache grows by all.
-    `history`: the committed tokens, root included (needed when the sampler penalises repetition)."""
+    `history`: the committed tokens, root included (needed when the sampler penalises repetition);
+    `grammar`: the grammar state after the root; `logprobs`: how many top alternatives each token's
+    log-probability comes with (None: no log-probabilities)."""
     past = cache.get_seq_length()
     s = stem.numel()
     root_pos = past + s - 1
     positions = torch.cat([torch.arange(past, past + s), root_pos + tree.depths[1:]])
     allowed = stem_and_tree_mask(past, s, tree.ancestor_mask()) if tree.size else None
     hidden = hidden_states(model, cache, torch.cat([stem, tree.tokens[1:]]), positions, allowed)
-    return walk(tree, lambda i: logits_from_hidden(model, hidden[s - 1 + i]), sampler, root_pos, history)
+    return walk(tree, lambda i: logits_from_hidden(model, hidden[s - 1 + i]), sampler, root_pos, history,
+                grammar, logprobs)
 
 
-def walk(tree: Tree, logits_at, sampler, root_pos: int, history=None) -> Verdict:
+def walk(tree: Tree, logits_at, sampler, root_pos: int, history=None, grammar: GrammarState | None = None,
+         logprobs: int | None = None) -> Verdict:
     """Follow the target's picks down the tree (the root at sequence position `root_pos`); logits are
-    computed only at the nodes visited. `history` (the committed tokens, root included) and the
-    accepted nodes so far are each pick's context."""
+    computed only at the nodes visited. `history` (the committed tokens, root included), the grammar
+    state after the root and the accepted nodes so far are each pick's context."""
     kids = tree.children()
     node, path, tokens, seen = 0, [], [], None
+    state = grammar.fork() if grammar is not None else None
+    lps = [] if logprobs is not None else None
     while True:
         logits = logits_at(node)
         if seen is None and history is not None:
             seen = sampler.seen(history, logits.shape[-1])
-        tok = sampler.pick(logits, root_pos + len(tokens) + 1, seen)
+        warped = sampler.warp(logits if sampler.greedy else logits.cpu(), seen,
+                              state.allowed() if state is not None else None)
+        tok = sampler.pick_warped(warped, root_pos + len(tokens) + 1)
+        if lps is not None:
+            lps.append(token_logprob(warped, tok, logprobs))
+        if state is not None:
+            state.advance(tok)
         child = kids[node].get(tok)
         tokens.append(tok)
         if child is None:
-            return Verdict(path, tokens)
+            return Verdict(path, tokens, state, lps)
         if seen is not None:
             seen[tok] = True  # the accepted token is in the next node's context
         path.append(child)

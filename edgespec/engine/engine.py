@@ -15,7 +15,9 @@ from edgespec.base.config import DraftConfig, LoadConfig, split_fields
 from edgespec.engine.conversation import Conversation
 from edgespec.base.device import model_device, side_stream
 from edgespec.core.drafter import Drafter
-from edgespec.base.errors import EdgespecError
+from edgespec.base.errors import EdgespecError, GrammarError, InvalidArgumentError
+from edgespec.core.grammar import Constraint, Grammar, as_grammar, token_table
+from edgespec.core.logprobs import MAX_TOP
 from edgespec.offload import find_handle
 from edgespec.engine.overlap import Overlap, wanted
 from edgespec.core.pair import context_window, eos_ids, proposal_vocab
@@ -61,6 +63,7 @@ class Engine:
         self.eos_ids = eos_ids(target, tokenizer)
         self.calibrations = ScoreCalibrations(self.config.tree_scores == "calibrated")
         self.conversation = Conversation(new_cache(target), self.draft.new_cache())
+        self._constraints: dict[Grammar, Constraint] = {}  # compiled grammars, the latest few
         if budget != 0:
             self.draft.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
         stream = side_stream(self.draft.device)
@@ -133,11 +136,14 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
                  top_k: int | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None) -> Generation:
+                 repetition_penalty: float | None = None, grammar=None, logprobs: int | None = None) -> Generation:
         """Generate a completion; returns text, new token ids and per-step stats. A sampling argument
-        left None takes the engine's default (`engine.sampling`); temperature 0 is greedy."""
+        left None takes the engine's default (`engine.sampling`); temperature 0 is greedy. `grammar`: a
+        constraint the answer follows (a core.grammar.Grammar, a JSON schema dict or a pydantic model
+        class); `logprobs`: 0-20, each new token's log-probability with that many top alternatives
+        (`Generation.logprobs`)."""
         run = self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
-                       repetition_penalty=repetition_penalty)
+                       repetition_penalty=repetition_penalty, grammar=grammar, logprobs=logprobs)
         for _ in run:
             pass
         return run.result
@@ -145,19 +151,23 @@ class Engine:
     def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
                top_k: int | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None) -> Iterator[str]:
+               repetition_penalty: float | None = None, grammar=None) -> Iterator[str]:
         """Yield text pieces as the target accepts them."""
         yield from self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty)
+                            repetition_penalty=repetition_penalty, grammar=grammar)
 
     def run(self, prompt, max_new_tokens=256, temperature=None, top_p=None, seed=None, stop=None, *,
-            top_k=None, min_p=None, repetition_penalty=None) -> Run:
+            top_k=None, min_p=None, repetition_penalty=None, grammar=None, logprobs=None) -> Run:
         """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
         config = self.sampling_for(temperature, top_p, top_k, min_p, repetition_penalty)
         sampler = Sampler.of(config, seed, draft_temperature=self.config.draft_temperature)
+        if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= int(logprobs) <= MAX_TOP):
+            raise InvalidArgumentError(f"logprobs must be an integer from 0 to {MAX_TOP} (the top alternatives "
+                                       f"each token comes with), got {logprobs!r}")
         run = Run(self.stepper, self.conversation, self.encode(prompt), max_new_tokens, sampler,
                   tokenizer=self.tokenizer, eos_ids=self.eos_ids, max_context=self.max_context, stop=stop,
-                  calibration=self.score_calibration(sampler))
+                  calibration=self.score_calibration(sampler), constraint=self.constraint(grammar),
+                  logprobs=logprobs)
         run.stats.sampling = config.describe()
         return run
 
@@ -165,6 +175,22 @@ class Engine:
                      repetition_penalty=None) -> SamplingConfig:
         """The sampling settings a generation with these arguments uses (None: the engine's default)."""
         return resolve(self.sampling, temperature, top_p, top_k, min_p, repetition_penalty)
+
+    def constraint(self, grammar) -> Constraint | None:
+        """`grammar` (see generate) compiled for this engine's tokenizer and vocabulary (None: none); a
+        grammar that cannot be compiled is a GrammarError naming the problem."""
+        grammar = as_grammar(grammar)
+        if grammar is None:
+            return None
+        if grammar not in self._constraints:
+            if self.tokenizer is None:
+                raise GrammarError("a grammar constraint needs the engine's tokenizer: pass tokenizer= to Engine")
+            vocab = self.target.get_output_embeddings().weight.shape[0]
+            table = token_table(self.tokenizer, vocab, self.eos_ids)
+            if len(self._constraints) >= 16:
+                self._constraints.pop(next(iter(self._constraints)))
+            self._constraints[grammar] = Constraint(grammar, table, vocab)
+        return self._constraints[grammar]
 
     def score_calibration(self, sampler: Sampler) -> ScoreCalibration | None:
         """The hit-rate calibration of tree scores for this sampling setting (None: raw draft scores)."""

@@ -2,7 +2,9 @@
 the `Generation` when it ends. It stops on an end-of-sequence token, a stop string, the tokens asked
 for, the context window, or a cancel event, and says which (`stats.stop_reason`). When it ends, for
 whatever reason (an exception, Ctrl-C, a closed iterator), the conversation keeps exactly the prompt
-and the tokens accepted so far, and both caches are trimmed to them.
+and the tokens accepted so far, and both caches are trimmed to them. Under a grammar constraint the run
+carries the grammar state after its accepted tokens into each step; an answer the grammar had not
+completed when the tokens ran out ends with stop reason "length" (partial, not claimed valid).
 """
 from __future__ import annotations
 
@@ -20,20 +22,27 @@ class Generation:
     text: str
     ids: list[int]  # new tokens (an end-of-sequence token included, as transformers' generate does)
     stats: RunStats = field(default_factory=RunStats)
+    logprobs: list | None = None  # one core.logprobs.TokenLogprob per new token, when asked for
 
 
 class Run:
     """`stepper` (edgespec/engine/step.py) advances `conv` (edgespec/engine/conversation.py) from `prompt_ids`;
     `tokenizer` turns the new tokens into text (None: no text); `calibration` is the tree-score
-    calibration the steps use and teach (None: raw scores)."""
+    calibration the steps use and teach (None: raw scores); `constraint` the compiled grammar the answer
+    must follow (edgespec/core/grammar.py; None: none); `logprobs` how many top alternatives each new
+    token's log-probability comes with (None: no log-probabilities)."""
 
     def __init__(self, stepper, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *, tokenizer=None,
-                 eos_ids=frozenset(), max_context: int, stop: list[str] | None = None, calibration=None):
+                 eos_ids=frozenset(), max_context: int, stop: list[str] | None = None, calibration=None,
+                 constraint=None, logprobs: int | None = None):
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.stepper, self.conv, self.prompt_ids, self.max_new = stepper, conv, prompt_ids, max_new_tokens
         self.sampler, self.calibration, self.stop = sampler, calibration, stop or []
         self.tokenizer, self.eos_ids, self.max_context = tokenizer, eos_ids, max_context
+        self.constraint, self.top_logprobs = constraint, logprobs
+        self.grammar = None  # the grammar state after the accepted tokens (set when the run starts)
+        self.logprobs: list | None = [] if logprobs is not None else None
         self.new: list[int] = []
         self.stats = RunStats()
         self.result: Generation | None = None
@@ -43,6 +52,7 @@ class Run:
 
     def __iter__(self) -> Iterator[str]:
         self.conv.sync(self.prompt_ids)
+        self.grammar = self.constraint.start() if self.constraint is not None else None
         start = time.perf_counter()
         try:
             yield from self._loop()
@@ -61,7 +71,7 @@ class Run:
         self.stats.new_tokens = len(self.new)
         calib = self.calibration
         self.stats.hit_rates = calib.state() if calib is not None and calib.trees else None
-        self.result = Generation(self.text, list(self.new), self.stats)
+        self.result = Generation(self.text, list(self.new), self.stats, self.logprobs)
 
     def _loop(self) -> Iterator[str]:
         while True:
@@ -69,13 +79,14 @@ class Run:
                 self.stats.stop_reason = "cancelled"
                 return
             done = self.stepper.advance(self.conv, self.max_new - len(self.new), self.max_context, self.sampler,
-                                        self.calibration)
+                                        self.calibration, self.grammar, self.top_logprobs)
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return
-            tokens, step = done
+            verdict, step = done
             self.stats.steps.append(step)
-            ended = self._commit(tokens)
+            self.grammar = verdict.grammar
+            ended = self._commit(verdict.tokens, verdict.logprobs)
             stopped = self._decode()
             piece = self._piece(final=ended or stopped)
             if piece:
@@ -83,10 +94,13 @@ class Run:
             if ended or stopped:
                 return
 
-    def _commit(self, tokens: list[int]) -> bool:
-        """Append accepted tokens up to EOS / max_new_tokens; True when generation must stop."""
-        for tok in tokens:
+    def _commit(self, tokens: list[int], logprobs=None) -> bool:
+        """Append accepted tokens (and their log-probabilities) up to EOS / max_new_tokens; True when
+        generation must stop."""
+        for i, tok in enumerate(tokens):
             self.new.append(tok)
+            if self.logprobs is not None:
+                self.logprobs.append(logprobs[i])
             if tok in self.eos_ids:
                 self.stats.stop_reason = "eos"
                 return True
@@ -126,6 +140,8 @@ class Run:
         for n in range(1, len(self.new) + 1):
             if len(self.tokenizer.decode(self.new[:n], skip_special_tokens=True)) > len(self.text):
                 del self.new[n:]
+                if self.logprobs is not None:
+                    del self.logprobs[n:]
                 return
 
 

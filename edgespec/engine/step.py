@@ -28,17 +28,20 @@ class Stepper:
         self.target, self.draft, self.scheduler, self.device = target, draft, scheduler, device
         self.offload, self.overlap, self.stream = offload, overlap, stream
 
-    def advance(self, conv: Conversation, remaining: int, max_context: int, sampler, calibration=None):
-        """Plan and run one step, then let the scheduler observe it: (committed tokens, StepStats), or
-        None when the context or the tokens still wanted leave no room for a step."""
+    def advance(self, conv: Conversation, remaining: int, max_context: int, sampler, calibration=None,
+                grammar=None, logprobs: int | None = None):
+        """Plan and run one step, then let the scheduler observe it: (Verdict — the committed tokens, the
+        grammar state after them, their log-probabilities —, StepStats), or None when the context or the
+        tokens still wanted leave no room for a step. `grammar`: the grammar state after the committed
+        tokens (edgespec/core/grammar.py; None: unconstrained); `logprobs`: top alternatives per token."""
         start = time.perf_counter()
         plan = self.plan_for(conv, remaining, max_context)
         if plan is None:
             return None
-        tokens, stats = self.step(conv, plan, sampler, calibration)
+        verdict, stats = self.step(conv, plan, sampler, calibration, grammar, logprobs)
         stats.overhead_time = max(0.0, time.perf_counter() - start - stats.draft_time - stats.verify_time)
         self.scheduler.observe(stats)
-        return tokens, stats
+        return verdict, stats
 
     def plan_for(self, conv: Conversation, remaining: int, max_context: int) -> Plan | None:
         """The scheduler's plan, clipped to the context window, the tokens still wanted and memory."""
@@ -55,15 +58,16 @@ class Stepper:
         fit = memory.max_tree_tokens(self.target.config, len(conv.ids), memory.free_memory(self.device))
         return max(0, fit - conv.pending)
 
-    def step(self, conv: Conversation, plan: Plan, sampler, calibration=None) -> tuple[list[int], StepStats]:
+    def step(self, conv: Conversation, plan: Plan, sampler, calibration=None, grammar=None,
+             logprobs: int | None = None) -> tuple[Verdict, StepStats]:
         """Draft, verify, accept, prune; on device out-of-memory, roll back and retry smaller."""
         retries = 0
         while True:
             before = conv.lengths()
             try:
-                tokens, stats = self._step(conv, plan, sampler, calibration)
+                verdict, stats = self._step(conv, plan, sampler, calibration, grammar, logprobs)
                 stats.retries = retries
-                return tokens, stats
+                return verdict, stats
             except OOM_ERRORS as err:
                 conv.rollback(before)
                 if plan.budget == 0:
@@ -72,15 +76,15 @@ class Stepper:
                 plan = back_off(plan, self.scheduler, self.offload)
 
     @torch.no_grad()
-    def _step(self, conv: Conversation, plan: Plan, sampler, calibration) -> tuple[list[int], StepStats]:
+    def _step(self, conv: Conversation, plan: Plan, sampler, calibration, grammar, logprobs) -> tuple[Verdict, StepStats]:
         if plan.budget > 0:
             self.draft.prepare(conv.dcache)  # (re)captures the drafter's graphs, if any are missing
         t0 = time.perf_counter()
-        search, reused, tree = self._draft_tree(conv, plan, sampler, calibration)
+        search, reused, tree = self._draft_tree(conv, plan, sampler, calibration, grammar)
         t1 = time.perf_counter()
         tlen = conv.tcache.get_seq_length()
         stem = torch.tensor(conv.ids[tlen:])
-        verdict, overlap_time = self._verify(conv, stem, tree, sampler, search, plan)
+        verdict, overlap_time = self._verify(conv, stem, tree, sampler, search, plan, grammar, logprobs)
         t2 = time.perf_counter()
         if calibration is not None:
             calibration.observe_tree(tree, verdict.path)
@@ -91,9 +95,9 @@ class Stepper:
         conv.ids.extend(verdict.tokens)
         stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), t1 - t0, t2 - t1,
                           stem.numel() + tree.size, tree.node_probs(), reused=reused, overlap_time=overlap_time)
-        return verdict.tokens, stats
+        return verdict, stats
 
-    def _draft_tree(self, conv: Conversation, plan: Plan, sampler, calibration):
+    def _draft_tree(self, conv: Conversation, plan: Plan, sampler, calibration, grammar=None):
         """(search, nodes it carried over, this step's tree): last step's re-rooted search or a fresh
         one grown to the plan; no search and a bare root for a plain step."""
         if plan.budget <= 0:
@@ -107,16 +111,18 @@ class Stepper:
                 reused = int(search.alive.sum()) - 1
             else:
                 stem = torch.tensor(conv.ids[conv.dcache.get_seq_length():])
-                search = TreeSearch.start(self.draft, conv.dcache, stem, sampler, plan.branch, conv.ids, calibration)
+                search = TreeSearch.start(self.draft, conv.dcache, stem, sampler, plan.branch, conv.ids, calibration,
+                                          grammar)
             search.grow(plan)
             tree = search.tree(plan.budget)
         wait_stream(self.stream)
         return search, reused, tree
 
-    def _verify(self, conv: Conversation, stem, tree: Tree, sampler, search, plan: Plan) -> tuple[Verdict, float]:
+    def _verify(self, conv: Conversation, stem, tree: Tree, sampler, search, plan: Plan, grammar=None,
+                logprobs=None) -> tuple[Verdict, float]:
         """The target pass over stem + tree: (verdict, seconds drafted during it)."""
         def run() -> Verdict:
-            verdict = verify(self.target, conv.tcache, stem, tree, sampler, conv.ids)
+            verdict = verify(self.target, conv.tcache, stem, tree, sampler, conv.ids, grammar, logprobs)
             sync(self.device)
             return verdict
 
