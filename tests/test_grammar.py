@@ -32,7 +32,8 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "n": {"type": "integer", "minimum": 0, "maximum": 999},
                          "colour": {"enum": ["red", "green", "blue"]}}}
 COMPACT = {**SCHEMA, "x-guidance": {"whitespace_flexible": False}}  # a random model finishes it soon
-NESTED = {"type": "object", "required": ["items"], "x-guidance": {"whitespace_flexible": False},
+NESTED = {"type": "object", "required": ["items"], "additionalProperties": False,
+          "x-guidance": {"whitespace_flexible": False},
           "properties": {"items": {"type": "array", "maxItems": 3, "items": {"$ref": "#/$defs/Item"}}},
           "$defs": {"Item": {"type": "object", "required": ["id", "tag"], "additionalProperties": False,
                              "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9},
@@ -109,7 +110,7 @@ def test_every_finished_output_validates(tok, schema, temperature):
     engine = engine_for(target, drafter, tok, 32)
     grammar, finished = Grammar.json_schema(schema), 0
     for i, text in enumerate(PROMPTS * 2):
-        out = engine.generate(tok.encode(text), max_new_tokens=120, temperature=temperature, seed=i,
+        out = engine.generate(tok.encode(text), max_new_tokens=60, temperature=temperature, seed=i,
                               grammar=grammar)
         if out.stats.stop_reason == "eos":
             jsonschema.validate(json.loads(out.text), {k: v for k, v in schema.items() if k != "x-guidance"})

@@ -29,7 +29,7 @@ from edgespec.base.errors import GrammarError
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 # JSON between tokens: up to 20 whitespace characters (pretty-printed JSON fits; a model that would pad
-# forever cannot). A schema's "x-guidance" key overrides this and llguidance's other JSON options, e.g.
+# forever cannot). A schema's "x-guidance" key sets llguidance's JSON options instead, e.g.
 # {"whitespace_flexible": false} for compact JSON only.
 JSON_OPTIONS = {"whitespace_pattern": r"[ \t\n\r]{0,20}"}
 
@@ -80,7 +80,10 @@ class Grammar:
         from llguidance import LLMatcher
 
         if self.kind == "json_schema":
-            return LLMatcher.grammar_from_json_schema(self.source, defaults=JSON_OPTIONS)
+            schema = json.loads(self.source)
+            said = schema.get("x-guidance", {}) if isinstance(schema, dict) else {}
+            spaces = {} if {"whitespace_flexible", "whitespace_pattern"} & set(said) else JSON_OPTIONS
+            return LLMatcher.grammar_from_json_schema(schema, defaults=spaces)
         if self.kind == "json_object":
             return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if self.kind == "regex":

@@ -209,7 +209,7 @@ class Sampler:
         drafter's cut is not the target's, and a token outside the drafter's may still be the target's
         pick. A row the grammar closes entirely scores -inf everywhere."""
         t = self.temperature if not self.greedy else self.draft_temperature
-        return _log_softmax(mask_logits(self.penalize(logits.float(), seen), allowed) / t)
+        return _log_softmax(mask_logits(self.penalize(logits.float(), seen), allowed) / t, allowed is not None)
 
     def draft_children(self, logits: torch.Tensor, positions: torch.Tensor, k: int,
                        seen: torch.Tensor | None = None, allowed: torch.Tensor | None = None):
@@ -223,7 +223,7 @@ class Sampler:
         if self.greedy:
             return logprobs.topk(k, dim=-1)
         noise = torch.stack([self.noise(int(p), logprobs.shape[-1], logprobs.device) for p in positions])
-        perturbed = _log_softmax(logprobs + noise)
+        perturbed = _log_softmax(logprobs + noise, allowed is not None)
         return perturbed.topk(k, dim=-1)
 
     def noise(self, position: int, vocab: int, device) -> torch.Tensor:
@@ -239,9 +239,11 @@ class Sampler:
         return noise
 
 
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the last dimension; a row of -inf stays -inf (not NaN)."""
-    return torch.log_softmax(x, dim=-1).nan_to_num(nan=float("-inf"), neginf=float("-inf"))
+def _log_softmax(x: torch.Tensor, masked: bool) -> torch.Tensor:
+    """log_softmax over the last dimension; when `masked`, a row of -inf (a grammar allowing nothing
+    there) stays -inf rather than NaN."""
+    out = torch.log_softmax(x, dim=-1)
+    return out.nan_to_num(nan=float("-inf"), neginf=float("-inf")) if masked else out
 
 
 _GOLD, _M1, _M2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
