@@ -31,6 +31,7 @@ from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import (
     SAMPLER_FIELDS, Answer, ApiError, ChatRequest, CompletionRequest, check, parse_body,
 )
+from edgespec.front.server.structured import Structure, plan, render
 from edgespec.front.server.worker import Job, Worker
 
 
@@ -79,12 +80,17 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async def answer(request: Request, chat: bool):
         try:
             req = checked(await _body(request, config), chat)
+            shape = plan(req, engine.tokenizer) if chat else Structure()
+            prompt = req.prompt(config.system) if chat else req.prompt
+            if shape.tools is not None:
+                prompt = _rendered(engine.tokenizer, prompt, shape.tools)
         except ApiError:
             metrics.finished("rejected")
             raise
         sampling = {**config.defaults, **req.sampling()}
-        job = Job(req.prompt(config.system) if chat else req.prompt, req.max_new_tokens() or config.max_tokens,
-                  sampling, req.stop, asyncio.get_running_loop(), param="messages" if chat else "prompt")
+        job = Job(prompt, req.max_new_tokens() or config.max_tokens, sampling, req.stop, asyncio.get_running_loop(),
+                  param="messages" if chat else "prompt", grammar=shape.grammar, logprobs=shape.logprobs,
+                  calls=shape.names if shape.calls else None)
         return await _relay(request, job, worker, Answer(chat, config.model_id, req.include_usage()), req.stream)
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -96,6 +102,15 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return await answer(request, chat=False)
 
     return app
+
+
+def _rendered(tokenizer, messages: list[dict], tools: list) -> list[int]:
+    """The conversation and its tools through the model's chat template (its own errors as a 400)."""
+    try:
+        return render(tokenizer, messages, tools)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render these messages: the client's to fix
+        raise ApiError(400, f"the model's chat template could not render these messages with tools: "
+                            f"{type(e).__name__}: {e}", "messages") from None
 
 
 def _status_routes(app: FastAPI, engine, worker: Worker, metrics: Metrics, config: ServerConfig, auth) -> None:
@@ -139,7 +154,8 @@ async def _relay(request: Request, job: Job, worker: Worker, ans: Answer, stream
         kind, value = event
         if kind == "error":
             raise value
-        return JSONResponse(ans.whole(value.text, value.stats.stop_reason, prompt_tokens, len(value.ids)))
+        return JSONResponse(ans.whole(value.text, value.stop_reason, prompt_tokens, len(value.gen.ids),
+                                      value.tool_calls, value.logprobs))
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it
     finally:
@@ -176,14 +192,16 @@ async def _events(job: Job, ans: Answer, prompt_tokens: int):
         while True:
             kind, value = await job.events.get()
             if kind == "piece":
-                yield _sse(ans.chunk(value))
+                yield _sse(ans.chunk(value[0], logprobs=value[1]))
                 continue
             if kind == "error":
                 yield _sse(value.body())
             else:
-                yield _sse(ans.chunk(stop_reason=value.stats.stop_reason))
+                if job.calls is not None and (value.text or value.tool_calls):  # held until parsed
+                    yield _sse(ans.chunk(value.text, tool_calls=value.tool_calls, logprobs=value.logprobs))
+                yield _sse(ans.chunk(stop_reason=value.stop_reason))
                 if ans.include_usage:
-                    yield _sse(ans.usage_chunk(prompt_tokens, len(value.ids)))
+                    yield _sse(ans.usage_chunk(prompt_tokens, len(value.gen.ids)))
             yield format_sse_event(data_str="[DONE]")
             return
     finally:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # request fields that become Engine.run keyword arguments (only those a request sets are passed)
 SAMPLER_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty")
 # the engine's stop reasons as OpenAI finish reasons (the context window ending an answer is "length")
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop",
+          "tool_calls": "tool_calls"}
 MAX_STOP = 16
 
 
@@ -112,7 +113,7 @@ IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")  
 
 
 def _check_unsupported(model: BaseModel) -> None:
-    for name in UNSUPPORTED.keys() & type(model).model_fields.keys():
+    for name in (UNSUPPORTED.keys() & type(model).model_fields.keys()) - type(model).HANDLED:
         value = getattr(model, name)
         off, why = UNSUPPORTED[name]
         if not any(value == o and type(value) is type(o) for o in off):  # (False == 0, but logprobs=0 ...)
@@ -133,6 +134,7 @@ class _Request(BaseModel):
     """Fields both endpoints share."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+    HANDLED: ClassVar[frozenset] = frozenset()  # UNSUPPORTED fields this endpoint honours (structured.py)
     model: str | None = None  # absent: the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -186,7 +188,7 @@ class _Request(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: Any = None
     tool_calls: Any = None
@@ -207,15 +209,39 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _plain(self):
-        for name in ("name", "tool_calls", "function_call", "tool_call_id", "audio", "refusal", "annotations"):
+        for name in ("function_call", "audio", "refusal", "annotations"):
             if getattr(self, name) not in (None, [], ""):
-                raise _Unsupported(name, "send plain messages with a role and text content")
-        if self.content is None:
+                raise _Unsupported(name, "send messages with a role, text content and (assistant) tool_calls")
+        if self.tool_calls not in (None, []) and self.role != "assistant":
+            raise _Invalid("only an assistant message carries tool_calls")
+        if self.role == "tool" and not isinstance(self.tool_call_id, str):
+            raise _Invalid("a tool message needs the tool_call_id (a string) of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise _Invalid("content is required (a string)")
         return self
 
     def as_prompt(self) -> dict:
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [_call_for_template(i, c) for i, c in enumerate(self.tool_calls)]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if isinstance(self.name, str):
+                out["name"] = self.name
+        return out
+
+
+def _call_for_template(i: int, call) -> dict:
+    """An OpenAI tool call (arguments as JSON text) as chat templates read it (arguments as an object)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _Invalid(f"tool_calls[{i}] must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        raise _Invalid(f"tool_calls[{i}].function.arguments is not valid JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 def _text_part(i: int, part) -> str:
@@ -229,6 +255,7 @@ def _text_part(i: int, part) -> str:
 
 
 class ChatRequest(_Request):
+    HANDLED: ClassVar[frozenset] = frozenset({"tools", "tool_choice", "logprobs", "top_logprobs", "response_format"})
     messages: list[Message]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: Any = None
@@ -292,20 +319,27 @@ class Answer:
         obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, stop_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def whole(self, text: str | None, stop_reason: str, prompt_tokens: int, completion_tokens: int,
+              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
         finish = FINISH.get(stop_reason, "stop")
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
                   else {"index": 0, "text": text})
-        choice.update(logprobs=None, finish_reason=finish)
+        if tool_calls:
+            choice["message"]["tool_calls"] = tool_calls
+        choice.update(logprobs=None if logprobs is None else {"content": logprobs}, finish_reason=finish)
         return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunk(self, text: str | None = None, stop_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None = None, stop_reason: str | None = None, role: bool = False,
+              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if tool_calls:  # each call whole in one delta, indexed as the openai client accumulates them
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None, finish_reason=FINISH.get(stop_reason, "stop") if stop_reason else None)
+        choice.update(logprobs=None if logprobs is None else {"content": logprobs},
+                      finish_reason=FINISH.get(stop_reason, "stop") if stop_reason else None)
         out = {**self._head(True), "choices": [choice]}
         if self.include_usage:
             out["usage"] = None

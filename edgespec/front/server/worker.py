@@ -1,8 +1,8 @@
 """One generation worker: requests queue in arrival order behind one thread that owns the engine.
 
 The HTTP side (asyncio) never runs the engine: it submits a `Job` and reads the job's events
-("started" with the prompt's token count, "piece" with text the client may see, then "done" with the
-Generation or "error" with an ApiError), posted thread-safely onto its event loop. Setting
+("started" with the prompt's token count, "piece" with text the client may see and its tokens'
+log-probabilities, then "done" with a Finished answer or "error" with an ApiError), posted thread-safely onto its event loop. Setting
 `job.cancel` (a client went away) ends the generation before its next step; the engine's caches
 then hold the committed tokens, consistent for the next request, which reuses their common prefix.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from edgespec.base.errors import ContextLengthError, EdgespecError, OutOfMemoryError
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError
+from edgespec.front.server.structured import logprobs_content, parse_calls
 
 
 @dataclass
@@ -30,12 +31,27 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     param: str = "messages"  # the request field the prompt came from (named in its errors)
+    grammar: object = None  # core.grammar.Grammar the answer follows (None: free text)
+    logprobs: int | None = None  # top alternatives per token's log-probability (None: none)
+    calls: list[str] | None = None  # tool names: the answer's <tool_call> blocks become tool_calls
 
     def post(self, kind: str, value=None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
             self.cancel.set()
+
+
+@dataclass
+class Finished:
+    """A job's answer: the Generation, its content (None when it is only tool calls), the tool calls
+    parsed out of it, the log-probabilities as the API's entries (None: not asked for), the stop reason."""
+
+    gen: object
+    text: str | None
+    tool_calls: list
+    logprobs: list | None
+    stop_reason: str
 
 
 class Worker:
@@ -110,24 +126,40 @@ class Worker:
         self.last = gen
         self.metrics.observe(len(ids), gen.stats, self.engine.scheduler.stats())
         self.metrics.finished("cancelled" if gen.stats.stop_reason == "cancelled" else "ok")
-        job.post("done", gen)
+        job.post("done", self._finished(job, gen))
 
     def _generate(self, job: Job, ids: list[int]):
         max_new = job.max_new_tokens or max(1, self.engine.max_context - len(ids))
-        run = self.engine.run(ids, max_new_tokens=max_new, stop=job.stop, **job.sampling)
+        asked = {k: v for k, v in (("grammar", job.grammar), ("logprobs", job.logprobs)) if v is not None}
+        run = self.engine.run(ids, max_new_tokens=max_new, stop=job.stop, **asked, **job.sampling)
         run.cancel = job.cancel  # checked by the engine before every step
-        shown = StopHoldback(job.stop)
+        shown, sent = StopHoldback(job.stop), 0
         pieces = iter(run)
         try:
             for piece in pieces:
-                if text := shown.feed(piece):
-                    job.post("piece", text)
+                if job.calls is None and (text := shown.feed(piece)):  # (tool calls: parsed when done)
+                    lps = run.logprobs[sent:] if run.logprobs is not None else None
+                    sent += len(lps or ())
+                    job.post("piece", (text, self._entries(lps)))
         finally:
             pieces.close()
         gen = run.result
-        if rest := shown.finish(gen.text):
-            job.post("piece", rest)
+        if job.calls is None and (rest := shown.finish(gen.text)):
+            job.post("piece", (rest, self._entries(gen.logprobs[sent:] if gen.logprobs is not None else None)))
         return gen
+
+    def _entries(self, logprobs) -> list | None:
+        return None if logprobs is None else logprobs_content(self.engine.tokenizer, logprobs)
+
+    def _finished(self, job: Job, gen) -> Finished:
+        reason, text, calls = gen.stats.stop_reason, gen.text, []
+        if job.calls is not None:
+            tok = self.engine.tokenizer
+            full = tok.decode([t for t in gen.ids if t not in self.engine.eos_ids], skip_special_tokens=False)
+            content, calls = parse_calls(full, job.calls)
+            text = content if calls else text
+            reason = "tool_calls" if calls and reason == "eos" else reason
+        return Finished(gen, text, calls, self._entries(gen.logprobs), reason)
 
 
 class StopHoldback:
