@@ -90,7 +90,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         sampling = {**config.defaults, **req.sampling()}
         job = Job(prompt, req.max_new_tokens() or config.max_tokens, sampling, req.stop, asyncio.get_running_loop(),
                   param="messages" if chat else "prompt", grammar=shape.grammar, logprobs=shape.logprobs,
-                  calls=shape.names if shape.calls else None)
+                  calls=shape.names if shape.calls else None, grammar_param=shape.param)
         return await _relay(request, job, worker, Answer(chat, config.model_id, req.include_usage()), req.stream)
 
     @app.post("/v1/chat/completions", dependencies=auth)

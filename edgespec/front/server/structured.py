@@ -21,6 +21,7 @@ from edgespec.core.grammar import Grammar
 from edgespec.front.server.protocol import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+CALL_JSON = {"whitespace_pattern": "[ ]?"}  # a call is one line: json.dumps' spacing or none
 _CALLS = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
 
 
@@ -34,6 +35,7 @@ class Structure:
     calls: bool = False  # parse <tool_call> blocks out of the answer into tool_calls
     logprobs: int | None = None  # top alternatives per token (None: no log-probabilities)
     names: list[str] = field(default_factory=list)
+    param: str | None = None  # the request field the grammar came from (named when it cannot compile)
 
 
 def response_grammar(fmt) -> Grammar | None:
@@ -100,10 +102,10 @@ def chosen(tool_choice, names: list[str]) -> tuple[str, list[str]]:
     return "required", [name]
 
 
-def call_grammar(tools: list, allowed: list[str], required: bool, tag_token: int | None) -> Grammar:
+def call_grammar(tools: list, allowed: list[str], required: bool, tag_token: int | None, many: bool = True) -> Grammar:
     """The grammar of an answer that is tool calls (`required`) or either text or tool calls: each call
-    `<tool_call>\\n{"name": <one of allowed>, "arguments": <its parameters' schema>}\\n</tool_call>`.
-    `tag_token`: the id of <tool_call> when the tokenizer has it as one special token."""
+    `<tool_call>\\n{"name": <one of allowed>, "arguments": <its parameters' schema>}\\n</tool_call>`, one
+    or (`many`) several. `tag_token`: the id of <tool_call> when the tokenizer has it as one special token."""
     variants = []
     for tool in tools:
         fn = tool["function"]
@@ -111,17 +113,19 @@ def call_grammar(tools: list, allowed: list[str], required: bool, tag_token: int
             params = fn.get("parameters") or {"type": "object", "properties": {}}
             variants.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                              "properties": {"name": {"const": fn["name"]}, "arguments": params}})
-    schema = {"anyOf": variants} if len(variants) > 1 else variants[0]
-    _grammar(lambda: Grammar.json_schema(schema), "tools")  # a tool's parameters that are not a schema: 400
+    schema = {"anyOf": variants} if len(variants) > 1 else dict(variants[0])
+    schema["x-guidance"] = CALL_JSON
     opener = f"<[{tag_token}]>" if tag_token is not None else json.dumps(OPEN)
-    calls = f'calls: ({opener} "\\n" call "\\n" {json.dumps(CLOSE)} "\\n"?)+\ncall: %json {json.dumps(schema)}\n'
+    calls = (f'calls: ({opener} "\\n" call "\\n" {json.dumps(CLOSE)} "\\n"?){"+" if many else ""}\n'
+             f'call: %json {json.dumps(schema)}\n')
     start = "start: calls\n" if required else "start: calls | free\nfree: /[^<](?s:.*)/\n"
     return Grammar.lark(start + calls)
 
 
 def plan(req, tokenizer) -> Structure:
     """The Structure of a chat request (`req`: a protocol.ChatRequest)."""
-    out = Structure(grammar=response_grammar(req.response_format), logprobs=_logprobs(req))
+    out = Structure(grammar=response_grammar(req.response_format), logprobs=_logprobs(req),
+                    param="response_format.json_schema.schema")
     if req.tools in (None, []):
         if req.tool_choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools: send the tools the model may call", "tool_choice")
@@ -137,8 +141,11 @@ def plan(req, tokenizer) -> Structure:
                        "response_format")
     tag = tokenizer.convert_tokens_to_ids(OPEN)
     added = getattr(tokenizer, "added_tokens_decoder", {}).get(tag) if isinstance(tag, int) else None
-    tag = tag if added is not None and added.special else None  # else the tag is text to the grammar
-    out.grammar, out.calls = call_grammar(req.tools, allowed, mode == "required", tag), True
+    special = added is not None and added.special and str(added) == OPEN  # (an unknown token maps to <unk>)
+    tag = tag if special else None  # else the tag is text to the grammar
+    many = len(allowed) > 1 and req.parallel_tool_calls is not False  # a named function: one call
+    out.grammar = call_grammar(req.tools, allowed, mode == "required", tag, many)
+    out.calls, out.param = True, "tools"
     return out
 
 

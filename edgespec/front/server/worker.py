@@ -15,7 +15,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from edgespec.base.errors import ContextLengthError, EdgespecError, OutOfMemoryError
+from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, OutOfMemoryError
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError
 from edgespec.front.server.structured import logprobs_content, parse_calls
@@ -34,6 +34,7 @@ class Job:
     grammar: object = None  # core.grammar.Grammar the answer follows (None: free text)
     logprobs: int | None = None  # top alternatives per token's log-probability (None: none)
     calls: list[str] | None = None  # tool names: the answer's <tool_call> blocks become tool_calls
+    grammar_param: str | None = None  # the request field the grammar came from (named if it cannot compile)
 
     def post(self, kind: str, value=None) -> None:
         try:
@@ -112,8 +113,14 @@ class Worker:
     def _run(self, job: Job) -> None:
         try:
             ids = self.engine.encode(job.prompt)
+            if job.grammar is not None:  # compiled before the answer starts: a bad one is a 400, not a broken stream
+                self.engine.constraint(job.grammar)
             job.post("started", len(ids))
             gen = self._generate(job, ids)
+        except GrammarError as e:
+            self.metrics.finished("rejected")
+            job.post("error", ApiError(400, f"{job.grammar_param}: {e}", job.grammar_param, "invalid_schema"))
+            return
         except EdgespecError as e:
             self.metrics.finished("error")
             job.post("error", api_error(e, job.param))

@@ -1,0 +1,180 @@
+"""`edgespec serve` with structured output, tool calls and log-probabilities, driven by the `openai`
+client: a tiny random target over the embedded default's real tokenizer (SmolLM2's, whose own template
+has no tool support; a Hermes-style template with tools is set on a copy for the tool tests). Answers are
+checked against `Engine.generate` on the same engine and against the schemas they were asked for."""
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+from pydantic import BaseModel
+
+from edgespec.base.stats import Plan
+from edgespec.core.grammar import Grammar
+from edgespec.front.server import ServerConfig, create_app
+from tests.conftest import Fixed
+from tests.test_grammar import COMPACT, EOS, V, pair  # noqa: F401 - the same tiny pair and schema
+from tests.test_server import Served, post
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nYou may call these tools:\n<tools>\n{% for t in tools %}{{ t.function.name }}\n"
+    "{% endfor %}</tools>\nAnswer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+           "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                          "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["C", "F"]}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+    "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class Reply(BaseModel):
+    ok: bool
+    n: int
+
+
+@pytest.fixture(scope="module")
+def tool_tok():
+    from edgespec.loading.models import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer(None))
+    tok.chat_template = TOOL_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def engine(tool_tok):
+    from edgespec import Engine
+
+    target, drafter = pair(init=0.3)
+    return Engine(target, drafter, tool_tok, scheduler=Fixed(Plan(16, 8, 4, 32)))
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    with Served(create_app(engine, ServerConfig(model_id="tiny"))) as s:
+        yield s
+
+
+def test_response_format_pydantic_schema_validates(served, engine):
+    client = served.client()
+    schema = {**Reply.model_json_schema(), "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "Reply", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason == "stop"
+    Reply.model_validate_json(r.choices[0].message.content)
+    ids = engine.encode(ASK)
+    assert r.choices[0].message.content == engine.generate(ids, max_new_tokens=40, temperature=0,
+                                                           grammar=Grammar.json_schema(schema)).text
+    obj = client.chat.completions.create(model="tiny", messages=ASK, response_format={"type": "json_object"},
+                                         max_tokens=60, temperature=0)
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:  # a random model may not close its object in 60 tokens: then it says so
+        assert obj.choices[0].finish_reason == "length" and obj.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_calls_validate(served, stream, choice):
+    client = served.client()
+    kw = dict(model="tiny", messages=ASK, tools=[WEATHER, CLOCK], tool_choice=choice, max_tokens=80, temperature=0)
+    if stream:
+        calls, finish = {}, None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            delta = chunk.choices[0].delta
+            for c in delta.tool_calls or []:
+                got = calls.setdefault(c.index, {"name": "", "arguments": ""})
+                got["name"] += c.function.name or ""
+                got["arguments"] += c.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        calls = list(calls.values())
+    else:
+        r = client.chat.completions.create(**kw)
+        finish = r.choices[0].finish_reason
+        calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in r.choices[0].message.tool_calls]
+    assert finish == "tool_calls" and calls
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    for call in calls:
+        if isinstance(choice, dict):
+            assert call["name"] == "get_time"
+        jsonschema.validate(json.loads(call["arguments"]), tools[call["name"]])
+
+
+def test_tool_results_continue_the_conversation(served):
+    client = served.client()
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C and sunny"}]
+    r = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+def test_logprobs_match_plain_decoding(served, engine):
+    client = served.client()
+    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=10, temperature=0, logprobs=True,
+                                       top_logprobs=5)
+    entries = r.choices[0].logprobs.content
+    from edgespec import Engine
+
+    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
+    want = plain.generate(engine.encode(ASK), max_new_tokens=10, temperature=0, logprobs=5).logprobs
+    assert len(entries) == len(want)
+    for got, lp in zip(entries, want):
+        assert got.token == engine.tokenizer.decode([lp.token]) and abs(got.logprob - lp.logprob) < 1e-4
+        assert [abs(g.logprob - v) < 1e-4 for g, (_, v) in zip(got.top_logprobs, lp.top)] == [True] * 5
+    streamed = [e for chunk in client.chat.completions.create(model="tiny", messages=ASK, max_tokens=10, stream=True,
+                                                              temperature=0, logprobs=True, top_logprobs=5)
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == [e.logprob for e in entries]
+
+
+BAD = [  # (what, extra request fields, words in the message, param)
+    ("invalid schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "strin"}}}}, "strin", "response_format.json_schema.schema"),
+    ("unsupported schema feature", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}}, "uniqueItems", "response_format.json_schema.schema"),
+    ("unknown response_format", {"response_format": {"type": "xml"}}, "response_format must be", "response_format"),
+    ("tool without a name", {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+     "tools[0].function.name is required", "tools[0].function.name"),
+    ("tool_choice naming an unknown function", {"tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "launch"}}}, "'launch', which is not among tools", "tool_choice"),
+    ("tool parameters that are no schema", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "strin"}}}], "tool_choice": "required"}, "strin", "tools"),
+    ("tool_choice without tools", {"tool_choice": "required"}, "needs tools", "tool_choice"),
+]
+
+
+@pytest.mark.parametrize("what,extra,words,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_structured_input_is_a_clear_400_and_the_server_keeps_serving(served, what, extra, words, param):
+    r = post(served, "chat", {"messages": ASK, "max_tokens": 4, **extra})
+    err = r.json()["error"]
+    assert r.status_code == 400 and words in err["message"] and err["param"] == param, (what, err)
+    assert post(served, "chat", {"messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_a_grammar_unfinished_at_max_tokens_is_length_not_valid(served):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": COMPACT}}
+    r = served.client().chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(r.choices[0].message.content)
+
+
+def test_a_template_without_tools_names_the_fix():
+    from edgespec import Engine
+    from edgespec.loading.models import load_tokenizer
+
+    target, drafter = pair()
+    engine = Engine(target, drafter, load_tokenizer(None), budget=0)  # SmolLM2's own template: no tools
+    with Served(create_app(engine, ServerConfig(model_id="tiny"))) as s:
+        r = post(s, "chat", {"messages": ASK, "tools": [WEATHER]})
+        assert r.status_code == 400 and "no tool support" in r.json()["error"]["message"]
+        assert "Qwen2.5" in r.json()["error"]["message"]
