@@ -271,3 +271,25 @@ def test_pydantic_model_as_grammar(tok):
     g = Grammar.json_schema(City)
     assert json.loads(g.source) == json.loads(json.dumps(City.model_json_schema(), sort_keys=True))
     Constraint(g, token_table(tok, V, [EOS]), V)
+
+
+def test_cli_json_schema_and_grammar_files(tok, tmp_path, monkeypatch, capsys):
+    from edgespec.front import cli
+
+    target, drafter = pair()
+    engine = engine_for(target, drafter, tok, 16)
+    monkeypatch.setattr(cli, "make_engine", lambda args: engine)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(COMPACT))
+    assert cli.main(["generate", "--raw", "--temperature", "0", "--max-new-tokens", "60", "--json-schema",
+                     str(schema), "Give me JSON:"]) == 0
+    ids = tok.encode("Give me JSON:")
+    want = engine.generate(ids, max_new_tokens=60, temperature=0, grammar=Grammar.json_schema(COMPACT)).text
+    assert capsys.readouterr().out == want + "\n"
+    lark = tmp_path / "g.lark"
+    lark.write_text('start: ("yes" | "no") "!"\n')
+    assert cli.main(["generate", "--raw", "--temperature", "0", "--grammar", str(lark), "Well?"]) == 0
+    assert capsys.readouterr().out in ("yes!\n", "no!\n")
+    lark.write_text("start: nowhere\n")
+    assert cli.main(["generate", "--raw", "--grammar", str(lark), "Well?"]) == 2
+    assert "Lark grammar cannot be compiled" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import os
 import sys
 
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (absent or '-': read stdin)")
     gen.add_argument("--raw", action="store_true", help="plain text prompt, no chat template")
     gen.add_argument("--json", action="store_true", help="print text, ids and stats as JSON")
+    gen.add_argument("--json-schema", metavar="FILE", default=None,
+                     help="the answer is JSON valid under this JSON schema (a .json file), exactly")
+    gen.add_argument("--grammar", metavar="FILE", default=None,
+                     help="the answer follows this Lark grammar (llguidance's dialect: start: ..., /regex/ "
+                          "terminals, %%json{...} schemas)")
     prof = sub.add_parser("profile", parents=[common], help="memory and latency profile (JSON + PNG)")
     prof.add_argument("--out-dir", default="edgespec-profile")
     prof.add_argument("--sizes", default=None, help="target tree sizes, e.g. 1,4,16,64,256 (default by device)")
@@ -157,6 +163,8 @@ def cmd_generate(args) -> int:
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
     kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, **sampling_args(args)}
+    if (grammar := grammar_arg(args)) is not None:
+        kw["grammar"] = grammar
     if args.json:
         out = engine.generate(prompt, **kw)
         print(json.dumps(generation_json(engine, out), indent=2))
@@ -170,6 +178,22 @@ def cmd_generate(args) -> int:
     if reason:  # a user who sees no speculation learns why
         print(f"edgespec: {reason}", file=sys.stderr)
     return 0
+
+
+def grammar_arg(args):
+    """--json-schema FILE / --grammar FILE as a core.grammar.Grammar (None: neither given)."""
+    from edgespec.core.grammar import Grammar
+
+    if args.json_schema and args.grammar:
+        raise EdgespecError("give --json-schema or --grammar, not both")
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgespecError(f"cannot read {path}: {e}") from None
+    return Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
 
 
 def read_prompt(arg: str | None) -> str:
