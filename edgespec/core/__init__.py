@@ -6,7 +6,9 @@ drafting model and its forward: transformers', `lean`, or `lean` over `static_kv
 `forward` (the target's forward over a tree), `verify` (the target's picks, the accepted path),
 `attention` (tree masks, sliding windows, attention implementations), `kv` (the KV-cache protocol and
 its adapters), `sampling` (SamplingConfig, Sampler), `scores` (calibrated tree scores), `pair` (what a
-target/drafter pair must share: vocabulary, context window, end tokens).
+target/drafter pair must share: vocabulary, context window, end tokens), `grammar` (grammar constraints:
+Grammar, Constraint, a GrammarState per tree node; llguidance), `logprobs` (the log-probabilities of the
+picked tokens).
 
 May import: the base only. It never imports loading, offload, the scheduler, the engine or the front
 ends (tests/test_imports.py).

@@ -3,7 +3,8 @@
     from edgespec.front.server import ServerConfig, create_app, serve
     serve(engine, ServerConfig(model_id="SmolLM2-135M-Instruct"), host="127.0.0.1", port=8080)
 
-protocol.py: request checking and answer objects; worker.py: the one generation thread;
+protocol.py: request checking and answer objects; structured.py: response_format, tools and
+log-probabilities; worker.py: the one generation thread;
 metrics.py: Prometheus text; app.py: the routes and uvicorn.
 """
 from edgespec.front.server.app import (
