@@ -8,6 +8,20 @@ from transformers import DynamicCache
 from edgespec.core.static_kv import StaticCache
 
 
+class KVSurgery:
+    """A cache that does its own surgery (`keep`, `crop`, `get_seq_length`): a pipeline's staged cache,
+    whose entries live on several machines (edgespec/distributed/target.py)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError
+
+    def keep(self, keep: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def crop(self, length: int) -> None:
+        raise NotImplementedError
+
+
 def new_cache(model) -> DynamicCache | StaticCache:
     """A cache of full-length layers, sliding-window layers included: tree entries must stay
     addressable until the accepted path is known, and transformers' rolling layer
@@ -31,7 +45,7 @@ def cache_len(cache: DynamicCache) -> int:
 
 def keep_positions(cache: DynamicCache, keep: torch.Tensor) -> None:
     """Keep only the cache entries at positions `keep` (ascending), in that order."""
-    if isinstance(cache, StaticCache):
+    if isinstance(cache, (StaticCache, KVSurgery)):
         return cache.keep(keep)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
@@ -44,7 +58,7 @@ def keep_positions(cache: DynamicCache, keep: torch.Tensor) -> None:
 def crop(cache: DynamicCache, length: int) -> None:
     """Drop every entry from position `length` on, layer by layer (layers may differ in length after
     a forward that failed half-way)."""
-    if isinstance(cache, StaticCache):
+    if isinstance(cache, (StaticCache, KVSurgery)):
         return cache.crop(length)
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
