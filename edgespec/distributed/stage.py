@@ -20,6 +20,7 @@ from edgespec.core.kv import cache_len, crop, keep_positions
 from edgespec.core.tree import Tree
 from edgespec.core.verify import pass_inputs, walk
 from edgespec.distributed import wire
+from edgespec.distributed.hops import Net
 from edgespec.distributed.group import Member, Timeouts, identity, release
 from edgespec.distributed.layers import Range, StageModel, load_range
 from edgespec.distributed.wire import CROP, FORWARD, KEEP, STOP, VERDICT, Header, Link
@@ -30,7 +31,7 @@ class NewGeneration(Exception):
 
 
 def serve(member: Member, spec: str | None, world: int, device: torch.device, *, link_delay: float = 0.0,
-          stream_quant: str | None = None, progress: bool = True) -> int:
+          stream_quant: str | None = None, progress: bool = True, emulate=None) -> int:
     """Join, load, serve; again after each failure. Returns 0 when stage 0 stopped the pipeline."""
     ident, gen, stage = identity(spec), 0, None
     while member.alive:
@@ -48,7 +49,7 @@ def serve(member: Member, spec: str | None, world: int, device: torch.device, *,
             raise
         group = member.loaded(gen, world)
         names = [f"stage {r}" for r in range(world)]
-        link = Link(group, member.rank, names, member.timeouts.op, _watch(member, gen))
+        link = Link(group, member.rank, names, member.timeouts.op, _watch(member, gen), emulate=emulate)
         try:
             if run(stage, link, member.rank, world):
                 return 0
@@ -125,6 +126,13 @@ def _depths(parents: torch.Tensor) -> torch.Tensor:
     return depths
 
 
+def emulated(latency: float | None, gbps: float | None):
+    """The emulated network of `--hop-latency` / `--hop-gbps` (None: the real one)."""
+    if latency is None and gbps is None:
+        return None
+    return Net("emulated", (gbps or 1e6) * 1e9 / 8, latency or 0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgespec stage", description="Serve a layer range of a target split across "
                                 "machines. Loopback or a trusted LAN only: the ports have no authentication.")
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-delay", type=float, default=0.0, help="emulated seconds per streamed layer")
     p.add_argument("--stream-quant", default=None)
     p.add_argument("--op-timeout", type=float, default=Timeouts.op)
+    p.add_argument("--hop-latency", type=float, default=None, help="emulate a network: seconds per message sent")
+    p.add_argument("--hop-gbps", type=float, default=None, help="emulate a network: gigabits per second")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     from edgespec.loading.models import pick_device
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         member = Member(host, int(port), a.rank, a.bind, Timeouts(op=a.op_timeout), a.allow_public)
         return serve(member, a.model, a.world, pick_device(a.device), link_delay=a.link_delay,
-                     stream_quant=a.stream_quant, progress=not a.quiet)
+                     stream_quant=a.stream_quant, progress=not a.quiet, emulate=emulated(a.hop_latency, a.hop_gbps))
     except EdgespecError as err:
         print(f"edgespec stage {a.rank}: {err}", file=sys.stderr)
         return 2

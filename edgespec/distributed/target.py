@@ -33,12 +33,13 @@ class PipelineTarget(TreeVerifier):
 
     def __init__(self, spec: str | None, placement: Placement, device: torch.device, *, bind: str = "127.0.0.1",
                  port: int = 0, timeouts: Timeouts = Timeouts(), allow_public: bool = False,
-                 link_delay: float = 0.0, stream_quant: str | None = None, progress: bool = True):
+                 link_delay: float = 0.0, stream_quant: str | None = None, progress: bool = True, emulate=None):
         self.spec, self.placement, self.device, self.timeouts = spec, placement, device, timeouts
         self.config = model_config(spec, torch.float32)[0]
         self.coordinator = Coordinator(bind, port, placement.world, identity(spec), timeouts, allow_public)
         self.stream = dict(link_delay=link_delay, stream_quant=stream_quant, progress=progress)
         self.progress, self.plan, self.link, self.seq = progress, None, None, 0
+        self.emulate = emulate  # hops.Net: an emulated network on this stage's sends (benchmarks)
         self.stage: StageModel | None = None
         self.cache = StagedCache(self)
 
@@ -54,7 +55,7 @@ class PipelineTarget(TreeVerifier):
         """Gather the stages, check them, hand out the plan, load stage 0's part; shows the plan."""
         group, self.plan = self.coordinator.open(self._plan_for)
         names = [self.coordinator.name(r) for r in range(self.world)]
-        self.link = Link(group, 0, names, self.timeouts.op, self.coordinator.watch)
+        self.link = Link(group, 0, names, self.timeouts.op, self.coordinator.watch, emulate=self.emulate)
         if self.stage is None:
             self.stage = load_range(self.spec, Range.of(self.plan, 0), self.device,
                                     **self.stream)

@@ -75,12 +75,18 @@ class Link:
     a wait lasts and may raise to abandon it. `names[r]` says who rank r is, for errors."""
 
     def __init__(self, group, rank: int, names: list[str], timeout: float, watch: Callable[[], None] = lambda: None,
-                 poll: float = 0.05):
+                 poll: float = 0.05, emulate=None):
         self.group, self.rank, self.names = group, rank, names
         self.timeout, self.watch, self.poll = timeout, watch, poll
+        self.emulate = emulate  # hops.Net: sleep as a message over that network would take (benchmarks)
+        self.sent = [0, 0]  # messages, bytes
 
     def send(self, dst: int, tensors: list[torch.Tensor]) -> None:
         what = f"sending to {self.names[dst]}"
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.sent[0], self.sent[1] = self.sent[0] + 1, self.sent[1] + nbytes
+        if self.emulate is not None:
+            time.sleep(self.emulate.seconds(nbytes))
         for t in tensors:
             self._wait(self._start(lambda: self.group.send([t.contiguous()], dst, 0), what, dst), what, dst)
 
