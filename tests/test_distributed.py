@@ -28,7 +28,8 @@ FAST = Timeouts(op=60.0, dead_after=1.0, join=60.0, load=120.0, beat=0.1)
 def stage_process(rank: int, world: int, port: int, spec: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "edgespec.distributed.stage", "--coordinator", f"127.0.0.1:{port}", "--rank",
-           str(rank), "--world", str(world), "--model", spec, "--device", "cpu", "--quiet", "--op-timeout", "60"]
+           str(rank), "--world", str(world), "--device", "cpu", "--quiet", "--op-timeout", "300"]
+    cmd += ["--model", spec] if spec is not None else []
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -173,3 +174,37 @@ def test_mismatched_model_is_refused(model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_embedded_default_split_equals_single_process(real_pair):
+    """SmolLM2-135M's GGUF split over 2 processes (stage 1: 8 layers resident, 7 streamed as the file's
+    blocks) gives the whole model's greedy tokens; stage 1's process holds its half, not the model."""
+    target, drafter, tok = real_pair
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)
+    pipe = Pipeline(None, "127.0.0.1:0-14,127.0.0.1:15-29:8",
+                    Timeouts(op=300.0, dead_after=10.0, join=300.0, load=600.0))
+    try:
+        for budget in (0, 16, 256):
+            whole = Engine(target, drafter, tok, budget=budget)
+            split = Engine(pipe.target.model, drafter, tok, budget=budget, verifier=pipe.target)
+            want = whole.generate(prompt, max_new_tokens=16, temperature=0).ids
+            assert split.generate(prompt, max_new_tokens=16, temperature=0).ids == want, budget
+        whole_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+        layer_bytes = sum(p.numel() * p.element_size() for p in target.model.layers.parameters()) / 30
+        stage0 = pipe.target.stage
+        assert stage0.tensor_count() == 15 * len(list(target.model.layers[0].parameters())) + 1
+        rss = psutil.Process(pipe.procs[1].pid).memory_info().rss
+        bare = _bare_rss()
+        # stage 1: 8 resident layers fp32, 7 streamed as Q4_1 blocks, the (tied) head: well under the model
+        assert rss - bare < whole_bytes - 10 * layer_bytes, (rss, bare, whole_bytes)
+    finally:
+        pipe.close()
+
+
+def _bare_rss() -> int:
+    """A process that imported what a stage imports, and loaded nothing."""
+    code = ("import psutil, edgespec.distributed.stage, transformers, transformers.models.llama.modeling_llama;"
+            "print(psutil.Process().memory_info().rss)")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
