@@ -6,6 +6,7 @@ import inspect
 
 import torch
 
+from edgespec.base import reach
 from edgespec.core import attention
 from edgespec.core.kv import cache_len
 from edgespec.base.device import compute_dtype, model_device
@@ -16,7 +17,7 @@ def to_model_mask(allowed: torch.Tensor, model, device: torch.device | None = No
     model's)."""
     dtype = compute_dtype(model)
     mask = allowed[None, None].to(device or model_device(model))
-    if model.config._attn_implementation == "eager":
+    if reach.attn_implementation(model.config) == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
@@ -30,7 +31,7 @@ def hidden_states(model, cache, tokens: torch.Tensor | None, positions: torch.Te
     attention. `kv_positions` gives each of those slots' sequence position (default: the cached
     slots are positions 0.. in order, the new ones `positions`); sliding-window layers see only keys
     within their window of each query's position (edgespec/core/attention.py). This is transformers'
-    forward; a drafter may run its own (edgespec/core/drafter.py).
+    forward; a drafter may run its own (edgespec/core/draft_runner.py).
     """
     visible = visibility(model.config, cache, positions, allowed, kv_positions)
     dev = embeds.device if embeds is not None else model_device(model)

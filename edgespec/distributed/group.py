@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from edgespec.base import VERSION
+from edgespec.base import VERSION, reach
 from edgespec.base.errors import InvalidArgumentError, StageFailedError
 from edgespec.distributed.wire import WIRE_VERSION
 from edgespec.loading.resolve import resolve
@@ -100,9 +100,7 @@ def mismatch(mine: dict, theirs: dict) -> str | None:
 
 def make_group(store, gen: int, rank: int, world: int, bind: str, timeout: float):
     """The gloo process group of generation `gen`, its sockets bound to `bind`."""
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = timedelta(seconds=timeout)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+    opts = reach.gloo_options(timedelta(seconds=timeout), dist.ProcessGroupGloo.create_device(hostname=bind))
     return dist.ProcessGroupGloo(dist.PrefixStore(f"edgespec/pg{gen}", store), rank, world, opts)
 
 

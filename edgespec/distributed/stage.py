@@ -12,11 +12,10 @@ import os
 import sys
 
 import torch
-from transformers import DynamicCache
 
 from edgespec.base import memory
 from edgespec.base.errors import EdgespecError, StageFailedError
-from edgespec.core.kv import cache_len, crop, keep_positions
+from edgespec.core.kv import cache_len, new_cache
 from edgespec.core.tree import Tree
 from edgespec.core.verify import pass_inputs, walk
 from edgespec.distributed import wire
@@ -74,7 +73,7 @@ def _watch(member: Member, gen: int):
 @torch.no_grad()
 def run(stage: StageModel, link: Link, rank: int, world: int) -> bool:
     """Serve messages from the previous stage until STOP (True)."""
-    cache, prev, last = DynamicCache(), rank - 1, rank == world - 1
+    cache, prev, last = new_cache(None), rank - 1, rank == world - 1
     while True:
         head = link.recv_header(prev, idle=True)
         if head.op == FORWARD:
@@ -82,9 +81,9 @@ def run(stage: StageModel, link: Link, rank: int, world: int) -> bool:
             continue
         keep = link.recv(prev, (head.count,)) if head.op == KEEP else None
         if head.op == KEEP:
-            keep_positions(cache, keep)
+            cache.keep(keep)
         elif head.op == CROP:
-            crop(cache, head.count)
+            cache.crop_to(head.count)
         elif head.op != STOP:
             raise StageFailedError(f"stage {rank} got an unknown op {head.op} from stage {prev}", rank)
         if not last:

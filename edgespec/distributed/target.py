@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from transformers import DynamicCache
 
 from edgespec.base.errors import StageFailedError
-from edgespec.core.kv import KVSurgery, crop, keep_positions
+from edgespec.core.kv import new_cache
 from edgespec.core.tree import Tree
 from edgespec.core.verify import TreeVerifier, Verdict, pass_inputs
 from edgespec.distributed import wire
@@ -59,7 +58,7 @@ class PipelineTarget(TreeVerifier):
         if self.stage is None:
             self.stage = load_range(self.spec, Range.of(self.plan, 0), self.device,
                                     **self.stream)
-        self.cache.reset(DynamicCache())
+        self.cache.reset(new_cache(None))
         if self.progress:
             print("\n".join(f"edgespec: {line}" for line in self.describe()), file=sys.stderr, flush=True)
         return self
@@ -150,25 +149,29 @@ class PipelineTarget(TreeVerifier):
         self.link = None
 
 
-class StagedCache(KVSurgery):
-    """The target's KV cache across the stages: stage 0's own layers' entries (`local`) and `length`,
-    the entries every stage holds; keep / crop apply here and go down the stages."""
+class StagedCache:
+    """The target's KV cache across the stages (a core.kv.KVCache): stage 0's own layers' entries
+    (`local`) and `length`, the entries every stage holds; keep / crop_to apply here and go down the
+    stages."""
 
     def __init__(self, target: PipelineTarget):
-        self.target, self.local, self.length = target, DynamicCache(), 0
+        self.target, self.local, self.length = target, new_cache(None), 0
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def get_seq_length(self) -> int:
         return self.length
 
-    def keep(self, keep: torch.Tensor) -> None:
-        keep_positions(self.local, keep)
-        self.length = keep.numel()
-        self.target.surgery(KEEP, keep=keep.to(torch.long))
+    def layer_lengths(self) -> list[int]:
+        return [self.length]  # a pass either completes on every stage or empties them all
 
-    def crop(self, length: int) -> None:
+    def keep(self, positions: torch.Tensor) -> None:
+        self.local.keep(positions)
+        self.length = positions.numel()
+        self.target.surgery(KEEP, keep=positions.to(torch.long))
+
+    def crop_to(self, length: int) -> None:
         if length >= self.length:
             return
-        crop(self.local, length)
+        self.local.crop_to(length)
         self.length = length
         self.target.surgery(CROP, length=length)
 
@@ -177,4 +180,4 @@ class StagedCache(KVSurgery):
 
     def lost(self) -> None:
         """The stages' caches are gone (a failure): empty this side too."""
-        self.reset(DynamicCache())
+        self.reset(new_cache(None))

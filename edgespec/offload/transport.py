@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgespec.base import reach
+
 
 @dataclass
 class Ticket:
@@ -195,7 +197,7 @@ class CudaTransport:
                 pack.decode(slot)
                 ticket.decoded = _timed_event(self.stream)
             if self.link_delay > 0:
-                torch.cuda._sleep(int(self.link_delay * self._cycles_per_s))
+                reach.gpu_sleep(int(self.link_delay * self._cycles_per_s))
             ticket.end = _timed_event(self.stream)
         ticket.done = ticket.end
         return ticket
@@ -232,7 +234,7 @@ class CudaTransport:
         spin = 20_000_000
         a = _timed_event(self.stream)
         with torch.cuda.stream(self.stream):
-            torch.cuda._sleep(spin)
+            reach.gpu_sleep(spin)
         b = _timed_event(self.stream)
         return spin / self.elapsed(a, b)
 
