@@ -207,3 +207,11 @@ def _bare_rss() -> int:
     code = ("import psutil, edgespec.distributed.stage, transformers, transformers.models.llama.modeling_llama;"
             "print(psutil.Process().memory_info().rss)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_stage_command_refuses_a_public_bind(capsys):
+    from edgespec.front import cli
+
+    code = cli.main(["stage", "--coordinator", "127.0.0.1:1", "--rank", "1", "--world", "2", "--bind", "8.8.8.8"])
+    assert code == 2
+    assert "no authentication" in capsys.readouterr().err
