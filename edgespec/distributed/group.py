@@ -235,7 +235,12 @@ class Member:
             time.sleep(self.timeouts.beat)
 
     def current(self) -> int:
-        return int(self.store.add("gen", 0))
+        """The generation stage 0 is at; exits (status 0) when stage 0 is gone: the pipeline is over."""
+        try:
+            return int(self.store.add("gen", 0))
+        except dist.DistError:
+            self.alive = False
+            raise SystemExit("edgespec stage: stage 0 is gone (its answer is over or it stopped); exiting") from None
 
     def join(self, hello: dict, last: int) -> tuple[int, dict]:
         """Wait for a generation after `last` that is still gathering hellos, say hello, return (gen, plan)."""
