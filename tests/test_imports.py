@@ -17,8 +17,9 @@ WINGS = {
     "core": {"base"},
     "scheduler": {"base", "core"},
     "loading": {"base", "offload", "core"},
-    "engine": {"base", "offload", "core", "scheduler", "loading"},
-    "front": {"base", "offload", "core", "scheduler", "loading", "engine"},
+    "distributed": {"base", "offload", "core", "scheduler", "loading"},
+    "engine": {"base", "offload", "core", "scheduler", "loading", "distributed"},
+    "front": {"base", "offload", "core", "scheduler", "loading", "distributed", "engine"},
 }
 FACE = {"engine", "base"}
 

@@ -31,3 +31,12 @@ class OutOfMemoryError(EdgespecError):
 
 class BackoffWarning(UserWarning):
     """Device memory ran out during a step; edgespec shrank the plan and retried it."""
+
+
+class StageFailedError(EdgespecError):
+    """A stage of a target split across machines died, stopped answering or refused to serve; `stage`
+    is its rank (None when it is not known). The conversation on stage 0 is kept."""
+
+    def __init__(self, message: str, stage: int | None = None):
+        super().__init__(message)
+        self.stage = stage

@@ -84,3 +84,16 @@ def gpu_sleep(cycles: int) -> None:
     """Spin the current CUDA stream for `cycles` GPU clock cycles (`torch.cuda._sleep`): the emulated slow
     link on a GPU, a delay on the copy stream that the host never waits for. No public equivalent."""
     torch.cuda._sleep(cycles)
+
+
+def gloo_options(timeout, device):
+    """gloo's process-group options with `timeout` and one network `device` (the interface the group's
+    sockets bind to). Touches ProcessGroupGloo._Options and its `_timeout` / `_devices`: torch has no
+    public way to bind a standalone gloo group to a chosen address (init_process_group reads
+    GLOO_SOCKET_IFNAME, an interface name, from the environment, for the one global group)."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [device]
+    return opts

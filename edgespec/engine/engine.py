@@ -23,6 +23,7 @@ from edgespec.engine.conversation import Conversation
 from edgespec.engine.overlap import Overlap, wanted
 from edgespec.engine.prompts import encode
 from edgespec.engine.run import Generation, Run
+from edgespec.core.verify import TreeVerifier
 from edgespec.engine.step import Stepper
 from edgespec.offload import find_handle
 from edgespec.scheduler import Scheduler, make_scheduler
@@ -49,7 +50,8 @@ class Engine:
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", scheduler: Scheduler | None = None,
                  max_context: int | None = None, calibrate: bool = False, progress: bool = True,
                  sampling: SamplingConfig | None = None, draft_tokenizer=None, offload=None,
-                 draft: DraftConfig | None = None, self_draft=None, **draft_fields):
+                 draft: DraftConfig | None = None, self_draft=None, verifier: TreeVerifier | None = None,
+                 **draft_fields):
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
@@ -64,13 +66,14 @@ class Engine:
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)
         self.calibrations = ScoreCalibrations(self.config.tree_scores == "calibrated")
-        self.conversation = Conversation(new_cache(target), self.draft_runner.new_cache())
+        self.conversation = Conversation(verifier.cache if verifier else new_cache(target),
+                                         self.draft_runner.new_cache())
         if budget != 0:
             self.draft_runner.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
         self.scheduler: Scheduler = scheduler or self._scheduler(budget, calibrate, progress)
         stream = side_stream(self.draft_runner.device)
         overlap = wanted(self.offload) if self.config.overlap == "auto" else bool(self.config.overlap)
-        self.stepper = Stepper(self.target, self.draft_runner, self.device, self.offload,
+        self.stepper = Stepper(verifier or self.target, self.draft_runner, self.device, self.offload,
                                Overlap(self.config.overlap_factor, stream) if overlap else None, stream)
 
     def _scheduler(self, budget, calibrate: bool, progress: bool) -> Scheduler:

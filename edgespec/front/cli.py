@@ -33,7 +33,8 @@ OPTION_FIELDS = {
     "top_k": ("SamplingConfig", "top_k"), "min_p": ("SamplingConfig", "min_p"),
     "repetition_penalty": ("SamplingConfig", "repetition_penalty"),
 }
-CLI_ONLY = {"budget", "max_new_tokens", "seed", "system"}  # per generation / Engine(budget=), not a config
+CLI_ONLY = {"budget", "max_new_tokens", "seed", "system",  # per generation / Engine(budget=), not a config
+            "stages", "stage_bind", "stage_port", "allow_public"}  # a split target (edgespec/distributed/)
 
 
 def make_engine(args: argparse.Namespace):
@@ -44,7 +45,33 @@ def make_engine(args: argparse.Namespace):
               if cls in ("LoadConfig", "DraftConfig")}
     fields["offload"] = not args.no_offload
     target, drafter = fields.pop("target"), fields.pop("drafter")
+    if getattr(args, "stages", None):
+        return split_engine(args, target, drafter)
     return Engine.from_pretrained(target, drafter, budget=args.budget, **fields)
+
+
+def split_engine(args: argparse.Namespace, target, drafter):
+    """This process is stage 0 of a target split across machines (`--stages`): it hosts the rendezvous
+    on --stage-bind:--stage-port, waits for the other stages (`edgespec stage`), shows the plan, and
+    drafts with a separate drafter (the target's own nf4 copy by default)."""
+    from edgespec.distributed.placement import Placement
+    from edgespec.distributed.target import PipelineTarget
+    from edgespec.engine.engine import Engine
+    from edgespec.loading.models import load_model, load_tokenizer, pick_device
+
+    device = pick_device(args.device)
+    placement = Placement.parse(args.stages)
+    pipe = PipelineTarget(target, placement, device, bind=args.stage_bind, port=args.stage_port,
+                          allow_public=args.allow_public, link_delay=args.link_delay,
+                          stream_quant=None if args.stream_quant == "none" else args.stream_quant)
+    print(f"edgespec: stage 0 listening on {args.stage_bind}:{pipe.port}; start the other stages with "
+          f"`edgespec stage --coordinator {args.stage_bind}:{pipe.port} --world {placement.world} --rank R ...`",
+          file=sys.stderr, flush=True)
+    pipe.start()
+    quant = None if args.draft_quant == "none" else "nf4" if args.draft_quant == "auto" else args.draft_quant
+    tok = load_tokenizer(target)
+    draft = load_model(drafter or target, quantize=quant, device=device)
+    return Engine(pipe.model, draft, tok, budget=args.budget, verifier=pipe)
 
 
 def budget_arg(text: str):
@@ -100,13 +127,21 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--target-shape", default=None, choices=sorted(SHAPES),
                    help="benchmarks: zero-pad the (Llama) target into this bigger shape, so it streams and "
                         "computes like that model while predicting exactly as the loaded one")
+    d = p.add_argument_group("a target split across machines (loopback or a trusted LAN only: no authentication)")
+    d.add_argument("--stages", default=None,
+                   help="HOST:LAYERS[:RESIDENT],... stage 0 (this process) first, e.g. 192.168.1.10:0-11,"
+                        "192.168.1.11:12-29 (LAYERS: first-last, a count, or auto = by free memory), or a .toml")
+    d.add_argument("--stage-bind", default="127.0.0.1", help="this machine's LAN address for the stages")
+    d.add_argument("--stage-port", type=int, default=29500, help="the rendezvous port (0: any free port)")
+    d.add_argument("--allow-public", action="store_true",
+                   help="allow binding the stages' ports to a non-private address (they have no authentication)")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = model_options()
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench,serve}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench,serve,stage}")
     sub.add_parser("chat", parents=[common], help="multi-turn chat in the terminal")
     gen = sub.add_parser("generate", parents=[common], help="one answer to stdout")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (absent or '-': read stdin)")
@@ -234,6 +269,10 @@ COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "profile": cmd_profile, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["stage"]:  # a stage of a split target: its own options (edgespec/distributed/stage.py)
+        from edgespec.distributed.stage import main as stage_main
+
+        return stage_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
