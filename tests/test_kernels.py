@@ -94,7 +94,8 @@ def test_bf16_store_rounds_as_torch_casts():
 
 def test_fused_decode_says_why_it_cannot_run(monkeypatch):
     """Asked for the kernel where it cannot run, a decode says so instead of decoding another way."""
-    monkeypatch.setattr(kernels, "_STATE", {"modules": None, "failed": "Triton is not installed (test)"})
+    monkeypatch.setattr(kernels, "_STATE", {"modules": None, "failed": "Triton is not installed (test)",
+                                                "everywhere": False})
     raw = random_blocks("Q4_K", 2)
     with pytest.raises(RuntimeError, match="fused Q4_K decode did not run: Triton is not installed"):
         fused(raw, "Q4_K", shape_of("Q4_K", 2), torch.float32)

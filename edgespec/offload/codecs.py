@@ -68,7 +68,7 @@ class Int8Rows:
         """`region` into `out` (same device): the fused kernel on CUDA (`fused`: True forces it, on any
         device; False the torch decode), else one torch multiply."""
         q, s = self._parts(region, out.shape)
-        if (out.is_cuda if fused is None else fused) and kernels.int8_into(q, s, out):
+        if (kernels.wanted(out) if fused is None else fused) and kernels.int8_into(q, s, out):
             return
         _check_unfused(fused, "int8")
         torch.mul(q, s[:, None], out=out)
@@ -135,7 +135,7 @@ class NF4Blocks:
         if fused is None and out.is_cuda and self._kernel is not None:  # one bitsandbytes kernel
             self._kernel(codes, absmax=absmax, out=out, blocksize=self.block, quant_type="nf4")
             return
-        if (out.is_cuda if fused is None else fused) and kernels.nf4_into(codes, absmax, self.table("levels", out.device), out):
+        if (kernels.wanted(out) if fused is None else fused) and kernels.nf4_into(codes, absmax, self.table("levels", out.device), out):
             return
         _check_unfused(fused, "nf4")
         pairs = self.table("pairs", out.device)

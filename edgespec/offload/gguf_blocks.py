@@ -29,6 +29,10 @@ QK_K = 256  # weights per K-quant super-block
 STEP_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1, doubled
+FP16_FIELDS = {  # byte offsets of each block's fp16 scales, per type (random blocks need finite ones there)
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,), "MXFP4": (),
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def decode_into(data: torch.Tensor, kind: str, out: torch.Tensor, fused: bool | 
     if t.decode is None:  # a plain float type: one cast
         flat.copy_(data.view(t.dtype).view(-1))
         return
-    if (out.is_cuda if fused is None else fused) and kernels.gguf_into(data, kind, out, table(kind, out.device)):
+    if (kernels.wanted(out) if fused is None else fused) and kernels.gguf_into(data, kind, out, table(kind, out.device)):
         return
     if fused:
         raise RuntimeError(f"the fused {kind} decode did not run: {kernels.unavailable_reason()}")

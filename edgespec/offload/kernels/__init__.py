@@ -23,7 +23,18 @@ import warnings
 import torch
 
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # parts.OUT_F32 / OUT_BF16 / OUT_F16
-_STATE: dict = {"modules": None, "failed": None}
+_STATE: dict = {"modules": None, "failed": None, "everywhere": False}
+
+
+def wanted(out: torch.Tensor) -> bool:
+    """Whether a decode into `out` takes the kernels by default: on CUDA; anywhere after `everywhere(True)`."""
+    return out.is_cuda or _STATE["everywhere"]
+
+
+def everywhere(on: bool = True) -> None:
+    """Decode with the kernels on every device (a CPU: through the interpreter, slowly), so that
+    `scripts/gpu_check.py --device cpu` runs the GPU's decode path through the streamer on a CPU."""
+    _STATE["everywhere"] = on
 
 
 def gguf_into(data: torch.Tensor, kind: str, out: torch.Tensor, table: torch.Tensor) -> bool:
@@ -54,6 +65,11 @@ def nf4_into(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, ou
 def available() -> bool:
     """Whether the kernels can run here (Triton imports, and no kernel has failed to build)."""
     return _modules() is not None
+
+
+def disable(reason: str) -> None:
+    """Leave every decode to the torch code from now on (e.g. to measure it against the kernels)."""
+    _STATE["modules"], _STATE["failed"] = None, f"disabled ({reason})"
 
 
 def unavailable_reason() -> str:

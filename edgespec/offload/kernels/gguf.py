@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from edgespec.offload.kernels.parts import byte, half, jit, signed_byte, store
+from edgespec.offload.kernels.parts import byte, half, jit, signed_byte, store, tile
 
 # name -> (KIND constexpr, weights per block, bytes per block, blocks per program)
 LAYOUTS = {
@@ -138,5 +138,6 @@ def launch(data, kind: str, out, table, out_kind: int) -> None:
     """Decode the uint8 `data` (whole blocks of `kind`) into the contiguous `out` (or its int16 view)."""
     code, qk, size, blocks = LAYOUTS[kind]
     n = data.numel() // size
+    blocks = tile(blocks, triton.cdiv(n, blocks))
     gguf_kernel[(triton.cdiv(n, blocks),)](data, out, table, n, KIND=code, QK=qk, SIZE=size, BLOCKS=blocks,
                                            OUT=out_kind, num_warps=4, enable_fp_fusion=False)

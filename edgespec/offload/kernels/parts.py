@@ -23,6 +23,17 @@ def interpreted() -> bool:
     return not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INTERPRETER_PROGRAMS = 32  # the interpreter runs programs one by one: big launches there get bigger tiles
+
+
+def tile(size: int, programs: int) -> int:
+    """`size` (a power of two) for compiled kernels; in the interpreter, doubled until a launch of
+    `programs` tiles of `size` has at most INTERPRETER_PROGRAMS (same values: tiles only split the work)."""
+    while interpreted() and programs > INTERPRETER_PROGRAMS:
+        size, programs = size * 2, (programs + 1) // 2
+    return size
+
+
 def jit(fn):
     """`triton.jit`, defined for the interpreter where there is no CUDA (Triton reads TRITON_INTERPRET
     when a function is defined: it is set for the definition and restored after)."""

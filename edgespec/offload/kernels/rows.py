@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from edgespec.offload.kernels.parts import jit, store
+from edgespec.offload.kernels.parts import jit, store, tile
 
 INT8_TILE = (16, 256)  # rows, columns per program
 NF4_BLOCKS = 32  # 64-weight blocks per program
@@ -42,6 +42,7 @@ def launch_int8(q, scale, out, out_kind: int) -> None:
     """int8 codes `q` (rows, cols) times their row's fp32 `scale` into `out` (or its int16 view)."""
     rows, cols = q.shape
     r, c = INT8_TILE
+    r = tile(r, triton.cdiv(rows, r) * triton.cdiv(cols, c))
     int8_kernel[(triton.cdiv(rows, r), triton.cdiv(cols, c))](q, scale, out, rows, cols, ROWS=r, COLS=c,
                                                               OUT=out_kind, num_warps=4, enable_fp_fusion=False)
 
@@ -49,5 +50,6 @@ def launch_int8(q, scale, out, out_kind: int) -> None:
 def launch_nf4(codes, absmax, levels, out, out_kind: int) -> None:
     """nf4 `codes` (uint8, 32 per block) and fp32 `absmax` (one per block) into `out` (64 per block)."""
     n = absmax.numel()
-    nf4_kernel[(triton.cdiv(n, NF4_BLOCKS),)](codes, absmax, levels, out, n, BLOCKS=NF4_BLOCKS, OUT=out_kind,
-                                             num_warps=4, enable_fp_fusion=False)
+    blocks = tile(NF4_BLOCKS, triton.cdiv(n, NF4_BLOCKS))
+    nf4_kernel[(triton.cdiv(n, blocks),)](codes, absmax, levels, out, n, BLOCKS=blocks, OUT=out_kind,
+                                         num_warps=4, enable_fp_fusion=False)
