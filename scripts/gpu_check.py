@@ -60,10 +60,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
                                                                      b.view(ints[b.element_size()]))
 
 
-def fused_modes(device: torch.device) -> list[bool | None]:
-    """The decode paths to check: the default (on CUDA the kernel, or bitsandbytes' for nf4; on a CPU
-    here the kernel too: `main` sets `kernels.everywhere`), the kernel, the torch code."""
-    return [None, True, False]
+# the decode paths checked: the default (on CUDA the kernel, or bitsandbytes' for nf4; on a CPU here the
+# kernel too: `main` sets `kernels.everywhere`), the kernel, the torch code
+FUSED = {None: "default", True: "fused kernel", False: "torch"}
 
 
 # ---- steps ------------------------------------------------------------------------------------------
@@ -83,10 +82,9 @@ def step_codecs(device: torch.device) -> None:
         for dtype in DTYPES:
             want = torch.empty(w_host.shape, dtype=dtype)
             host.decode_into(region, want, fused=False)
-            for fused in fused_modes(device):
+            for fused, path in FUSED.items():
                 got = torch.empty(w_host.shape, dtype=dtype, device=device)
                 dev.decode_into(region.to(device), got, fused=fused)
-                path = {None: "default", True: "fused kernel", False: "torch"}[fused]
                 check(f"{name} decode on {device.type} ({path}) -> {str(dtype)[6:]} == host decode", same_bits(got, want))
 
 
@@ -115,11 +113,10 @@ def step_gguf(device: torch.device) -> None:
         with np.errstate(over="ignore"):
             ref = torch.from_numpy(np.ascontiguousarray(dequantize(raw.numpy().reshape(rows, -1), GGMLQuantizationType[kind])))
         for dtype in DTYPES[:2]:
-            for fused in fused_modes(device):
+            for fused, path in FUSED.items():
                 got = torch.empty(rows, cols, dtype=dtype, device=device)
                 with np.errstate(over="ignore"):
                     GGUFRaw(kind).decode_into(raw.to(device), got, fused=fused)
-                path = {None: "default", True: "fused kernel", False: "torch"}[fused]
                 check(f"{kind} on {device.type} ({path}) -> {str(dtype)[6:]} == gguf.quants.dequantize",
                       same_bits(got, ref.to(dtype)))
 
@@ -159,7 +156,7 @@ def step_padded(device: torch.device) -> None:
         got = layer.state_dict()
         ok = all(same_bits(got[n], torch_decode(pack, e, device) if e.codec else built[n])
                  for e, n in zip(pack.entries, _names(layer, pack)))
-        check(f"padded {shape} layer built on {device.type}, --stream-quant {quant or 'none'}: slot == host decode",
+        check(f"padded {shape} layer built on {device.type}, --stream-quant {quant or 'none'}: slot == torch decode",
               ok, f"{time.perf_counter() - t0:.1f}s")
         pack.unbind()
         del pack, slot, layer, built
@@ -215,7 +212,6 @@ def step_self(device: torch.device) -> None:
         draft = self_drafter.build(target, handle, codec, progress=False)
         copies = [m for i in draft.copies for m in self_drafter.decoder_layers(draft.model)[i].modules() if lowbit.is_copy(m)]
         packed = all(m.weight.dtype in (torch.int8, torch.uint8) for m in copies)
-        print(f"  (copies: {len(copies)}, streamed layers {draft.copies})")
         check(f"self-drafter {codec} copies on {device.type}: every streamed linear quantized",
               len(copies) == 7 * len(draft.copies) and packed, f"{len(copies)} copies, dtypes {set(m.weight.dtype for m in copies)}")
         with torch.no_grad():

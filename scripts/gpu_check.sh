@@ -30,22 +30,8 @@
 #   run(command="FIGURES=1 bash scripts/gpu_check.sh $OUT/figs", carry=[".whl"], timeout_s=400)
 # then commit OUTDIR/offload_codecs.md's table to benchmarks/offload_gpu.md (issue 25, acceptance 3).
 set -uo pipefail
-device=cuda
-out=
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        --device) device=$2; shift 2 ;;
-        --device=*) device=${1#*=}; shift ;;
-        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
-        *) out=$1; shift ;;
-    esac
-done
-mkdir -p "${out:=gpu-check}"
-out=$(cd "$out" && pwd)
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-py=${PYTHON:-python3}
-export PYTHONPATH="$root/.whl/site:$root${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_common.sh"
+gpu_setup gpu-check "$@"
 export PYTHONUNBUFFERED=1
 : > "$out/log.txt"
 : > "$out/summary.txt"

@@ -57,22 +57,8 @@
 # fresh machine, it stops within seconds; then carry [".whl", ".m1"] with command "true" and call 2 at once.
 # Then commit the figures under benchmarks/ (draft_gpu.md, scheduler_gpu.md, bench_gpu.md, bench_70b_gpu.md).
 set -uo pipefail
-device=cuda
-out=
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        --device) device=$2; shift 2 ;;
-        --device=*) device=${1#*=}; shift ;;
-        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
-        *) out=$1; shift ;;
-    esac
-done
-mkdir -p "${out:=gpu-figures}"
-out=$(cd "$out" && pwd)
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-py=${PYTHON:-python3}
-export PYTHONPATH="$root/.whl/site:$root${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_common.sh"
+gpu_setup gpu-figures "$@"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}
 questions=tests/data/mt_bench_first5.jsonl
 
