@@ -56,6 +56,13 @@ def test_gguf_kernel_on_quantized_weights(kind):
     assert torch.equal(bits(fused(raw, kind, (rows, cols), torch.bfloat16)), bits(reference(raw, kind).bfloat16()))
 
 
+def test_mxfp4_every_exponent():
+    """All 256 e8m0 exponents (0 and 1 are the subnormal halves, 255 overflows to inf) with random codes."""
+    raw = random_blocks("MXFP4", 86).reshape(-1, 17)[:256].copy()  # 256 rows of one block
+    raw[:, 0] = np.arange(256, dtype=np.uint8)
+    assert torch.equal(bits(fused(raw, "MXFP4", (256, 32), torch.float32)), bits(reference(raw, "MXFP4")))
+
+
 def encoded(codec, w: torch.Tensor) -> torch.Tensor:
     region = torch.empty(codec.nbytes(w.shape), dtype=torch.uint8)
     codec.encode_into(w, region)
@@ -104,6 +111,18 @@ def test_fused_decode_says_why_it_cannot_run(monkeypatch):
     out = torch.empty(shape_of("Q4_K", 2))
     GGUFRaw("Q4_K").decode_into(torch.from_numpy(raw.copy()).reshape(-1), out)  # not asked: the torch decode
     assert torch.equal(bits(out), bits(reference(raw, "Q4_K")))
+
+
+def test_a_slot_of_the_wrong_size_is_refused():
+    """A kernel writes where it is told: sizes that disagree are an error, never a write past the slot."""
+    raw = torch.from_numpy(random_blocks("Q4_K", 2).copy()).reshape(-1)
+    with pytest.raises(ValueError, match="Q4_K"):
+        kernels.gguf_into(raw, "Q4_K", torch.empty(2, 256), gguf_blocks.table("Q4_K", raw.device))
+    codec = Int8Rows()
+    region = encoded(codec, torch.randn(4, 64))
+    q, s = codec._parts(region, (4, 64))
+    with pytest.raises(ValueError, match="int8"):
+        kernels.int8_into(q, s, torch.empty(4, 32))
 
 
 def test_kernels_run_interpreted_on_this_cpu():

@@ -43,6 +43,8 @@ def gguf_into(data: torch.Tensor, kind: str, out: torch.Tensor, table: torch.Ten
     mods = _modules()
     if mods is None or kind not in mods[0].LAYOUTS or not _fits(out, data):
         return False
+    _, qk, size, _ = mods[0].LAYOUTS[kind]
+    _same_size(f"{kind} blocks", data.numel() // size * qk, out, data.numel() % size == 0)
     return _launch(mods[0].launch, data, kind, _dst(out), table, OUT_KINDS[out.dtype])
 
 
@@ -51,6 +53,7 @@ def int8_into(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
     mods = _modules()
     if mods is None or not _fits(out, q, scale):
         return False
+    _same_size("int8 codes", q.numel(), out, q.dim() == 2 and scale.numel() == q.shape[0])
     return _launch(mods[1].launch_int8, q, scale, _dst(out), OUT_KINDS[out.dtype])
 
 
@@ -59,6 +62,7 @@ def nf4_into(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, ou
     mods = _modules()
     if mods is None or not _fits(out, codes, absmax):
         return False
+    _same_size("nf4 codes", codes.numel() * 2, out, codes.numel() == absmax.numel() * 32)
     return _launch(mods[1].launch_nf4, codes, absmax, levels, _dst(out), OUT_KINDS[out.dtype])
 
 
@@ -85,6 +89,12 @@ def interpreted() -> bool:
 
 def _fits(out: torch.Tensor, *inputs: torch.Tensor) -> bool:
     return out.dtype in OUT_KINDS and out.is_contiguous() and all(t.is_contiguous() for t in inputs)
+
+
+def _same_size(what: str, weights: int, out: torch.Tensor, whole: bool) -> None:
+    """The kernels write exactly what their input holds: a slot of another size is a caller's error."""
+    if not whole or weights != out.numel():
+        raise ValueError(f"{what} hold {weights} weights (whole: {whole}), the slot {out.numel()}")
 
 
 def _dst(out: torch.Tensor) -> torch.Tensor:

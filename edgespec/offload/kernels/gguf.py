@@ -86,7 +86,7 @@ def _value(b, j, ok, table, KIND: tl.constexpr):
         v = signed_byte(b, 2 + j, ok).to(tl.float32) * half(b, 0, ok)
     elif KIND == 5:  # MXFP4: e8m0 exponent, halved (2^(e-128) as fp32 bits; e < 2: subnormal)
         e = byte(b, 0, ok)
-        d = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
+        d = tl.where(e < 2, 0x00200000 * (e + 1), (e - 1) << 23).to(tl.float32, bitcast=True)
         v = d * tl.load(table + _nibble(b, 1, j, ok, 16))
     elif KIND == 6:  # IQ4_NL
         v = half(b, 0, ok) * tl.load(table + _nibble(b, 2, j, ok, 16))
@@ -138,6 +138,8 @@ def launch(data, kind: str, out, table, out_kind: int) -> None:
     """Decode the uint8 `data` (whole blocks of `kind`) into the contiguous `out` (or its int16 view)."""
     code, qk, size, blocks = LAYOUTS[kind]
     n = data.numel() // size
+    if n == 0:
+        return
     blocks = tile(blocks, triton.cdiv(n, blocks))
     gguf_kernel[(triton.cdiv(n, blocks),)](data, out, table, n, KIND=code, QK=qk, SIZE=size, BLOCKS=blocks,
                                            OUT=out_kind, num_warps=4, enable_fp_fusion=False)

@@ -41,6 +41,8 @@ def nf4_kernel(codes, absmax, levels, dst, n_blocks, BLOCKS: tl.constexpr, OUT: 
 def launch_int8(q, scale, out, out_kind: int) -> None:
     """int8 codes `q` (rows, cols) times their row's fp32 `scale` into `out` (or its int16 view)."""
     rows, cols = q.shape
+    if q.numel() == 0:
+        return
     r, c = INT8_TILE
     r = tile(r, triton.cdiv(rows, r) * triton.cdiv(cols, c))
     int8_kernel[(triton.cdiv(rows, r), triton.cdiv(cols, c))](q, scale, out, rows, cols, ROWS=r, COLS=c,
@@ -50,6 +52,8 @@ def launch_int8(q, scale, out, out_kind: int) -> None:
 def launch_nf4(codes, absmax, levels, out, out_kind: int) -> None:
     """nf4 `codes` (uint8, 32 per block) and fp32 `absmax` (one per block) into `out` (64 per block)."""
     n = absmax.numel()
+    if n == 0:
+        return
     blocks = tile(NF4_BLOCKS, triton.cdiv(n, NF4_BLOCKS))
     nf4_kernel[(triton.cdiv(n, blocks),)](codes, absmax, levels, out, n, BLOCKS=blocks, OUT=out_kind,
                                          num_warps=4, enable_fp_fusion=False)
