@@ -223,24 +223,23 @@ def step_self(device: torch.device) -> None:
 
 
 def step_graphs(device: torch.device) -> None:
-    from edgespec.core.drafter import Drafter
-    from edgespec.core.kv import crop, keep_positions
-    from edgespec.core.static_kv import GraphFallbackWarning, StaticCache
+    from edgespec.core.draft_runner import DraftRunner
+    from edgespec.core.static_kv import GraphFallbackWarning, StaticKV
 
     model = small_llama().to(device)
     outs = {}
     for how in ("transformers", "static"):
-        draft = Drafter(model, how)
+        draft = DraftRunner(model, how)
         cache = draft.new_cache()
         with warnings.catch_warnings():
             warnings.simplefilter("error", GraphFallbackWarning)
             try:
-                outs[how] = [_feeds(draft, cache, crop, keep_positions), _feeds(draft, cache, crop, keep_positions, 40)]
+                outs[how] = [_feeds(draft, cache), _feeds(draft, cache, 40)]
             except GraphFallbackWarning as err:
                 check("CUDA graphs captured and replayed without a fallback", False, str(err))
                 return
         if how == "static":
-            graphs = isinstance(cache, StaticCache) and len(getattr(cache, "_graphs", {})) > 0
+            graphs = isinstance(cache, StaticKV) and len(getattr(cache, "_graphs", {})) > 0
             check(f"static drafter cache on {device.type}: graphs captured = {graphs}",
                   graphs == (device.type == "cuda"), draft.describe(cache))
     ok = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for x, y in zip(outs["transformers"], outs["static"])
@@ -248,7 +247,7 @@ def step_graphs(device: torch.device) -> None:
     check(f"lean static forward (replayed) == transformers forward on {device.type}", ok)
 
 
-def _feeds(draft, cache, crop, keep_positions, start: int = 0) -> list[torch.Tensor]:
+def _feeds(draft, cache, start: int = 0) -> list[torch.Tensor]:
     """A stem, a two-branch tree over it, a pruning to one branch, one more token (twice: replays)."""
     with torch.no_grad():
         out = [draft.hidden_states(cache, torch.arange(10) + start, torch.arange(10), None)]
@@ -256,9 +255,9 @@ def _feeds(draft, cache, crop, keep_positions, start: int = 0) -> list[torch.Ten
         allowed[:, 10:] = torch.eye(3, dtype=torch.bool)
         allowed[2, 10] = True
         out.append(draft.hidden_states(cache, torch.tensor([5, 6, 7]), torch.tensor([10, 10, 11]), allowed))
-        keep_positions(cache, torch.tensor([*range(10), 10, 12]))
+        cache.keep(torch.tensor([*range(10), 10, 12]))
         out.append(draft.hidden_states(cache, torch.tensor([3]), torch.tensor([12]), None))
-        crop(cache, 0)
+        cache.crop_to(0)
     return [o.float().cpu() for o in out]
 
 

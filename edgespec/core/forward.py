@@ -6,6 +6,7 @@ import inspect
 
 import torch
 
+from edgespec.base import reach
 from edgespec.core import attention
 from edgespec.core.kv import cache_len
 from edgespec.base.device import compute_dtype, model_device
@@ -15,7 +16,7 @@ def to_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     """Boolean (q, kv) visibility → the 4D mask the model's attention expects."""
     dtype = compute_dtype(model)
     mask = allowed[None, None].to(model_device(model))
-    if model.config._attn_implementation == "eager":
+    if reach.attn_implementation(model.config) == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
@@ -28,7 +29,7 @@ def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, a
     attention. `kv_positions` gives each of those slots' sequence position (default: the cached
     slots are positions 0.. in order, the new ones `positions`); sliding-window layers see only keys
     within their window of each query's position (edgespec/core/attention.py). This is transformers'
-    forward; a drafter may run its own (edgespec/core/drafter.py).
+    forward; a drafter may run its own (edgespec/core/draft_runner.py).
     """
     visible = visibility(model.config, cache, positions, allowed, kv_positions)
     dev = model_device(model)

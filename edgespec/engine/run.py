@@ -23,16 +23,19 @@ class Generation:
 
 
 class Run:
-    """`stepper` (edgespec/engine/step.py) advances `conv` (edgespec/engine/conversation.py) from `prompt_ids`;
-    `tokenizer` turns the new tokens into text (None: no text); `calibration` is the tree-score
-    calibration the steps use and teach (None: raw scores)."""
+    """`stepper` (edgespec/engine/step.py) advances `conv` (edgespec/engine/conversation.py) from `prompt_ids`,
+    each step planned by `scheduler`; `tokenizer` turns the new tokens into text (None: no text);
+    `calibration` is the tree-score calibration the steps use and teach (None: raw scores)."""
 
-    def __init__(self, stepper, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *, tokenizer=None,
-                 eos_ids=frozenset(), max_context: int, stop: list[str] | None = None, calibration=None):
+    def __init__(self, stepper, scheduler, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *,
+                 tokenizer=None, eos_ids=frozenset(), max_context: int, stop: list[str] | None = None,
+                 calibration=None):
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.stepper, self.conv, self.prompt_ids, self.max_new = stepper, conv, prompt_ids, max_new_tokens
-        self.sampler, self.calibration, self.stop = sampler, calibration, stop or []
+        self.stepper, self.scheduler, self.conv = stepper, scheduler, conv
+        self.prompt_ids, self.max_new = prompt_ids, max_new_tokens
+        self.sampler, self.calibration = sampler, calibration
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.tokenizer, self.eos_ids, self.max_context = tokenizer, eos_ids, max_context
         self.new: list[int] = []
         self.stats = RunStats()
@@ -68,8 +71,8 @@ class Run:
             if self.cancel is not None and self.cancel.is_set():
                 self.stats.stop_reason = "cancelled"
                 return
-            done = self.stepper.advance(self.conv, self.max_new - len(self.new), self.max_context, self.sampler,
-                                        self.calibration)
+            done = self.stepper.advance(self.conv, self.scheduler, self.max_new - len(self.new), self.max_context,
+                                        self.sampler, self.calibration)
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return

@@ -16,6 +16,8 @@ import os
 import sys
 
 from edgespec.base.errors import EdgespecError
+from edgespec.core.sampling import SAMPLING_FIELDS
+from edgespec.engine.face import FrontEnd
 from edgespec.engine.prompts import chat_messages
 
 
@@ -135,9 +137,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
 
 # ---- commands ----------------------------------------------------------------------------------
 def sampling_args(args) -> dict:
-    """The sampling options given on the command line (the rest fall back to the engine's defaults)."""
-    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The sampling settings given on the command line, by SamplingConfig field (the rest fall back to the
+    engine's defaults): the one sampling value a command hands the engine."""
+    return {n: getattr(args, n) for n in SAMPLING_FIELDS if getattr(args, n, None) is not None}
 
 
 def cmd_chat(args) -> int:
@@ -146,7 +148,7 @@ def cmd_chat(args) -> int:
     engine = make_engine(args)
     prefix = "" if sys.stdin.isatty() else "assistant: "
     sampling = sampling_args(args)
-    print(f"edgespec: {engine.sampling_for(**sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
+    print(f"edgespec: {engine.sampling_for(sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
     session = ChatSession(engine, system=args.system, max_new_tokens=args.max_new_tokens or 512,
                           sampling=sampling, seed=args.seed, prefix=prefix)
     return repl(session)
@@ -156,7 +158,7 @@ def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
-    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, **sampling_args(args)}
+    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, "sampling": sampling_args(args)}
     if args.json:
         out = engine.generate(prompt, **kw)
         print(json.dumps(generation_json(engine, out), indent=2))
@@ -183,13 +185,13 @@ def read_prompt(arg: str | None) -> str:
     return arg
 
 
-def generation_json(engine, out) -> dict:
+def generation_json(engine: FrontEnd, out) -> dict:
     steps = [{k: v for k, v in vars(s).items() if k != "node_probs"} for s in out.stats.steps]
     result = {"text": out.text, "ids": out.ids, "stats": out.stats.summary(), "steps": steps}
     result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
         result["offload"] = engine.offload.describe()  # bytes per pass, codec per tensor type, decode time
-    if getattr(engine, "self_draft", None) is not None:
+    if engine.self_draft is not None:
         result["self_draft"] = engine.self_draft.describe()  # layers shared / copied, the memory plan
     if out.stats.hit_rates:
         result["hit_rates"] = out.stats.hit_rates  # how often the target took draft nodes, by draft probability
@@ -216,12 +218,12 @@ def cmd_serve(args) -> int:
     engine = make_engine(args)
     defaults = {**sampling_args(args), **({"seed": args.seed} if args.seed is not None else {})}
     drafter = args.draft or f"{server.served_name(args.target)}:{args.draft_quant}"  # no --draft: the target's copy
-    if getattr(engine, "self_draft", None) is not None:  # the target drafts for itself
+    if engine.self_draft is not None:  # the target drafts for itself
         drafter = f"{server.served_name(args.target)}:self-{engine.self_draft.codec}"
     config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
                                  max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
                                  defaults=defaults, system=args.system)
-    print(f"edgespec: requests that leave sampling out get {engine.sampling_for(**sampling_args(args)).describe()}",
+    print(f"edgespec: requests that leave sampling out get {engine.sampling_for(sampling_args(args)).describe()}",
           file=sys.stderr)
     return server.serve(engine, config, args.host, args.port, sock)
 

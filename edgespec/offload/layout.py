@@ -18,6 +18,7 @@ from torch import nn
 
 from edgespec.offload.pinned import host_buffer, unpin
 from edgespec.offload.codecs import align, typed
+from edgespec.base import reach
 
 
 @dataclass(eq=False)
@@ -71,14 +72,11 @@ def collect(layer: nn.Module) -> list[tuple[Entry, torch.Tensor]]:
     """Every parameter and buffer of `layer`, once each (a tensor named twice gets two targets)."""
     found: dict[int, tuple[Entry, torch.Tensor]] = {}
     for mod in layer.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in table.items():
-                if t is None:
-                    continue
-                if id(t) not in found:
-                    entry = Entry([], is_param, bool(t.requires_grad), t.shape, t.dtype)
-                    found[id(t)] = (entry, t)
-                found[id(t)][0].targets.append((mod, name))
+        for name, t, is_param in reach.own_tensors(mod):
+            if id(t) not in found:
+                entry = Entry([], is_param, bool(t.requires_grad), t.shape, t.dtype)
+                found[id(t)] = (entry, t)
+            found[id(t)][0].targets.append((mod, name))
     return list(found.values())
 
 
@@ -95,7 +93,7 @@ def _encoded_of(layer: nn.Module, found, encoded: dict[str, Encoded]) -> list:
 
 def _assign(entry: Entry, value: torch.Tensor) -> None:
     for mod, name in entry.targets:
-        (mod._parameters if entry.is_param else mod._buffers)[name] = value
+        reach.bind(mod, name, value, entry.is_param)
 
 
 @dataclass(eq=False)
@@ -111,7 +109,6 @@ class LayerPack:
     _idle: list = field(default_factory=list)
     _views: dict = field(default_factory=dict)  # slot index -> bound tensors, one per entry
     _loads: dict = field(default_factory=dict)  # slot index -> ([(copy dst, src)], [decode steps])
-    _unpin: object = None  # set by host_buffer when the host bytes are page-locked in place
 
     @property
     def host_bytes(self) -> int:

@@ -16,6 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from edgespec.base import reach
+
 SHAPES = {
     # small enough for CI on a laptop CPU
     "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
@@ -49,7 +51,7 @@ def shape_config(shape: str, attn: str = "sdpa") -> LlamaConfig:
 
         raise InvalidArgumentError(f"Unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}.")
     cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[shape])
-    cfg._attn_implementation = attn
+    reach.set_attn_implementation(cfg, attn)
     return cfg
 
 
@@ -59,7 +61,7 @@ def build_random_model(shape: str, dtype: torch.dtype | str = torch.bfloat16, se
     dtype = DTYPES.get(dtype, dtype)
     cfg = shape_config(shape, attn)
     with no_init_weights():
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+        model = reach.model_from_config(LlamaForCausalLM, cfg, dtype)
     if cfg.tie_word_embeddings:
         model.tie_weights()
     fill_random(model, seed, std)
@@ -101,7 +103,7 @@ def random_skeleton(shape: str, dtype: torch.dtype | str = torch.bfloat16, seed:
     cfg = shape_config(shape, attn)
     n, cfg.num_hidden_layers = cfg.num_hidden_layers, 0
     with no_init_weights():
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+        model = reach.model_from_config(LlamaForCausalLM, cfg, dtype)
     model.config.num_hidden_layers = n
     with torch.device("meta"):
         model.model.layers.extend(LlamaDecoderLayer(model.config, i).to(dtype) for i in range(n))

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgespec.base import reach
+
 
 @dataclass
 class Ticket:
@@ -204,7 +206,7 @@ class CudaTransport:
             ticket.start = _timed_event(self.stream)
             pack.copy(slot, non_blocking=True)
             if self.link_delay > 0:
-                torch.cuda._sleep(int(self.link_delay * self._cycles_per_s))
+                reach.gpu_sleep(int(self.link_delay * self._cycles_per_s))
             ticket.end = ticket.done = _timed_event(self.stream)
         if pack.staged:
             with torch.cuda.stream(self.decoder):
@@ -247,7 +249,7 @@ class CudaTransport:
         spin = 20_000_000
         a = _timed_event(self.stream)
         with torch.cuda.stream(self.stream):
-            torch.cuda._sleep(spin)
+            reach.gpu_sleep(spin)
         b = _timed_event(self.stream)
         return spin / self.elapsed(a, b)
 
