@@ -69,26 +69,7 @@ environment() {
         nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv \
             || { echo "gpu_check.sh: nvidia-smi failed: no GPU here (use --device cpu)"; return 1; }
     fi
-    $py - "$device" <<'PY'
-import importlib, importlib.metadata, sys
-import torch, transformers
-import edgespec
-from edgespec.offload import kernels
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"edgespec {edgespec.__version__} ({edgespec.__file__})")
-missing = []
-for name in ("triton", "bitsandbytes", "gguf"):
-    try:
-        module = importlib.import_module(name)
-        print(f"{name} {importlib.metadata.version(name)} ({module.__file__})")
-    except Exception as err:  # noqa: BLE001
-        missing.append(f"{name} ({type(err).__name__}: {err})")
-if sys.argv[1] != "cpu" and not torch.cuda.is_available():
-    missing.append("CUDA (torch.cuda.is_available() is False)")
-print(f"decode kernels: {'available' if kernels.available() else kernels.unavailable_reason()}")
-if missing:
-    sys.exit("missing: " + "; ".join(missing) + " (carry them: see the header of scripts/gpu_check.sh)")
-PY
+    $py scripts/gpu_env.py "$device" triton,bitsandbytes,gguf --script scripts/gpu_check.sh
 }
 
 environment 2>&1 | tee -a "$out/summary.txt" "$out/log.txt"

@@ -106,26 +106,7 @@ environment() {  # what ran where; refuses to start without the pieces a device 
         nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv \
             || die "nvidia-smi failed: no GPU here (use --device cpu for a dry run)"
     fi
-    $py - "$device" "$model" <<'EOF'
-import importlib, importlib.metadata, sys
-import torch, transformers
-import edgespec
-from edgespec.loading.resolve import embedded_gguf
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"edgespec {edgespec.__version__} ({edgespec.__file__})")
-missing = []
-for name in ("bitsandbytes", "gguf", "accelerate"):
-    try:
-        module = importlib.import_module(name)
-        print(f"{name} {importlib.metadata.version(name)} ({module.__file__})")
-    except Exception as err:  # noqa: BLE001
-        missing.append(f"{name} ({type(err).__name__}: {err})")
-if sys.argv[1] != "cpu" and not torch.cuda.is_available():
-    missing.append("CUDA (torch.cuda.is_available() is False)")
-if missing:
-    sys.exit("missing: " + "; ".join(missing) + " (carry them: see the header of scripts/gpu_figures.sh)")
-print(f"embedded model: {embedded_gguf(fetch=False) if sys.argv[2] == '1' else 'not needed by these steps'}")
-EOF
+    $py scripts/gpu_env.py "$device" bitsandbytes,gguf,accelerate $([[ $model == 1 ]] && echo --model)
 }
 
 # --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
