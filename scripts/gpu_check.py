@@ -1,27 +1,24 @@
 #!/usr/bin/env python
 """Every path only a GPU runs, at tiny shapes, each checked against its CPU reference (scripts/gpu_check.sh
-runs it first, then the 8B-shape figures). `--device cpu` runs the same steps on a CPU (the kernels
-through Triton's interpreter), as CI does.
+runs it, then the 8B-shape figures); `--device cpu` runs the same on a CPU, the kernels interpreted (CI).
 
-    python scripts/gpu_check.py --device cuda [--steps codecs,gguf,padded,bnb,self,graphs]
+    python scripts/gpu_check.py --device cuda [--steps codecs,gguf,padded,bnb,self,graphs] [--gguf FILE]
 
-Steps (each prints PASS or FAIL per check; the exit code is the number of failed checks, capped at 100):
-  codecs  int8 and nf4: a weight on the device encoded there (into a device region and into a host one)
-          gives the host encoder's bytes; decoded on the device by the fused kernel, by the torch code
-          and (nf4, CUDA) by bitsandbytes' kernel, into fp32 / bf16 / fp16, the host torch decode's bits
-  gguf    every GGUF block type, random valid blocks: the device decode (fused kernel and torch code) is
-          gguf.quants.dequantize's bits, into fp32 and bf16
-  padded  one padded layer of the 70B shape (a CPU: llama-70b-tiny) built on the device, packed with each
-          --stream-quant (none, int8, nf4), loaded into a device slot (copy + decode as the streamer does):
-          every tensor the torch decode's
-  bnb     the self-drafter's bitsandbytes copies (nf4, fp4, int8) made from a weight on the host and from
-          one already on the device: the same codes; each copy's forward near its de-quantized matmul
-  self    a tiny target offloaded on the device drafting for itself (int8 and nf4 copies): every linear of
-          a streamed layer is a quantized copy; the drafter's logits near the target's
-  graphs  the drafter's lean forward over its static cache (CUDA graphs replayed on a GPU): the
-          transformers forward's hidden states, with graphs captured and none refused
-  file    (with --gguf FILE[,FILE]) every quantized tensor of real GGUF files, its first --rows rows (0: all),
-          through the fused kernel on the device: gguf.quants.dequantize's bits ("embedded": the default)
+Steps (PASS or FAIL per check; the exit code is the number of failures, at most 100):
+  codecs  int8, nf4: a weight encoded on the device (into a device and a host region) gives the host's
+          bytes; decoded there (fused kernel, torch code, bitsandbytes' kernel for nf4 on CUDA) into
+          fp32 / bf16 / fp16, the host torch decode's bits
+  gguf    every GGUF type, random valid blocks, decoded on the device (kernel, torch): gguf-py's bits
+  padded  a padded 70B-shape layer (a CPU: llama-70b-tiny) built on the device with each --stream-quant,
+          copied and decoded into a device slot as the streamer does: every tensor the torch decode's
+  bnb     the self-drafter's bitsandbytes copies (nf4, fp4, int8) of a weight on the host and of one
+          already on the device: the same codes; each forward near its de-quantized matmul
+  self    a tiny offloaded target drafting for itself (int8, nf4): every streamed linear a quantized copy,
+          the drafter's logits near the target's
+  graphs  the drafter's lean forward over its static cache (CUDA graphs on a GPU): transformers' hidden
+          states, graphs captured, none refused
+  file    (--gguf FILE[,FILE]; "embedded": the default model) every quantized tensor, its first --rows rows
+          (0: all), through the kernel on the device: gguf-py's bits
 """
 from __future__ import annotations
 
@@ -78,14 +75,16 @@ def step_codecs(device: torch.device) -> None:
         dev.encode_into(w_host.to(device), on_dev)
         to_host = torch.zeros_like(region)
         dev.encode_into(w_host.to(device), to_host)  # the padded-layer case: the weight on the device
-        check(f"{name} encoded on {device.type} == encoded on the host", same_bits(on_dev, region) and same_bits(to_host, region))
+        check(f"{name} encoded on {device.type} == encoded on the host",
+              same_bits(on_dev, region) and same_bits(to_host, region))
         for dtype in DTYPES:
             want = torch.empty(w_host.shape, dtype=dtype)
             host.decode_into(region, want, fused=False)
             for fused, path in FUSED.items():
                 got = torch.empty(w_host.shape, dtype=dtype, device=device)
                 dev.decode_into(region.to(device), got, fused=fused)
-                check(f"{name} decode on {device.type} ({path}) -> {str(dtype)[6:]} == host decode", same_bits(got, want))
+                check(f"{name} decode on {device.type} ({path}) -> {str(dtype)[6:]} == host decode",
+                      same_bits(got, want))
 
 
 def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -95,7 +94,8 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> torch.Tenso
     n = rows * cols // t.block
     raw = torch.randint(0, 256, (n, t.size), dtype=torch.uint8, generator=gen)
     for at in gguf_blocks.FP16_FIELDS[kind]:
-        scale = torch.randn(n, generator=gen) * torch.tensor([1e-2, 1.0, 1e-6, 0.0])[torch.randint(0, 4, (n,), generator=gen)]
+        size = torch.tensor([1e-2, 1.0, 1e-6, 0.0])[torch.randint(0, 4, (n,), generator=gen)]  # normal .. zero
+        scale = torch.randn(n, generator=gen) * size
         raw[:, at : at + 2] = scale.half().view(torch.uint8).view(n, 2)
     return raw.view(-1)
 
@@ -111,7 +111,8 @@ def step_gguf(device: torch.device) -> None:
         rows, cols = (37, 96) if t.block == 32 else (9, 768)
         raw = random_blocks(kind, rows, cols)
         with np.errstate(over="ignore"):
-            ref = torch.from_numpy(np.ascontiguousarray(dequantize(raw.numpy().reshape(rows, -1), GGMLQuantizationType[kind])))
+            ref = dequantize(raw.numpy().reshape(rows, -1), GGMLQuantizationType[kind])
+        ref = torch.from_numpy(np.ascontiguousarray(ref))
         for dtype in DTYPES[:2]:
             for fused, path in FUSED.items():
                 got = torch.empty(rows, cols, dtype=dtype, device=device)
@@ -145,20 +146,19 @@ def step_padded(device: torch.device) -> None:
         with torch.device("meta"):
             layer = LlamaDecoderLayer(big, 0).to(dtype)
         PaddedLayers(small, big, device).fill(0, layer, streamed=True)
-        built = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        built = {(id(m), n): t.detach().clone() for m in layer.modules()
+                 for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
         codec = make_codec(quant)
         pack = LayerPack.pack(0, layer, codec, pin=device.type == "cuda")
         if codec is not None:
             codec.prepare(device)
         (slot,) = make_slots([pack], 1, device)
         pack.load(slot)
-        pack.bind(slot)
-        got = layer.state_dict()
-        ok = all(same_bits(got[n], torch_decode(pack, e, device) if e.codec else built[n])
-                 for e, n in zip(pack.entries, _names(layer, pack)))
+        want = [torch_decode(pack, e, device) if e.codec else built[id(e.targets[0][0]), e.targets[0][1]]
+                for e in pack.entries]
+        ok = all(same_bits(got, w) for got, w in zip(pack._views[slot.index], want))
         check(f"padded {shape} layer built on {device.type}, --stream-quant {quant or 'none'}: slot == torch decode",
               ok, f"{time.perf_counter() - t0:.1f}s")
-        pack.unbind()
         del pack, slot, layer, built
 
 
@@ -169,12 +169,6 @@ def torch_decode(pack: LayerPack, entry, device: torch.device) -> torch.Tensor:
     region = pack.host[entry.host_offset : entry.host_offset + entry.host_nbytes].to(device)
     entry.codec.decode_into(region, out, fused=False)
     return out
-
-
-def _names(layer: nn.Module, pack: LayerPack) -> list[str]:
-    """The state-dict name of each of the pack's entries (its first target)."""
-    paths = {id(m): p for p, m in layer.named_modules()}
-    return [f"{paths[id(e.targets[0][0])]}.{e.targets[0][1]}".lstrip(".") for e in pack.entries]
 
 
 def step_bnb(device: torch.device) -> None:
@@ -197,7 +191,8 @@ def step_bnb(device: torch.device) -> None:
         with torch.no_grad():
             want = nn.functional.linear(x, lowbit.dequantized(a, codec).to(dtype), linear.bias.to(device, dtype))
             err = ((a(x) - want).float().norm() / want.float().norm()).item()
-        check(f"{codec} copy's forward on {device.type} near its de-quantized matmul", err < 0.05, f"rel. error {err:.4f}")
+        check(f"{codec} copy's forward on {device.type} near its de-quantized matmul", err < 0.05,
+              f"rel. error {err:.4f}")
 
 
 def step_self(device: torch.device) -> None:
@@ -210,10 +205,12 @@ def step_self(device: torch.device) -> None:
         target = small_llama(hidden=128, layers=4).to(dtype)
         handle = offload_layers(target, device, resident_layers=1, progress=False)
         draft = self_drafter.build(target, handle, codec, progress=False)
-        copies = [m for i in draft.copies for m in self_drafter.decoder_layers(draft.model)[i].modules() if lowbit.is_copy(m)]
+        layers = self_drafter.decoder_layers(draft.model)
+        copies = [m for i in draft.copies for m in layers[i].modules() if lowbit.is_copy(m)]
         packed = all(m.weight.dtype in (torch.int8, torch.uint8) for m in copies)
         check(f"self-drafter {codec} copies on {device.type}: every streamed linear quantized",
-              len(copies) == 7 * len(draft.copies) and packed, f"{len(copies)} copies, dtypes {set(m.weight.dtype for m in copies)}")
+              len(copies) == 7 * len(draft.copies) and packed,
+              f"{len(copies)} copies, dtypes {set(m.weight.dtype for m in copies)}")
         with torch.no_grad():
             want, got = target(ids).logits.float(), draft.model(ids).logits.float()
         err = ((got - want).norm() / want.norm()).item()  # 3 streamed layers of ~0.8 % (int8), ~10 % (nf4) weight error

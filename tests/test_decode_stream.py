@@ -109,7 +109,8 @@ class Q8Layers:
         for name, t in layer.state_dict().items():
             if t.dim() == 2 and t.shape[1] % 32 == 0:
                 raw = np.ascontiguousarray(quantize(t.float().numpy(), Q.Q8_0)).view(np.uint8).reshape(-1)
-                out[name] = Encoded(GGUFRaw("Q8_0"), raw.nbytes, lambda region, raw=raw: region.copy_(torch.from_numpy(raw)))
+                write = lambda region, raw=raw: region.copy_(torch.from_numpy(raw))  # noqa: E731
+                out[name] = Encoded(GGUFRaw("Q8_0"), raw.nbytes, write)
         return out
 
 

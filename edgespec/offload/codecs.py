@@ -135,7 +135,8 @@ class NF4Blocks:
         if fused is None and out.is_cuda and self._kernel is not None:  # one bitsandbytes kernel
             self._kernel(codes, absmax=absmax, out=out, blocksize=self.block, quant_type="nf4")
             return
-        if (kernels.wanted(out) if fused is None else fused) and kernels.nf4_into(codes, absmax, self.table("levels", out.device), out):
+        levels = self.table("levels", out.device)
+        if (kernels.wanted(out) if fused is None else fused) and kernels.nf4_into(codes, absmax, levels, out):
             return
         _check_unfused(fused, "nf4")
         pairs = self.table("pairs", out.device)

@@ -65,7 +65,8 @@ def decode_into(data: torch.Tensor, kind: str, out: torch.Tensor, fused: bool | 
     if t.decode is None:  # a plain float type: one cast
         flat.copy_(data.view(t.dtype).view(-1))
         return
-    if (kernels.wanted(out) if fused is None else fused) and kernels.gguf_into(data, kind, out, table(kind, out.device)):
+    use_kernel = kernels.wanted(out) if fused is None else fused
+    if use_kernel and kernels.gguf_into(data, kind, out, table(kind, out.device)):
         return
     if fused:
         raise RuntimeError(f"the fused {kind} decode did not run: {kernels.unavailable_reason()}")

@@ -97,7 +97,8 @@ def _value(b, j, ok, table, KIND: tl.constexpr):
         v = dl * _crumb(b, 16 + 32 * (j // 128), j, ok).to(tl.float32) - ml
     elif KIND == 8:  # Q3_K
         i = j // 16
-        s = ((byte(b, 96 + i % 8, ok) >> (4 * (i // 8))) & 15) | (((byte(b, 104 + i % 4, ok) >> (2 * (i // 4))) & 3) << 4)
+        low = (byte(b, 96 + i % 8, ok) >> (4 * (i // 8))) & 15
+        s = low | (((byte(b, 104 + i % 4, ok) >> (2 * (i // 4))) & 3) << 4)
         dl = half(b, 108, ok) * (s - 32).to(tl.float32)
         q = _crumb(b, 32 + 32 * (j // 128), j, ok) - ((_plane(b, 0, j, ok) ^ 1) << 2)
         v = dl * q.to(tl.float32)
