@@ -5,7 +5,7 @@
 Target: SmolLM2-135M-Instruct fp32 (embedded default), all decoder layers streamed through the
 offload engine; on a CPU-only machine `--link-delay` seconds per streamed layer emulate the
 host→device link (30 layers x 0.04 s ≈ 1.2 s per pass, a 70B-on-PCIe-like regime where the pass
-costs about the same for 1 or 1,000 tokens). Drafter: its nf4 copy. Every configuration runs
+costs about the same for 1 or 1,000 tokens). DraftRunner: its nf4 copy. Every configuration runs
 greedy on the same MT-Bench first turns in the same process, each with a fresh engine, and all
 outputs must be identical. The auto scheduler starts as a user's engine does: with the start-up
 calibration of pass and draft costs on this machine (cached, not timed), knowing nothing about the

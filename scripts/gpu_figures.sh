@@ -57,22 +57,8 @@
 # fresh machine, it stops within seconds; then carry [".whl", ".m1"] with command "true" and call 2 at once.
 # Then commit the figures under benchmarks/ (draft_gpu.md, scheduler_gpu.md, bench_gpu.md, bench_70b_gpu.md).
 set -uo pipefail
-device=cuda
-out=
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        --device) device=$2; shift 2 ;;
-        --device=*) device=${1#*=}; shift ;;
-        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
-        *) out=$1; shift ;;
-    esac
-done
-mkdir -p "${out:=gpu-figures}"
-out=$(cd "$out" && pwd)
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-py=${PYTHON:-python3}
-export PYTHONPATH="$root/.whl/site:$root${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_common.sh"
+gpu_setup gpu-figures "$@"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}
 questions=tests/data/mt_bench_first5.jsonl
 
@@ -120,26 +106,7 @@ environment() {  # what ran where; refuses to start without the pieces a device 
         nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv \
             || die "nvidia-smi failed: no GPU here (use --device cpu for a dry run)"
     fi
-    $py - "$device" "$model" <<'EOF'
-import importlib, importlib.metadata, sys
-import torch, transformers
-import edgespec
-from edgespec.loading.resolve import embedded_gguf
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"edgespec {edgespec.__version__} ({edgespec.__file__})")
-missing = []
-for name in ("bitsandbytes", "gguf", "accelerate"):
-    try:
-        module = importlib.import_module(name)
-        print(f"{name} {importlib.metadata.version(name)} ({module.__file__})")
-    except Exception as err:  # noqa: BLE001
-        missing.append(f"{name} ({type(err).__name__}: {err})")
-if sys.argv[1] != "cpu" and not torch.cuda.is_available():
-    missing.append("CUDA (torch.cuda.is_available() is False)")
-if missing:
-    sys.exit("missing: " + "; ".join(missing) + " (carry them: see the header of scripts/gpu_figures.sh)")
-print(f"embedded model: {embedded_gguf(fetch=False) if sys.argv[2] == '1' else 'not needed by these steps'}")
-EOF
+    $py scripts/gpu_env.py "$device" bitsandbytes,gguf,accelerate $([[ $model == 1 ]] && echo --model)
 }
 
 # --- the embedded model where a step needs it (joined from the carried parts), then what is here ---
@@ -198,7 +165,7 @@ step self-8b "$lim_opt" $py scripts/small_card.py --vram-gb "${VRAM_SELF_GB:-12}
         [[ -f $f ]] && sed -n '/^# scheduler vs fixed budgets/,$p' "$f"
     done
     for f in "$work"/offload-*.txt; do
-        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/^streamed as:/p; /pass ms/,$p' "$f"; }
+        [[ -f $f ]] && { echo; head -n 1 "$f"; sed -n '/streamed as /p; /pass ms/,$p' "$f"; }
     done
     for f in "$out/bench_8b.md" "$out/bench_70b.md" "$out/bench_self_8b.md"; do
         [[ -f $f ]] && { echo; grep -v "^- \(date\|machine\|versions\|tokens/pass\)" "$f"; }

@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgespec.core.kv import crop, new_cache  # noqa: E402
+from edgespec.core.kv import new_cache  # noqa: E402
 from edgespec.core.search import TreeSearch  # noqa: E402
-from edgespec.core.drafter import Drafter  # noqa: E402
+from edgespec.core.draft_runner import DraftRunner  # noqa: E402
 from edgespec.core.forward import hidden_states  # noqa: E402
 from edgespec.core.sampling import Sampler  # noqa: E402
 from edgespec.base.stats import Plan  # noqa: E402
@@ -99,7 +99,7 @@ class RouterLog:
 
 def draft_trees(drafter, prompts: list[list[int]], sizes: list[int]) -> list[list[Tree]]:
     """For each prompt, one best-first tree per pass size (budget K - 1 draft nodes under the root)."""
-    out, draft = [], Drafter(drafter)
+    out, draft = [], DraftRunner(drafter)
     with torch.no_grad():
         for ids in prompts:
             trees = []
@@ -128,7 +128,7 @@ def measure(target, experts: int, prompts, trees, sizes) -> dict[int, list[list[
                 log.picks = []
                 verify(target, cache, torch.tensor(ids[-1:]), tree, Sampler())
                 rows[k].append(log.touched(experts, k))
-                crop(cache, len(ids) - 1)
+                cache.crop_to(len(ids) - 1)
     return rows
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Drafter speed: one forward of 1/16/64 tokens and one best-first tree build per budget.
+"""DraftRunner speed: one forward of 1/16/64 tokens and one best-first tree build per budget.
 
     python scripts/profile_draft.py --device cuda --quant nf4,none --forward transformers,lean,static
     python scripts/profile_draft.py --device cpu --quant none --budgets 1,16,64     # any machine
 
-`--forward` picks how the drafter's forwards run (edgespec/core/drafter.py): `transformers` (the model's own
+`--forward` picks how the drafter's forwards run (edgespec/core/draft_runner.py): `transformers` (the model's own
 forward), `lean` (edgespec's lean forward over transformers' cache), `static` (the lean forward over
 preallocated buffers, replayed from CUDA graphs on a GPU; eager on a CPU).
 
@@ -26,8 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgespec.core.kv import crop  # noqa: E402
-from edgespec.core.drafter import Drafter  # noqa: E402
+from edgespec.core.draft_runner import DraftRunner  # noqa: E402
 from edgespec.base.device import sync  # noqa: E402
 from edgespec.scheduler.timing import time_drafts  # noqa: E402
 from edgespec.loading.models import load_model  # noqa: E402
@@ -49,7 +48,7 @@ def random_drafter_folder(layers: int = 30) -> str:
 
 
 @torch.inference_mode()
-def forward_ms(draft: Drafter, device, prefix: list[int], n: int, repeats: int = 5) -> float:
+def forward_ms(draft: DraftRunner, device, prefix: list[int], n: int, repeats: int = 5) -> float:
     cache = draft.new_cache()
     allowed = torch.ones(n, PREFIX - 1 + n, dtype=torch.bool).tril(PREFIX - 1)
     draft.hidden_states(cache, torch.tensor(prefix[:-1]), torch.arange(PREFIX - 1), None)
@@ -60,7 +59,7 @@ def forward_ms(draft: Drafter, device, prefix: list[int], n: int, repeats: int =
         draft.hidden_states(cache, torch.tensor(prefix[:n]), torch.arange(PREFIX - 1, PREFIX - 1 + n), allowed)
         sync(device)
         times.append(time.perf_counter() - t0)
-        crop(cache, PREFIX - 1)
+        cache.crop_to(PREFIX - 1)
     return statistics.median(times[1:]) * 1e3
 
 
@@ -79,7 +78,7 @@ def main(argv=None) -> None:
     for quant in args.quant.split(","):
         model = load_model(folder, quantize=None if quant == "none" else quant, device=args.device, progress=False)
         for how in args.forward.split(","):
-            draft = Drafter(model, how)
+            draft = DraftRunner(model, how)
             if how != "transformers" and draft.lean is None:
                 print(f"{how}: not available for this model", flush=True)
                 continue

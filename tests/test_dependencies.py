@@ -8,8 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "edgespec"
-# optional features: the module that imports it, and the install hint its EdgespecError must carry
-OPTIONAL = {"matplotlib": ("front/profile.py", "pip install"), "hqq": ("loading/lowbit.py", "pip install")}
+# optional features: the module that imports it, and the install hint its EdgespecError (triton: its
+# warning before the torch decode takes over) must carry
+OPTIONAL = {"matplotlib": ("front/profile.py", "pip install"), "hqq": ("loading/lowbit.py", "pip install"),
+            "triton": ("offload/kernels/__init__.py", "pip install")}
 
 
 def imported_top_level(path: Path) -> set[str]:

@@ -20,7 +20,8 @@ import torch
 
 from edgespec import Engine
 from edgespec.core import attention
-from edgespec.core.drafter import Drafter
+from edgespec.base.config import forward_from_env
+from edgespec.core.draft_runner import DraftRunner
 from edgespec.core.kv import new_cache
 from edgespec.base.errors import UnsupportedModelError
 from edgespec.core.forward import hidden_states
@@ -133,7 +134,7 @@ def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch)
 
     monkeypatch.setenv("EDGESPEC_LEAN", lean_mode)
     model = target_model(family, init=0.3)
-    draft = Drafter(model)
+    draft = DraftRunner(model, forward_from_env())
     assert (draft.lean is not None) == (family == "mistral")
     branch, plan = 3, Plan(32, 16, 3, 8)
     sampler = Sampler(draft_temperature=0.1)  # deep trees (depth scores above siblings)
@@ -147,8 +148,9 @@ def test_drafter_tree_search_windows_by_position(family, lean_mode, monkeypatch)
         a = next(iter(kids[0].values()))
         b = next(i for i in kids[a].values() if kids[i])
         bonus = next(int(tree.tokens[i]) for i in kids[b].values() if search.expanded[search.snapshot[i]])
-        search = search.advance([a, b], bonus)
+        search, keep = search.reroot([a, b], bonus)
         assert search is not None, "the re-rooted search was expected (its root drafted and expanded)"
+        search.cache.keep(torch.tensor(keep))  # as Conversation.commit compacts the drafter's cache
         ctx = ctx + [int(tree.tokens[a]), int(tree.tokens[b]), bonus]
         search.grow(Plan(48, 16, 3, 8))
         assert check_children(model, search, ctx, branch, pruned=True) > W
@@ -194,7 +196,7 @@ def test_sampling_matches_target_law_past_the_window(family):
     drafter = noisy_copy(target, scale=0.2)
     prompt = torch.randint(0, vocab, (3 * W,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        draft = Drafter(drafter)
+        draft = DraftRunner(drafter)
         search = TreeSearch.start(draft, draft.new_cache(), prompt, Sampler(1.0, seed=0), 4)
         search.grow(Plan(16, 3, 4, 16))
         tree = search.tree(16)

@@ -17,8 +17,9 @@ WINGS = {
     "core": {"base"},
     "scheduler": {"base", "core"},
     "loading": {"base", "offload", "core"},
-    "engine": {"base", "offload", "core", "scheduler", "loading"},
-    "front": {"base", "offload", "core", "scheduler", "loading", "engine"},
+    "distributed": {"base", "offload", "core", "scheduler", "loading"},
+    "engine": {"base", "offload", "core", "scheduler", "loading", "distributed"},
+    "front": {"base", "offload", "core", "scheduler", "loading", "distributed", "engine"},
 }
 FACE = {"engine", "base"}
 
@@ -152,3 +153,85 @@ def test_the_loading_path_flows_one_way():
     for i, mod in enumerate(order):
         later = set(order[i + 1 :]) | {"edgespec.engine.engine", "edgespec.front.cli"}
         assert not edges[mod] & later, f"{mod} imports {sorted(edges[mod] & later)}"
+
+
+# ---- private attributes ---------------------------------------------------------------------------
+ADAPTER = "edgespec.base.reach"  # the one module allowed to touch torch's / transformers' private attributes
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_reaches(source: str) -> list[str]:
+    """`obj._name` (and getattr/setattr/hasattr(obj, "_name")) in `source` where `_name` is not defined in
+    that same source (a function, a class, or an attribute it assigns) and `obj` is not self or cls."""
+    tree = ast.parse(source)
+    own = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            own.add(node.target.id)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append(f"line {node.lineno}: .{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and _private(node.args[1].value)):
+            found.append(f"line {node.lineno}: {node.func.id}(..., {node.args[1].value!r})")
+    return found
+
+
+def test_private_attributes_of_foreign_objects_only_in_the_adapter():
+    bad = {name: hits for name, path in modules().items() if name != ADAPTER
+           if (hits := private_reaches(path.read_text()))}
+    assert not bad, f"private attributes touched outside {ADAPTER}: {bad}"
+
+
+def test_the_private_attribute_check_catches_a_reach_in():
+    assert private_reaches("def f(m):\n    return m._modules['x']\n") == ["line 2: ._modules"]
+    assert private_reaches("def f(m):\n    return getattr(m, '_hf_hook', None)\n") == ["line 2: getattr(..., '_hf_hook')"]
+    assert private_reaches("class A:\n    def f(self, o):\n        o._x = 1\n        return self._y, o._x\n") == []
+
+
+# ---- what the front ends read from an engine ---------------------------------------------------------
+def engine_reads(source: str) -> set[str]:
+    """The attributes read off a name `engine` (or `self.engine`) in `source`."""
+    reads = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id == "engine":
+                reads.add(node.attr)
+            elif isinstance(base, ast.Attribute) and base.attr == "engine" and isinstance(base.value, ast.Name):
+                reads.add(node.attr)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and node.args and ast.unparse(node.args[0]) in ("engine", "self.engine")):
+            reads.add(f"{node.func.id}(engine, ...)")
+    return reads
+
+
+def test_front_ends_read_an_engine_only_through_the_front_end_protocol():
+    from edgespec.engine.face import FrontEnd
+
+    allowed = set(FrontEnd.__annotations__) | {n for n in vars(FrontEnd) if not n.startswith("_")}
+    bad = {name: sorted(reads - allowed) for name, path in modules().items() if wing(name) == "front"
+           if (reads := engine_reads(path.read_text())) - allowed}
+    assert not bad, f"front ends reach past engine.face.FrontEnd: {bad}"
+    assert engine_reads("def f(engine):\n    return getattr(engine, 'x', None), engine.conversation\n") == {
+        "getattr(engine, ...)", "conversation"}
+
+
+def test_the_engine_is_a_front_end():
+    from conftest import tiny_engine
+    from edgespec.engine.face import FrontEnd
+
+    engine = tiny_engine(budget=2)
+    assert isinstance(engine, FrontEnd)
+    assert all(hasattr(engine, name) for name in FrontEnd.__annotations__)

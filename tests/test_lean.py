@@ -8,9 +8,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from edgespec import Engine
 from edgespec.core import static_kv as static_cache
-from edgespec.core.kv import crop, keep_positions
-from edgespec.core.drafter import Drafter
-from edgespec.core.static_kv import GraphFallbackWarning, StaticCache
+from edgespec.base.config import forward_from_env
+from edgespec.core.draft_runner import DraftRunner
+from edgespec.core.static_kv import GraphFallbackWarning, StaticKV
 
 from tests.conftest import greedy_reference, tiny_model, tiny_pair
 
@@ -22,12 +22,12 @@ def qwen3(seed: int = 0):
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def small_static(draft: Drafter, capacity: int = 8, graphs: bool = False) -> StaticCache:
+def small_static(draft: DraftRunner, capacity: int = 8, graphs: bool = False) -> StaticKV:
     big = draft.new_cache()
-    return StaticCache(big.n_layers, big.shape[1], big.shape[3], big.dtype, big.device, capacity, graphs)
+    return StaticKV(big.n_layers, big.shape[1], big.shape[3], big.dtype, big.device, capacity, graphs)
 
 
-def feeds(draft: Drafter, cache) -> list[torch.Tensor]:
+def feeds(draft: DraftRunner, cache) -> list[torch.Tensor]:
     """A stem, a tree (two branches) over it, a pruning to one branch, then a longer stem."""
     out, hidden_states = [], draft.hidden_states
     with torch.no_grad():
@@ -37,9 +37,9 @@ def feeds(draft: Drafter, cache) -> list[torch.Tensor]:
         allowed[2, 10] = allowed[3, 10] = allowed[4, 11] = True  # 10 -> {12, 13}, 11 -> {14}
         out.append(hidden_states(cache, torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 10, 11, 11, 11]),
                                  allowed))
-        keep_positions(cache, torch.tensor([*range(10), 10, 13]))
+        cache.keep(torch.tensor([*range(10), 10, 13]))
         out.append(hidden_states(cache, torch.arange(20, 40), torch.arange(12, 32), None))
-        crop(cache, 25)
+        cache.crop_to(25)
         out.append(hidden_states(cache, torch.tensor([3]), torch.tensor([25]), None))
     return out
 
@@ -55,24 +55,24 @@ def graphed(monkeypatch, captured):
     model = tiny_model("llama")
     reference = feeds(plain(model), plain(model).new_cache())
     monkeypatch.setattr(static_cache, "_Captured", captured)
-    draft = Drafter(model, "static")
+    draft = DraftRunner(model, "static")
     return draft, reference, small_static(draft, capacity=64, graphs=True)
 
 
-def plain(model) -> Drafter:
+def plain(model) -> DraftRunner:
     """The model on transformers' own forward: the reference."""
-    return Drafter(model, "transformers")
+    return DraftRunner(model, "transformers")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_lean_forwards_match_transformers(arch):
     model = qwen3() if arch == "qwen3" else tiny_model(arch)
     reference = feeds(plain(model), plain(model).new_cache())
-    dynamic = Drafter(model, "lean")
+    dynamic = DraftRunner(model, "lean")
     assert dynamic.describe() == "lean"
     for want, got in zip(reference, feeds(dynamic, dynamic.new_cache())):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    static = Drafter(model, "static")
+    static = DraftRunner(model, "static")
     assert static.describe() == "lean+static"
     cache = small_static(static, capacity=8)  # grows twice on the way
     assert_same(reference, feeds(static, cache))
@@ -81,14 +81,14 @@ def test_lean_forwards_match_transformers(arch):
 
 def test_unsupported_models_keep_transformers_forward(monkeypatch):
     gemma = tiny_model("gemma")
-    assert Drafter(gemma).lean is None and Drafter(gemma, "static").describe() == "transformers"
+    assert DraftRunner(gemma).lean is None and DraftRunner(gemma, "static").describe() == "transformers"
     llama = tiny_model("llama")
     monkeypatch.setenv("EDGESPEC_LEAN", "0")
-    assert Drafter(llama).lean is None
+    assert DraftRunner(llama, forward_from_env()).lean is None
     monkeypatch.setenv("EDGESPEC_LEAN", "static")
-    draft = Drafter(llama)
+    draft = DraftRunner(llama, forward_from_env())
     assert draft.lean is not None and draft.describe() == "lean+static"
-    assert isinstance(draft.new_cache(), StaticCache)
+    assert isinstance(draft.new_cache(), StaticKV)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -105,7 +105,7 @@ def test_engine_with_static_drafter_matches_generate_and_drafts_the_same(monkeyp
         out = engine.generate(prompt, max_new_tokens=40)
         assert out.ids == want
         accepted[mode] = [s.accepted for s in out.stats.steps]
-        assert isinstance(engine.conversation.dcache, StaticCache) == (mode == "static")
+        assert isinstance(engine.conversation.dcache, StaticKV) == (mode == "static")
     assert accepted["static"] == accepted["0"]
     assert sum(accepted["static"]) > len(accepted["static"])  # the drafter was right sometimes
 
@@ -131,7 +131,7 @@ def test_static_cache_replays_captured_buckets(monkeypatch):
     draft, reference, cache = graphed(monkeypatch, ReplayByRerun)
     assert_same(reference, feeds(draft, cache))
     assert sorted(cache._graphs) == [1, 8, 16, 32]  # 10, 5, 20 and 1 tokens, bucketed
-    crop(cache, 0)
+    cache.crop_to(0)
     assert_same(reference, feeds(draft, cache))  # the second round replays every bucket
     assert all(g.replays >= 2 for g in cache._graphs.values())
     fresh = small_static(draft, capacity=64, graphs=True)

@@ -4,7 +4,7 @@ import torch
 
 import edgespec.core.verify as verify
 from edgespec import Engine
-from edgespec.core.drafter import Drafter
+from edgespec.core.draft_runner import DraftRunner
 from edgespec.base.errors import OutOfMemoryError
 from edgespec.base.stats import Plan
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
@@ -26,7 +26,7 @@ def failing(real, fail_on: set[int], after_forward: bool):
     return wrapper
 
 
-@pytest.mark.parametrize("module", [verify, Drafter])  # the target's pass, the drafter's forward
+@pytest.mark.parametrize("module", [verify, DraftRunner])  # the target's pass, the drafter's forward
 @pytest.mark.parametrize("after_forward", [False, True])
 def test_injected_oom_is_recovered(monkeypatch, module, after_forward):
     target, drafter = tiny_pair("llama", init=0.1)

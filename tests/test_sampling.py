@@ -126,8 +126,8 @@ def test_drafter_sees_the_targets_noise(monkeypatch):
 
 
 def _draft_under_other_noise(real_noise):
-    def draft_children(self, logits, positions, k, seen=None):
-        logprobs = self.draft_logprobs(logits, seen)
+    def draft_children(self, logits, positions, k, seen=None, allowed=None):
+        logprobs = self.draft_logprobs(logits, seen, allowed)
         noise = torch.stack([real_noise(self, int(p) + 10_000, logprobs.shape[-1], logprobs.device) for p in positions])
         return torch.log_softmax(logprobs + noise, dim=-1).topk(k, dim=-1)
     return draft_children

@@ -110,8 +110,8 @@ def test_none_means_the_engines_defaults_and_explicit_values_win():
     assert "chat defaults" in default.stats.sampling
     greedy = engine.generate([1, 2, 3], max_new_tokens=12, temperature=0)
     assert greedy.ids == hf_greedy(target, [1, 2, 3], 12, 1.0), "temperature 0 is the target's plain greedy"
-    assert resolve(CHAT_DEFAULTS, temperature=0).repetition_penalty == 1.0
-    assert resolve(CHAT_DEFAULTS, temperature=0, repetition_penalty=1.3).repetition_penalty == 1.3
+    assert resolve(CHAT_DEFAULTS, {"temperature": 0}).repetition_penalty == 1.0
+    assert resolve(CHAT_DEFAULTS, {"temperature": 0, "repetition_penalty": 1.3}).repetition_penalty == 1.3
 
 
 @pytest.mark.parametrize("kw", [{"top_k": -1}, {"top_k": 2.5}, {"min_p": 1.0}, {"min_p": -0.1},

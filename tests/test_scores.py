@@ -66,11 +66,11 @@ def test_observe_tree_counts_tested_nodes_only():
 
 def test_rescore_matches_incremental_scores():
     target, drafter = tiny_pair("llama", init=0.1)
-    from edgespec.core.drafter import Drafter
+    from edgespec.core.draft_runner import DraftRunner
 
     calib = ScoreCalibration()
     calib.observe(torch.log(torch.tensor([0.5, 0.2, 0.9])), torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1]))
-    draft = Drafter(drafter)
+    draft = DraftRunner(drafter)
     with torch.no_grad():
         search = TreeSearch.start(draft, draft.new_cache(), torch.tensor([1, 2, 3]), Sampler(), 4, calibration=calib)
         search.grow(Plan(48, 8, 4, 16))

@@ -134,6 +134,30 @@ def test_gpu_figures_dry_run_on_cpu(tmp_path):
     assert "| auto overlap=on |" in summary and "| edgespec |" in summary and "unquantized static tree build" in summary
 
 
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --device cpu (issue 25): every check the GPU run makes, on a CPU with the decode
+    kernels interpreted, passes; the figures step writes its table (two codecs here, to keep it short)."""
+    out = tmp_path / "check"
+    env = {**os.environ, "PYTHON": sys.executable, "FIGURES": "1", "CODECS": "Q4_K,nf4"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--device", "cpu", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "offload_codecs.md", "summary.txt"]
+    summary, log = (out / "summary.txt").read_text(), (out / "log.txt").read_text()
+    steps = [line.split()[:2] for line in summary.splitlines() if re.match(r"[a-z]+ +rc=", line)]
+    assert steps == [["check", "rc=0"], ["figures", "rc=0"]], summary
+    assert "gpu_check: 0 failed" in summary and "kernels: interpreted Triton" in log
+    for kind in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "IQ4_NL",
+                 "IQ4_XS"):
+        assert f"PASS  {kind} on cpu (fused kernel) -> bfloat16 == gguf.quants.dequantize" in log, kind
+    for check in ("padded llama-70b-tiny layer built on cpu, --stream-quant nf4", "self-drafter int8 copies on cpu",
+                  "lean static forward (replayed) == transformers forward", "int8 copy of a weight already on cpu"):
+        assert f"PASS  {check}" in log, check
+    table = (out / "offload_codecs.md").read_text()
+    rows = re.findall(r"^\| (Q4_K|nf4) \| [a-z ]+ \| (\d+) \|", table, re.MULTILINE)
+    assert rows == [("Q4_K", "1"), ("Q4_K", "16"), ("nf4", "1"), ("nf4", "16")], table
+
+
 @pytest.mark.slow
 def test_gpu_carry_splits_and_joins_the_embedded_model(tmp_path):
     """The GGUF in two parts under the device tool's 64 MiB, joined back (sha256 checked) where edgespec

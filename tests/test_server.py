@@ -359,11 +359,11 @@ def test_sampler_extras_reach_the_engine(served, reference):
 
 def test_only_the_sampler_fields_a_request_sets_reach_engine_run():
     class Recording(Engine):
-        """Records the sampling arguments each run gets."""
+        """Records the sampling settings and seed each run gets."""
 
-        def run(self, prompt, max_new_tokens=256, temperature=None, top_p=None, seed=None, stop=None, **kw):
-            self.given = dict(temperature=temperature, top_p=top_p, seed=seed, **kw)
-            return super().run(prompt, max_new_tokens, temperature, top_p, seed, stop, **kw)
+        def run(self, prompt, max_new_tokens=256, *, seed=None, sampling=None, **kw):
+            self.given = {"temperature": None, "top_p": None, "seed": seed, **(sampling or {})}
+            return super().run(prompt, max_new_tokens, seed=seed, sampling=sampling, **kw)
 
     base = tiny_engine()
     engine = Recording(base.target, base.drafter, base.tokenizer, budget=4)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from edgespec.core.search import build_tree
-from edgespec.core.drafter import Drafter
+from edgespec.core.draft_runner import DraftRunner
 from edgespec.core.forward import stem_and_tree_mask
 from edgespec.core.sampling import Sampler
 from edgespec.base.stats import Plan
@@ -13,7 +13,7 @@ from tests.conftest import tiny_model
 
 def draft(budget, depth=8, branch=4, batch=16, seed=0):
     model = tiny_model("llama", seed=seed, init=0.2)
-    drafter = Drafter(model)
+    drafter = DraftRunner(model)
     cache = drafter.new_cache()
     stem = torch.tensor([3, 1, 4, 1, 5])
     tree = build_tree(drafter, cache, stem, Plan(budget, depth, branch, batch), Sampler())

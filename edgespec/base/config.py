@@ -3,12 +3,25 @@ load (`LoadConfig`). The sampling settings are `sampling.SamplingConfig`. The CL
 these fields (tests/test_cli.py checks that every option reaches one)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
 from edgespec.base.errors import InvalidArgumentError
 from edgespec.base.stats import Plan
 
 TREE_SCORES = ("calibrated", "draft")
+LEAN_SWITCH = {"0": "transformers", "dynamic": "lean", "static": "static"}  # EDGESPEC_LEAN → DraftConfig.forward
+
+
+def forward_from_env() -> str:
+    """The drafter forward the EDGESPEC_LEAN switch asks for ("auto" when it is unset): 0 = transformers'
+    forward, dynamic = the lean forward without CUDA graphs, static = lean over static buffers."""
+    return LEAN_SWITCH.get(os.environ.get("EDGESPEC_LEAN", "auto"), "auto")
+
+
+def text_config(config):
+    """The decoder's config of a model config (a multimodal model's text part; itself otherwise)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 @dataclass(frozen=True)
@@ -18,7 +31,7 @@ class DraftConfig:
     when the pass waits on a real or emulated link), growing the search up to `overlap_factor` x the
     budget meanwhile; `draft_temperature` sharpens greedy tree scores below 1; `tree_scores` ranks nodes
     by learnt hit rates ("calibrated") or raw draft probabilities ("draft"); `forward` is the drafter's
-    forward (edgespec/core/drafter.py)."""
+    forward (edgespec/core/draft_runner.py; its default reads EDGESPEC_LEAN: `forward_from_env`)."""
 
     max_depth: int = 32
     branch: int = 16
@@ -27,7 +40,7 @@ class DraftConfig:
     overlap_factor: int = 4
     draft_temperature: float = 1.0
     tree_scores: str = "calibrated"
-    forward: str = "auto"
+    forward: str = field(default_factory=forward_from_env)
 
     def __post_init__(self):
         if self.max_depth < 1 or self.branch < 1 or self.batch < 1 or self.overlap_factor < 1:

@@ -35,3 +35,10 @@ class BackoffWarning(UserWarning):
 
 class GrammarError(InvalidArgumentError):
     """A grammar constraint (JSON schema, regex, Lark grammar, tools) that cannot be compiled or used."""
+class StageFailedError(EdgespecError):
+    """A stage of a target split across machines died, stopped answering or refused to serve; `stage`
+    is its rank (None when it is not known). The conversation on stage 0 is kept."""
+
+    def __init__(self, message: str, stage: int | None = None):
+        super().__init__(message)
+        self.stage = stage

@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from edgespec.base import reach
+from edgespec.base.config import text_config
 from edgespec.base.errors import UnsupportedModelError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -33,9 +35,6 @@ VERIFIED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 class UnverifiedWindowWarning(UserWarning):
     """A family outside the verified ones has sliding-window layers: its context is capped at the window."""
 
-
-def text_config(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
 def layer_windows(config) -> list[int | None]:
@@ -80,10 +79,10 @@ def prepare(model) -> None:
     an implementation that takes the tree mask: SDPA where the family supports it, else eager
     (Gemma 2 and gpt-oss refuse SDPA: softcapping, attention sinks)."""
     check_family(model.config)
-    impl = model.config._attn_implementation
-    if impl in MASKABLE and (impl != "sdpa" or getattr(model, "_supports_sdpa", False)):
+    impl = reach.attn_implementation(model.config)
+    if impl in MASKABLE and (impl != "sdpa" or reach.supports_sdpa(model)):
         return
-    want = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+    want = "sdpa" if reach.supports_sdpa(model) else "eager"
     try:
         model.set_attn_implementation(want)
     except Exception as err:  # noqa: BLE001 — transformers refused: say what and how to fix

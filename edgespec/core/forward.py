@@ -6,39 +6,43 @@ import inspect
 
 import torch
 
+from edgespec.base import reach
 from edgespec.core import attention
 from edgespec.core.kv import cache_len
 from edgespec.base.device import compute_dtype, model_device
 
 
-def to_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
-    """Boolean (q, kv) visibility → the 4D mask the model's attention expects."""
+def to_model_mask(allowed: torch.Tensor, model, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (q, kv) visibility → the 4D mask the model's attention expects (on `device`, default the
+    model's)."""
     dtype = compute_dtype(model)
-    mask = allowed[None, None].to(model_device(model))
-    if model.config._attn_implementation == "eager":
+    mask = allowed[None, None].to(device or model_device(model))
+    if reach.attn_implementation(model.config) == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
 
 
-def hidden_states(model, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-                  kv_positions: torch.Tensor | None = None):
-    """Run the decoder on `tokens` (1-D) appended to `cache`; returns last hidden states (q, H).
+def hidden_states(model, cache, tokens: torch.Tensor | None, positions: torch.Tensor, allowed: torch.Tensor | None,
+                  kv_positions: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
+    """Run the decoder on `tokens` (1-D) appended to `cache`; returns last hidden states (q, H). A
+    pipeline stage passes `embeds` (q, H), the hidden states coming into its layers, instead of tokens.
 
     `allowed` is a (q, cache_len + q) bool visibility matrix by cache slot, or None for plain causal
     attention. `kv_positions` gives each of those slots' sequence position (default: the cached
     slots are positions 0.. in order, the new ones `positions`); sliding-window layers see only keys
     within their window of each query's position (edgespec/core/attention.py). This is transformers'
-    forward; a drafter may run its own (edgespec/core/drafter.py).
+    forward; a drafter may run its own (edgespec/core/draft_runner.py).
     """
     visible = visibility(model.config, cache, positions, allowed, kv_positions)
-    dev = model_device(model)
+    dev = embeds.device if embeds is not None else model_device(model)
     if isinstance(visible, dict):
-        mask = {kind: to_model_mask(v, model) for kind, v in visible.items()}
+        mask = {kind: to_model_mask(v, model, dev) for kind, v in visible.items()}
     else:
-        mask = to_model_mask(visible, model) if visible is not None else None
+        mask = to_model_mask(visible, model, dev) if visible is not None else None
     decoder = model.get_decoder()
+    inputs = {"input_ids": tokens[None].to(dev)} if embeds is None else {"inputs_embeds": embeds[None]}
     out = decoder(
-        input_ids=tokens[None].to(dev),
+        **inputs,
         position_ids=positions[None].to(dev),
         attention_mask=mask,
         use_cache=True,

@@ -1,16 +1,37 @@
-"""KV-cache surgery on transformers' DynamicCache: new tree entries are appended by the forward,
-then the cache is compacted to the accepted path, so accepted tokens are never recomputed."""
+"""The KV caches: one protocol for what the engine does to a cache, and its two adapters.
+
+A tree's entries are appended to a cache by the forward, then the cache is compacted to the accepted
+path (`keep`), so accepted tokens are never recomputed; a failed or abandoned step is undone by
+`crop_to`. `KVCache` is that protocol; `TreeCache` adapts transformers' DynamicCache to it (and is one,
+so it goes straight into a transformers forward as `past_key_values`), and `static_kv.StaticKV` is the
+drafter's preallocated buffers on the lean static path.
+"""
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache
 
-from edgespec.core.static_kv import StaticCache
+
+@runtime_checkable
+class KVCache(Protocol):
+    def get_seq_length(self) -> int:
+        """Entries held (the longest layer's)."""
+
+    def layer_lengths(self) -> list[int]:
+        """Entries held by each layer (they differ only after a forward that failed half-way)."""
+
+    def crop_to(self, length: int) -> None:
+        """Drop every entry from position `length` on, in every layer."""
+
+    def keep(self, positions: torch.Tensor) -> None:
+        """Keep only the entries at `positions` (ascending), moved to the front in that order."""
 
 
-def new_cache(model) -> DynamicCache | StaticCache:
-    """A cache of full-length layers, sliding-window layers included: tree entries must stay
-    addressable until the accepted path is known, and transformers' rolling layer
+class TreeCache(DynamicCache):
+    """transformers' DynamicCache with full-length layers, sliding-window layers included: tree entries
+    must stay addressable until the accepted path is known, and transformers' rolling layer
     (DynamicSlidingWindowLayer) drops the oldest entries on every update, ones a node's prefix may
     still need. The window is applied by the mask instead (edgespec/core/attention.py).
 
@@ -19,43 +40,40 @@ def new_cache(model) -> DynamicCache | StaticCache:
     token per layer, K and V) at a 32k context that is 15.5 GiB instead of 2.9 GiB; for gpt-oss-120b
     (36 layers, 18 sliding with window 128; 8 x 64 dims: 2 KiB) 2.25 GiB instead of 1.13 GiB.
     It can be trimmed later: after each step, a sliding layer only needs the entries at positions
-    >= (committed length - window), so `prune_to_path` could drop older ones per layer and keep a
-    per-layer position offset for the masks (`forward.hidden_states`' kv_positions).
-    A drafter on the lean static path has preallocated buffers instead (Drafter.new_cache)."""
-    return DynamicCache()
+    >= (committed length - window), so `keep` could drop older ones per layer and keep a per-layer
+    position offset for the masks (`forward.hidden_states`' kv_positions)."""
+
+    def _filled(self):
+        return [layer for layer in self.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+    def layer_lengths(self) -> list[int]:
+        return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in self.layers]
+
+    def crop_to(self, length: int) -> None:
+        for layer in self._filled():
+            if layer.keys.shape[-2] > length:
+                layer.keys = layer.keys[..., :length, :].contiguous()
+                layer.values = layer.values[..., :length, :].contiguous()
+
+    def keep(self, positions: torch.Tensor) -> None:
+        for layer in self._filled():
+            idx = positions.to(layer.keys.device)
+            layer.keys = layer.keys.index_select(-2, idx)
+            layer.values = layer.values.index_select(-2, idx)
 
 
-def cache_len(cache: DynamicCache) -> int:
+def new_cache(model) -> TreeCache:
+    """The target's cache (and a drafter's, off the lean static path: `DraftRunner.new_cache`)."""
+    return TreeCache()
+
+
+def cache_len(cache: KVCache | None) -> int:
     return cache.get_seq_length() if cache is not None else 0
 
 
-def keep_positions(cache: DynamicCache, keep: torch.Tensor) -> None:
-    """Keep only the cache entries at positions `keep` (ascending), in that order."""
-    if isinstance(cache, StaticCache):
-        return cache.keep(keep)
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-            continue
-        idx = keep.to(layer.keys.device)
-        layer.keys = layer.keys.index_select(-2, idx)
-        layer.values = layer.values.index_select(-2, idx)
-
-
-def crop(cache: DynamicCache, length: int) -> None:
-    """Drop every entry from position `length` on, layer by layer (layers may differ in length after
-    a forward that failed half-way)."""
-    if isinstance(cache, StaticCache):
-        return cache.crop(length)
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.numel() and keys.shape[-2] > length:
-            layer.keys = keys[..., :length, :].contiguous()
-            layer.values = layer.values[..., :length, :].contiguous()
-
-
-def prune_to_path(cache: DynamicCache, prefix: int, path_pos: list[int]) -> None:
+def prune_to_path(cache: KVCache, prefix: int, path_pos: list[int]) -> None:
     """Keep positions [0, prefix) plus the accepted tree entries at `path_pos` (absolute positions)."""
     keep = torch.cat([torch.arange(prefix), torch.tensor(path_pos, dtype=torch.long)])
     if keep.numel() == cache_len(cache) and torch.equal(keep, torch.arange(keep.numel())):
         return  # the accepted path is already contiguous after the prefix
-    keep_positions(cache, keep)
+    cache.keep(keep)

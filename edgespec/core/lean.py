@@ -9,10 +9,10 @@ straight from the model's own modules (bitsandbytes nf4/int8 layers work unchang
 RMSNorm per norm, rotary embedding from the model's rotary module once per forward (rope scaling
 included), one SDPA call with the boolean tree mask and grouped KV heads. Over transformers' cache
 (`cache.update`, which the rest of edgespec prunes) it only saves Python work (~1.2x per forward on
-a CPU); over a StaticCache (edgespec/core/static_kv.py, the default on a GPU) its fixed shapes and
+a CPU); over a StaticKV (edgespec/core/static_kv.py, the default on a GPU) its fixed shapes and
 addresses let each forward replay as one CUDA graph.
 
-Only the drafter uses it (edgespec/core/drafter.py builds it once); the target keeps transformers' forward, whose
+Only the drafter uses it (edgespec/core/draft_runner.py builds it once); the target keeps transformers' forward, whose
 token-exactness the tests check against `generate`. The drafter only proposes tokens, so rounding
 differences here could never change the output, only which tokens are proposed (in fp32 the
 dynamic path is bit-identical to transformers' on the tested models). tests/test_lean.py.
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from edgespec.core import attention
-from edgespec.core.static_kv import StaticCache
+from edgespec.core.static_kv import StaticKV
+from edgespec.base import reach
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -40,7 +41,7 @@ def supports(model) -> bool:
     cfg = model.config
     decoder = model.get_decoder()
     rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
-    hooked = any(layer._forward_pre_hooks or layer._forward_hooks or hasattr(layer, "_hf_hook")
+    hooked = any(reach.has_forward_hooks(layer)
                  for layer in decoder.layers)
     return (cfg.model_type in SUPPORTED and len(set(attention.layer_windows(cfg))) == 1
             and rope in ROPES and hasattr(F, "rms_norm") and not hooked)
@@ -63,11 +64,11 @@ class LeanDecoder:
         self.layers = list(self.decoder.layers)
         self.static = static
 
-    def new_cache(self) -> StaticCache:
+    def new_cache(self) -> StaticKV:
         attn = self.layers[0].self_attn
         kv_heads = attn.k_proj.out_features // attn.head_dim
         weight = self.decoder.embed_tokens.weight
-        return StaticCache(len(self.layers), kv_heads, attn.head_dim, weight.dtype, weight.device)
+        return StaticKV(len(self.layers), kv_heads, attn.head_dim, weight.dtype, weight.device)
 
     @torch.no_grad()
     def __call__(self, cache, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None):
@@ -77,13 +78,13 @@ class LeanDecoder:
         past = cache.get_seq_length()
         if allowed is None:
             allowed = torch.ones(q, past + q, dtype=torch.bool).tril(past)
-        if isinstance(cache, StaticCache):
-            return cache.run(self._static_forward, tokens, positions, allowed)
+        if isinstance(cache, StaticKV):
+            return cache.run(self.static_forward, tokens, positions, allowed)
         dev = self.decoder.embed_tokens.weight.device
         inputs = {"tokens": tokens.to(dev), "positions": positions.to(dev), "mask": allowed.to(dev)}
         return self._layers(inputs, lambda i, k, v: cache.update(k, v, i))[0]
 
-    def _static_forward(self, cache: StaticCache, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def static_forward(self, cache: StaticKV, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The padded forward over preallocated buffers (capturable: fixed shapes and addresses)."""
         slots = inputs["slots"]
 

@@ -2,6 +2,7 @@
 context window, the end-of-sequence tokens."""
 from __future__ import annotations
 
+from edgespec.base.config import text_config
 from edgespec.core import attention
 from edgespec.base.errors import TokenizerMismatchError
 
@@ -41,7 +42,7 @@ def proposal_vocab(target, drafter, tokenizer, draft_tokenizer) -> int | None:
 def context_window(*models) -> int:
     """The models' smallest max_position_embeddings (sliding windows are masked, edgespec/core/attention.py;
     only a family not verified past its window is held to it)."""
-    sizes = [getattr(attention.text_config(m.config), "max_position_embeddings", None) for m in models]
+    sizes = [getattr(text_config(m.config), "max_position_embeddings", None) for m in models]
     sizes += [attention.context_cap(m.config) for m in models]
     sizes = [s for s in sizes if s]
     return min(sizes) if sizes else 2048

@@ -20,10 +20,12 @@ output depends only on the target, never on the drafter or the tree.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+
 import torch
 
+from edgespec.base import reach
 from edgespec.base.errors import InvalidArgumentError
 from edgespec.core.grammar import mask_logits
 
@@ -81,7 +83,7 @@ def model_defaults(model) -> SamplingConfig:
     """The model's own sampling settings (its generation_config, read as transformers' generate reads
     it), or CHAT_DEFAULTS when it carries none (a config derived from the model config, as a GGUF's)."""
     gen = getattr(model, "generation_config", None)
-    if gen is None or getattr(gen, "_from_model_config", False):
+    if gen is None or reach.derived_generation_config(gen):
         return CHAT_DEFAULTS
     penalty = float(gen.repetition_penalty or 1.0)
     if not gen.do_sample:
@@ -91,18 +93,29 @@ def model_defaults(model) -> SamplingConfig:
                           float(gen.min_p or 0.0), penalty, source="generation_config")
 
 
-def resolve(defaults: SamplingConfig, temperature=None, top_p=None, top_k=None, min_p=None,
-            repetition_penalty=None) -> SamplingConfig:
-    """`defaults` with every argument that is not None in its place. An explicit temperature of 0 is
-    plain greedy: a chat preset's repetition penalty is part of its sampling and stays out (give
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig) if f.name != "source")  # what a caller may set
+
+
+def resolve(defaults: SamplingConfig, given: "SamplingConfig | Mapping[str, object] | None" = None) -> SamplingConfig:
+    """The settings a generation samples with: `given` as is when it is a SamplingConfig, else `defaults`
+    with every setting the mapping `given` holds (a value of None keeps the default's; a name that is not
+    a SamplingConfig field is an InvalidArgumentError naming it). An explicit temperature of 0 is plain
+    greedy: a chat preset's repetition penalty is part of its sampling and stays out (give
     repetition_penalty to use one in greedy decoding); a model's own generation_config keeps its."""
-    given = {k: v for k, v in dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                   repetition_penalty=repetition_penalty).items() if v is not None}
+    if isinstance(given, SamplingConfig):
+        return given
+    if given is not None and not isinstance(given, Mapping):
+        raise InvalidArgumentError(f"sampling must be a SamplingConfig or a mapping of its fields "
+                                   f"{list(SAMPLING_FIELDS)}, got {type(given).__name__}")
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if unknown := sorted(set(given) - set(SAMPLING_FIELDS)):
+        raise InvalidArgumentError(f"unknown sampling setting {unknown[0]!r}: the settings are {list(SAMPLING_FIELDS)}")
     if not given:
         return defaults
     if given.get("temperature") == 0 and defaults.source == "chat defaults":
         given.setdefault("repetition_penalty", 1.0)
-    return replace(defaults, **given, source="explicit" if len(given) == 5 else defaults.source + ", overridden")
+    return replace(defaults, **given, source="explicit" if len(given) == len(SAMPLING_FIELDS)
+                   else defaults.source + ", overridden")
 
 
 @dataclass

@@ -11,8 +11,10 @@ log-probabilities; each node keeps its raw log-probability and rank, for the cal
 from and for `rescore` when it has.
 
 A search outlives its step: it can keep growing while the target verifies (overlap), and after
-acceptance `advance` re-roots it at the target's new token, so the next step starts from the
-subtree already drafted under it (its drafter KV entries kept, the rest compacted away).
+acceptance `reroot` re-roots it at the target's new token, so the next step starts from the
+subtree already drafted under it. The search writes the drafter's KV cache only by feeding nodes;
+`reroot` says which entries the committed tokens and the kept subtree need, and the conversation
+(edgespec/engine/conversation.py) compacts the cache to them when it commits the step.
 
 Under a grammar (edgespec/core/grammar.py) every expanded node carries its grammar state — its parent's,
 forked, plus its own token — and the drafter proposes only the tokens that state allows, scored by its
@@ -26,7 +28,6 @@ import torch
 
 from edgespec.core.attention import slides
 from edgespec.core.grammar import GrammarState, allowed_rows
-from edgespec.core.kv import keep_positions
 from edgespec.base.stats import Plan
 from edgespec.core.tree import Tree, ancestor_chains
 
@@ -43,9 +44,9 @@ class TreeSearch:
 
     slack = 4
 
-    def __init__(self, drafter, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
+    def __init__(self, runner, cache, sampler, root_token: int, root_pos: int, seen: torch.Tensor | None = None,
                  calibration: "ScoreCalibration | None" = None, grammar: GrammarState | None = None):
-        self.drafter, self.cache, self.sampler = drafter, cache, sampler
+        self.runner, self.cache, self.sampler = runner, cache, sampler
         self.calibration = calibration  # maps draft log-probs to calibrated log hit rates (None: raw scores)
         self.root_pos = root_pos  # drafter cache position (= sequence position) of the root
         self.seen = seen  # (vocab,) bool: committed tokens, for the repetition penalty (None: off)
@@ -63,18 +64,18 @@ class TreeSearch:
         self.states: dict[int, GrammarState] | None = {0: grammar} if grammar is not None else None
 
     @classmethod
-    def start(cls, drafter, cache, stem: torch.Tensor, sampler, branch: int, history=None,
+    def start(cls, runner, cache, stem: torch.Tensor, sampler, branch: int, history=None,
               calibration: "ScoreCalibration | None" = None, grammar: GrammarState | None = None) -> "TreeSearch":
-        """Feed the pending `stem` (ending in the root) to the `drafter` (edgespec/core/drafter.py) and
+        """Feed the pending `stem` (ending in the root) to the drafter's `runner` (edgespec/core/draft_runner.py) and
         propose the root's children. `history`: the committed tokens, root included (for the
         repetition penalty); `calibration`: how to score nodes (edgespec/core/scores.py; None: raw);
         `grammar`: the grammar state after the root (None: unconstrained)."""
         past = cache.get_seq_length()
         s = stem.numel()
-        logits = drafter.logits(drafter.hidden_states(cache, stem, torch.arange(past, past + s), None)[-1:])
+        logits = runner.logits(runner.hidden_states(cache, stem, torch.arange(past, past + s), None)[-1:])
         seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
         own = grammar.fork() if grammar is not None else None  # (the verifying thread reads the caller's)
-        search = cls(drafter, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration, own)
+        search = cls(runner, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration, own)
         search._add_children(torch.tensor([0]), logits, branch)
         return search
 
@@ -106,6 +107,13 @@ class TreeSearch:
         return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep],
                     self.logp[keep], self.rank[keep])
 
+    def resume(self, sampler, calibration: "ScoreCalibration | None") -> int:
+        """Carry the search into the next step, under that step's `sampler` and `calibration` (scores
+        recomputed with what the calibration has learnt since); returns the draft nodes carried over."""
+        self.sampler, self.calibration = sampler, calibration
+        self.rescore()
+        return int(self.alive.sum()) - 1
+
     def rescore(self) -> None:
         """Recompute every node's score from its edges with the calibration as it is now (it learnt
         from the trees verified since these nodes were drafted)."""
@@ -119,13 +127,12 @@ class TreeSearch:
         self.scores = edges[chains.clamp(min=0)].masked_fill(chains < 0, 0.0).sum(dim=1)
 
     # ---- after verification ------------------------------------------------------------------
-    def advance(self, path: list[int], bonus: int) -> "TreeSearch | None":
-        """Commit the accepted `path` (indices into the last tree) and the target's `bonus` token.
-
-        If the search already holds the bonus token under the path's end, with its children
-        drafted, return the re-rooted search (drafter cache compacted to the committed tokens plus
-        that subtree). Otherwise prune the drafter cache to the committed tokens and return None.
-        """
+    def reroot(self, path: list[int], bonus: int) -> "tuple[TreeSearch | None, list[int]]":
+        """The search after the accepted `path` (indices into the last tree) and the target's `bonus`
+        token, and the drafter cache positions it needs, in order: (the re-rooted search, the committed
+        tokens' entries then that subtree's) when the search already holds the bonus token under the
+        path's end with its children drafted, else (None, the committed tokens' entries). The cache is
+        not touched: the conversation keeps exactly these entries when it commits the step."""
         nodes = [int(self.snapshot[j]) for j in path]
         fed_path = [int(self.fed[n]) for n in nodes]
         fed_path = fed_path[: next((i for i, p in enumerate(fed_path) if p < 0), len(fed_path))]
@@ -133,18 +140,16 @@ class TreeSearch:
         hit = ((self.parents == end) & (self.tokens == bonus) & self.alive & self.expanded).nonzero()
         prefix = list(range(self.root_pos + 1)) + fed_path
         if hit.numel() == 0 or len(fed_path) < len(nodes):
-            self._keep_cache(prefix)
-            return None
-        return self._reroot(int(hit[0]), prefix)
+            return None, prefix
+        return self._reroot_at(int(hit[0]), prefix)
 
-    def _reroot(self, new_root: int, prefix: list[int]) -> "TreeSearch":
+    def _reroot_at(self, new_root: int, prefix: list[int]) -> "tuple[TreeSearch, list[int]]":
         alive = self.alive.nonzero().squeeze(1)
         chains = ancestor_chains(self.parents, alive, int(self.depths.max()))
         sub = alive[(chains == new_root).any(dim=1)]  # the new root and its alive descendants (ascending)
         sub_fed = self.fed[sub]
         kept_fed = sub_fed[sub_fed >= 0]
         positions = torch.cat([torch.tensor(prefix, dtype=torch.long), kept_fed.sort().values])
-        self._keep_cache(positions.tolist())
         new_pos = torch.full((int(positions.max()) + 1,), -1)
         new_pos[positions] = torch.arange(positions.numel())
         remap = torch.full((self.tokens.numel(),), -1)
@@ -154,7 +159,7 @@ class TreeSearch:
             seen = seen.clone()
             path = ancestor_chains(self.parents, torch.tensor([new_root]), int(self.depths[new_root]))[0]
             seen[self.tokens[path]] = True
-        nxt = TreeSearch(self.drafter, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
+        nxt = TreeSearch(self.runner, self.cache, self.sampler, int(self.tokens[new_root]), len(prefix), seen,
                          self.calibration)
         if self.states is not None:  # expanded nodes under the new root keep their states
             nxt.states = {int(remap[n]): st for n, st in self.states.items() if remap[n] >= 0}
@@ -167,12 +172,7 @@ class TreeSearch:
         nxt.fed = torch.where(sub_fed >= 0, new_pos[sub_fed.clamp(min=0)], sub_fed)
         nxt.expanded, nxt.alive = self.expanded[sub], torch.ones(sub.numel(), dtype=torch.bool)
         assert int(nxt.fed[0]) == len(prefix), "the new root must sit right after the committed tokens"
-        return nxt
-
-    def _keep_cache(self, positions: list[int]) -> None:
-        n = self.cache.get_seq_length()
-        if positions != list(range(n)):
-            keep_positions(self.cache, torch.tensor(positions, dtype=torch.long))
+        return nxt, positions.tolist()
 
     # ---- internals ---------------------------------------------------------------------------
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
@@ -247,10 +247,10 @@ class TreeSearch:
         rows = torch.arange(b)[:, None].expand_as(cols)
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
-        kv_pos = self._slot_positions(start + b) if slides(self.drafter.config) else None
-        hidden = self.drafter.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
+        kv_pos = self._slot_positions(start + b) if slides(self.runner.config) else None
+        hidden = self.runner.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
                                             allowed, kv_pos)
-        return self.drafter.logits(hidden)
+        return self.runner.logits(hidden)
 
     def _slot_positions(self, n: int) -> torch.Tensor:
         """Sequence position of each of the drafter cache's first `n` slots: committed slots are their
@@ -261,10 +261,10 @@ class TreeSearch:
         return pos
 
 
-def build_tree(model, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:
+def build_tree(runner, cache, stem: torch.Tensor, plan: Plan, sampler) -> Tree:
     """Feed the pending `stem` (ending in the root) to the drafter, then grow a tree under the root."""
     if plan.budget <= 0:
         return Tree.root_only(int(stem[-1]))  # the stem stays pending: nothing drafted
-    search = TreeSearch.start(model, cache, stem, sampler, plan.branch)
+    search = TreeSearch.start(runner, cache, stem, sampler, plan.branch)
     search.grow(plan)
     return search.tree(plan.budget)

@@ -6,7 +6,7 @@ only over fixed shapes and addresses. So: keys and values live in fixed (1, kv_h
 head_dim) buffers, a forward of q tokens is padded to a bucket of b >= q tokens (b a power of two),
 writes its entries at slots [length, length + b) and attends over the whole buffer through a
 (b, capacity) boolean mask in which slots past the live ones are never visible. Each bucket is
-captured once per cache, on its first use (`StaticCache.run`), and replayed from then on.
+captured once per cache, on its first use (`StaticKV.run`), and replayed from then on.
 
 Pruning after a step (`keep`, `crop`) moves entries inside the same buffers and changes `length`,
 so captured graphs stay valid; only growing the capacity reallocates and drops them.
@@ -34,7 +34,9 @@ def bucket_for(q: int) -> int | None:
     return next((b for b in BUCKETS if b >= q), None)
 
 
-class StaticCache:
+class StaticKV:
+    """The drafter's KV cache as preallocated buffers (the `kv.KVCache` protocol)."""
+
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  capacity: int = 2 * GROW, graphs: bool | None = None):
         self.shape = (1, kv_heads, 0, head_dim)
@@ -60,7 +62,10 @@ class StaticCache:
             buf[:, :, :m] = buf.index_select(2, idx)
         self.length = m
 
-    def crop(self, length: int) -> None:
+    def layer_lengths(self) -> list[int]:
+        return [self.length] * self.n_layers
+
+    def crop_to(self, length: int) -> None:
         self.length = min(self.length, max(length, 0))
 
     @property
@@ -85,7 +90,7 @@ class StaticCache:
                 allowed = torch.ones(b, start + b, dtype=torch.bool).tril(start)
                 self.run(forward, torch.zeros(b, dtype=torch.long), torch.arange(start, start + b), allowed,
                          capture=True)
-                self.crop(start)
+                self.crop_to(start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # dummy entries written before any stream reuses the slots
 
@@ -155,7 +160,7 @@ class StaticCache:
 class _Captured:
     """One bucket's forward captured as a CUDA graph, with the static input buffers it reads."""
 
-    def __init__(self, forward, cache: StaticCache, inputs: dict[str, torch.Tensor], pool):
+    def __init__(self, forward, cache: StaticKV, inputs: dict[str, torch.Tensor], pool):
         self.inputs = {k: v.clone() for k, v in inputs.items()}
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()

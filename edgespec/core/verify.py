@@ -29,20 +29,38 @@ class Verdict:
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
 
 
+class TreeVerifier:
+    """A target that runs the verification pass its own way: split across machines
+    (edgespec/distributed/target.py), its cache a kv.KVSurgery. `verify` hands it the whole pass."""
+
+    def verify_tree(self, cache, stem: torch.Tensor, tree: Tree, sampler, history=None,
+                    grammar: GrammarState | None = None, logprobs: int | None = None) -> Verdict:
+        raise NotImplementedError
+
+
 def verify(model, cache, stem: torch.Tensor, tree: Tree, sampler, history=None, grammar: GrammarState | None = None,
            logprobs: int | None = None) -> Verdict:
     """One target pass over the pending `stem` (ending in the root) plus the tree; cache grows by all.
     `history`: the committed tokens, root included (needed when the sampler penalises repetition);
     `grammar`: the grammar state after the root; `logprobs`: how many top alternatives each token's
     log-probability comes with (None: no log-probabilities)."""
+    if isinstance(model, TreeVerifier):
+        return model.verify_tree(cache, stem, tree, sampler, history, grammar, logprobs)
     past = cache.get_seq_length()
     s = stem.numel()
-    root_pos = past + s - 1
-    positions = torch.cat([torch.arange(past, past + s), root_pos + tree.depths[1:]])
-    allowed = stem_and_tree_mask(past, s, tree.ancestor_mask()) if tree.size else None
+    positions, allowed = pass_inputs(past, s, tree)
     hidden = hidden_states(model, cache, torch.cat([stem, tree.tokens[1:]]), positions, allowed)
-    return walk(tree, lambda i: logits_from_hidden(model, hidden[s - 1 + i]), sampler, root_pos, history,
+    return walk(tree, lambda i: logits_from_hidden(model, hidden[s - 1 + i]), sampler, past + s - 1, history,
                 grammar, logprobs)
+
+
+def pass_inputs(past: int, stem: int, tree: Tree) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(positions, visibility) of a pass over `stem` pending tokens (ending in the root) plus the tree's
+    nodes, on a cache of `past` entries (visibility None: plain causal, no tree)."""
+    root_pos = past + stem - 1
+    positions = torch.cat([torch.arange(past, past + stem), root_pos + tree.depths[1:]])
+    allowed = stem_and_tree_mask(past, stem, tree.ancestor_mask()) if tree.size else None
+    return positions, allowed
 
 
 def walk(tree: Tree, logits_at, sampler, root_pos: int, history=None, grammar: GrammarState | None = None,

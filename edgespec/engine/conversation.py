@@ -1,21 +1,49 @@
-"""One conversation's state: the committed tokens and both models' KV caches.
+"""One conversation's state: the committed tokens, both models' KV caches, and the drafted subtree.
 
 The caches never hold more than len(ids) - 1 entries: the last committed token is always pending (the
 next tree's root), and a step feeds the pending tokens ("stem") and the tree in one forward per model,
 so a prompt's prefill rides along with the first verification pass and a new prompt that extends the
 conversation (a chat turn) only pays for its new tokens. `search` is the subtree drafted under the
 last token, which the next step may grow instead of starting afresh.
+
+The conversation owns every change to that state: `commit` takes a step's outcome (both caches pruned
+to the accepted path, the ids extended, the re-rooted search kept) all at once; `sync`, `keep`, `trim`
+and `rollback` move it back to a prefix of itself.
 """
 from __future__ import annotations
 
-from edgespec.core.kv import crop
+import torch
+
+from edgespec.base.device import on_stream
+from edgespec.core.kv import KVCache, prune_to_path
 
 
 class Conversation:
-    def __init__(self, tcache, dcache):
+    def __init__(self, tcache: KVCache, dcache: KVCache):
         self.ids: list[int] = []
         self.tcache, self.dcache = tcache, dcache
-        self.search = None  # draft.TreeSearch under the last token, reusable next step
+        self.search = None  # core.search.TreeSearch under the last token, reusable next step
+
+    def commit(self, tokens: list[int], path: list[int], search=None, draft_keep: list[int] | None = None,
+               draft_stream=None) -> None:
+        """A verified step: the target's cache keeps the pending tokens it just saw plus the entries of the
+        accepted tree nodes `path` (indices into the tree, root excluded), the drafter's cache keeps `draft_keep` (its
+        entries the committed tokens and `search` need, from `TreeSearch.reroot`; None: as it is), `search`
+        (the re-rooted search, or None) is kept for the next step, and the committed `tokens` (accepted,
+        then the target's own) extend the ids. The drafter's cache is compacted on `draft_stream`, where
+        it was written."""
+        root = len(self.ids)  # entries up to and including the root; tree node j sits at root - 1 + j
+        prune_to_path(self.tcache, root, [root - 1 + j for j in path])
+        if draft_keep is not None and draft_keep != list(range(self.dcache.get_seq_length())):
+            with on_stream(draft_stream):
+                self.dcache.keep(torch.tensor(draft_keep, dtype=torch.long))
+        self.search = search
+        self.ids.extend(tokens)
+
+    def take_search(self):
+        """The drafted subtree under the last token, handed to the step that grows it (None: none)."""
+        search, self.search = self.search, None
+        return search
 
     def sync(self, ids: list[int]) -> None:
         """Make `ids` the committed sequence, keeping the cached common prefix."""
@@ -37,13 +65,13 @@ class Conversation:
         self.search = None
         for cache in (self.tcache, self.dcache):
             if cache.get_seq_length() > length:
-                crop(cache, length)
+                cache.crop_to(length)
 
     def rollback(self, before: tuple[int, int]) -> None:
         """Back to the cache lengths `before` a step that failed half-way (nothing was committed)."""
         self.search = None
-        crop(self.tcache, before[0])
-        crop(self.dcache, min(before[1], len(self.ids) - 1))
+        self.tcache.crop_to(before[0])
+        self.dcache.crop_to(min(before[1], len(self.ids) - 1))
 
     def lengths(self) -> tuple[int, int]:
         return self.tcache.get_seq_length(), self.dcache.get_seq_length()

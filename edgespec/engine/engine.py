@@ -1,32 +1,34 @@
 """The engine: prompt → drafter builds tree → scheduler picks budget → target verifies → accept →
 caches pruned → tokens streamed.
 
-`Engine` wires the pieces once and hands generations out: the drafter (edgespec/core/drafter.py), the
-scheduler, the stepper that runs one step at a time (edgespec/engine/step.py), the conversation the steps
-advance (edgespec/engine/conversation.py), and the runs that turn steps into text (edgespec/engine/run.py).
+`Engine` wires the pieces once and hands generations out: the draft runner (edgespec/core/draft_runner.py),
+the scheduler, the stepper that runs one step at a time (edgespec/engine/step.py), the conversation the
+steps advance (edgespec/engine/conversation.py), and the runs that turn steps into text (edgespec/engine/run.py).
+What the front ends read from it is `FrontEnd` (edgespec/engine/face.py).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-from edgespec.core import attention
-from edgespec.core.kv import new_cache
 from edgespec.base.config import DraftConfig, LoadConfig, split_fields
-from edgespec.engine.conversation import Conversation
 from edgespec.base.device import model_device, side_stream
-from edgespec.core.drafter import Drafter
 from edgespec.base.errors import EdgespecError, GrammarError, InvalidArgumentError
+from edgespec.core import attention
+from edgespec.core.draft_runner import DraftRunner
 from edgespec.core.grammar import Constraint, Grammar, as_grammar, token_table
+from edgespec.core.kv import new_cache
 from edgespec.core.logprobs import MAX_TOP
-from edgespec.offload import find_handle
-from edgespec.engine.overlap import Overlap, wanted
 from edgespec.core.pair import context_window, eos_ids, proposal_vocab
+from edgespec.core.sampling import Sampler, SamplingConfig, model_defaults, resolve
+from edgespec.core.scores import ScoreCalibration, ScoreCalibrations
+from edgespec.engine.conversation import Conversation
+from edgespec.engine.overlap import Overlap, wanted
 from edgespec.engine.prompts import encode
 from edgespec.engine.run import Generation, Run
-from edgespec.core.sampling import Sampler, SamplingConfig, model_defaults, resolve
-from edgespec.scheduler import Scheduler, make_scheduler
-from edgespec.core.scores import ScoreCalibration, ScoreCalibrations
+from edgespec.core.verify import TreeVerifier
 from edgespec.engine.step import Stepper
+from edgespec.offload import find_handle
+from edgespec.scheduler import Scheduler, make_scheduler
 
 
 class Engine:
@@ -37,40 +39,45 @@ class Engine:
     costs at start-up, cached per machine and models). `draft` (or its fields as keywords: max_depth,
     branch, batch, overlap, overlap_factor, draft_temperature, tree_scores, forward) says how trees are
     drafted (edgespec/base/config.py); the output is the target's whatever the tree. `sampling`: the defaults
-    a generation's sampling arguments fall back to (None: the target's own generation_config, else chat
+    a generation's sampling settings fall back to (None: the target's own generation_config, else chat
     defaults; edgespec/core/sampling.py). `draft_tokenizer`: the drafter's, when it has its own (the pair is
     refused unless it equals `tokenizer`). `offload`: the target's streaming handle (default: found
-    from the target, if `offload_layers` streams it). `self_draft`: the selfdraft.SelfDraft whose model is
-    `drafter`, when the target drafts for itself (its layout shows in the stats).
+    from the target, if `offload_layers` streams it). `self_draft`: the self_drafter.SelfDraft whose model
+    is `drafter`, when the target drafts for itself (its layout shows in the stats).
+
+    `engine.target` and `engine.drafter` are the two models as given; `engine.draft_runner` runs the
+    drafter's forwards.
     """
 
     def __init__(self, target, drafter, tokenizer=None, *, budget="auto", scheduler: Scheduler | None = None,
                  max_context: int | None = None, calibrate: bool = False, progress: bool = True,
                  sampling: SamplingConfig | None = None, draft_tokenizer=None, offload=None,
-                 draft: DraftConfig | None = None, self_draft=None, **draft_fields):
+                 draft: DraftConfig | None = None, self_draft=None, verifier: TreeVerifier | None = None,
+                 **draft_fields):
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
         for model in {id(target): target, id(drafter): drafter}.values():
             attention.prepare(model)  # refuse what a tree mask can't express; SDPA or eager attention
-        self.target, self.tokenizer = target.eval(), tokenizer
-        self.draft = Drafter(drafter, self.config.forward, self.vocab)
+        self.target, self.drafter, self.tokenizer = target.eval(), drafter, tokenizer
+        self.draft_runner = DraftRunner(drafter, self.config.forward, self.vocab)
         self.sampling = sampling or model_defaults(target)
         self.offload = offload if offload is not None else find_handle(target)
-        self.self_draft = self_draft  # selfdraft.SelfDraft when `drafter` is the target's own (its layout, plan)
+        self.self_draft = self_draft  # self_drafter.SelfDraft when `drafter` is the target's own (its layout, plan)
         self.device = model_device(target)
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)
         self.calibrations = ScoreCalibrations(self.config.tree_scores == "calibrated")
-        self.conversation = Conversation(new_cache(target), self.draft.new_cache())
+        self.conversation = Conversation(verifier.cache if verifier else new_cache(target),
+                                         self.draft_runner.new_cache())
         self._constraints: dict[Grammar, Constraint] = {}  # compiled grammars, the latest few
         if budget != 0:
-            self.draft.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
-        stream = side_stream(self.draft.device)
+            self.draft_runner.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
+        self.scheduler: Scheduler = scheduler or self._scheduler(budget, calibrate, progress)
+        stream = side_stream(self.draft_runner.device)
         overlap = wanted(self.offload) if self.config.overlap == "auto" else bool(self.config.overlap)
-        self.stepper = Stepper(self.target, self.draft, None, self.device, self.offload,
+        self.stepper = Stepper(verifier or self.target, self.draft_runner, self.device, self.offload,
                                Overlap(self.config.overlap_factor, stream) if overlap else None, stream)
-        self.scheduler = scheduler or self._scheduler(budget, calibrate, progress)
 
     def _scheduler(self, budget, calibrate: bool, progress: bool) -> Scheduler:
         c = self.config
@@ -78,7 +85,7 @@ class Engine:
         if calibrate and budget == "auto":
             from edgespec.scheduler.calibrate import startup_costs
 
-            costs = startup_costs(self.target, self.draft, self.offload, c, progress)
+            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress)
         return make_scheduler(budget, max_depth=c.max_depth, branch=c.branch, batch=c.batch, **costs)
 
     @classmethod
@@ -111,19 +118,6 @@ class Engine:
 
     # ---- the pieces, for stats and tests ------------------------------------------------------
     @property
-    def drafter(self):
-        """The drafting model (the Drafter object that runs it is `engine.draft`)."""
-        return self.draft.model
-
-    @property
-    def scheduler(self) -> Scheduler:
-        return self.stepper.scheduler
-
-    @scheduler.setter
-    def scheduler(self, value: Scheduler) -> None:
-        self.stepper.scheduler = value
-
-    @property
     def overlap(self) -> bool:
         """Whether drafting goes on during the target pass."""
         return self.stepper.overlap is not None
@@ -132,49 +126,57 @@ class Engine:
     def state(self) -> Conversation:
         return self.conversation
 
+    def drafter_forward(self) -> str:
+        """How the drafter's forwards run: "transformers", "lean", "lean+static" or "lean+cuda-graphs"."""
+        return self.draft_runner.describe(self.conversation.dcache)
+
     # ---- generations -------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
-                 top_k: int | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None, grammar=None, logprobs: int | None = None) -> Generation:
-        """Generate a completion; returns text, new token ids and per-step stats. A sampling argument
-        left None takes the engine's default (`engine.sampling`); temperature 0 is greedy. `grammar`: a
-        constraint the answer follows (a core.grammar.Grammar, a JSON schema dict or a pydantic model
-        class); `logprobs`: 0-20, each new token's log-probability with that many top alternatives
-        (`Generation.logprobs`)."""
-        run = self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
-                       repetition_penalty=repetition_penalty, grammar=grammar, logprobs=logprobs)
+    def generate(self, prompt, max_new_tokens: int = 256, **options) -> Generation:
+        """Generate a completion; returns text, new token ids and per-step stats. `options`: those of
+        `run` (stop, seed, sampling and the sampling settings by name, grammar, logprobs)."""
+        run = self.run(prompt, max_new_tokens, **options)
         for _ in run:
             pass
         return run.result
 
-    def stream(self, prompt, max_new_tokens: int = 256, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None, *,
-               top_k: int | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None, grammar=None) -> Iterator[str]:
-        """Yield text pieces as the target accepts them."""
-        yield from self.run(prompt, max_new_tokens, temperature, top_p, seed, stop, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, grammar=grammar)
+    def stream(self, prompt, max_new_tokens: int = 256, **options) -> Iterator[str]:
+        """Yield text pieces as the target accepts them (`options`: those of `run`)."""
+        yield from self.run(prompt, max_new_tokens, **options)
 
-    def run(self, prompt, max_new_tokens=256, temperature=None, top_p=None, seed=None, stop=None, *,
-            top_k=None, min_p=None, repetition_penalty=None, grammar=None, logprobs=None) -> Run:
-        """A generation in progress: iterate it for text pieces; `.result` holds the Generation."""
-        config = self.sampling_for(temperature, top_p, top_k, min_p, repetition_penalty)
+    def run(self, prompt, max_new_tokens: int = 256, *, stop: str | list[str] | None = None, seed: int | None = None,
+            sampling: SamplingConfig | Mapping | None = None, grammar=None, logprobs: int | None = None,
+            **settings) -> Run:
+        """A generation in progress: iterate it for text pieces; `.result` holds the Generation.
+
+        How the target samples is one value: `sampling`, a SamplingConfig or a mapping of its fields
+        (temperature, top_p, top_k, min_p, repetition_penalty), and/or those fields by name as keywords;
+        a setting left out or None takes the engine's default (`engine.sampling`); temperature 0 is
+        greedy. `seed`: the same seed gives the same answer. `stop`: a string or strings that end it.
+        `grammar`: a constraint the answer follows (a core.grammar.Grammar, a JSON schema dict or a
+        pydantic model class); `logprobs`: 0-20, each new token's log-probability with that many top
+        alternatives (`Generation.logprobs`)."""
+        config = self.sampling_for(sampling, **settings)
         sampler = Sampler.of(config, seed, draft_temperature=self.config.draft_temperature)
-        if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= int(logprobs) <= MAX_TOP):
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP):
             raise InvalidArgumentError(f"logprobs must be an integer from 0 to {MAX_TOP} (the top alternatives "
                                        f"each token comes with), got {logprobs!r}")
-        run = Run(self.stepper, self.conversation, self.encode(prompt), max_new_tokens, sampler,
+        run = Run(self.stepper, self.scheduler, self.conversation, self.encode(prompt), max_new_tokens, sampler,
                   tokenizer=self.tokenizer, eos_ids=self.eos_ids, max_context=self.max_context, stop=stop,
                   calibration=self.score_calibration(sampler), constraint=self.constraint(grammar),
                   logprobs=logprobs)
         run.stats.sampling = config.describe()
         return run
 
-    def sampling_for(self, temperature=None, top_p=None, top_k=None, min_p=None,
-                     repetition_penalty=None) -> SamplingConfig:
-        """The sampling settings a generation with these arguments uses (None: the engine's default)."""
-        return resolve(self.sampling, temperature, top_p, top_k, min_p, repetition_penalty)
+    def sampling_for(self, sampling: SamplingConfig | Mapping | None = None, **settings) -> SamplingConfig:
+        """The sampling settings a generation given these uses (edgespec/core/sampling.py `resolve`): a
+        SamplingConfig as is (with `settings` in place), else the engine's defaults with the mapping's and
+        `settings`' values in place."""
+        if isinstance(sampling, SamplingConfig):
+            return resolve(sampling, settings)
+        if settings:
+            sampling = {**sampling, **settings} if isinstance(sampling, Mapping) else sampling or settings
+        return resolve(self.sampling, sampling)
 
     def constraint(self, grammar) -> Constraint | None:
         """`grammar` (see generate) compiled for this engine's tokenizer and vocabulary (None: none); a

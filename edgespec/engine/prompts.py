@@ -17,7 +17,7 @@ BUILTIN_PROMPTS = [
     "Give three tips for staying focused while studying.",
     "What is 17 times 23? Show your work.",
 ]
-ROOT = Path(__file__).resolve().parents[1]  # the repository root of a checkout
+ROOT = Path(__file__).resolve().parents[2]  # the repository root of a checkout
 KEPT = ROOT / "tests" / "data" / "mt_bench_first5.jsonl"  # five MT-Bench questions kept in the repository
 
 

@@ -26,19 +26,21 @@ class Generation:
 
 
 class Run:
-    """`stepper` (edgespec/engine/step.py) advances `conv` (edgespec/engine/conversation.py) from `prompt_ids`;
-    `tokenizer` turns the new tokens into text (None: no text); `calibration` is the tree-score
-    calibration the steps use and teach (None: raw scores); `constraint` the compiled grammar the answer
-    must follow (edgespec/core/grammar.py; None: none); `logprobs` how many top alternatives each new
-    token's log-probability comes with (None: no log-probabilities)."""
+    """`stepper` (edgespec/engine/step.py) advances `conv` (edgespec/engine/conversation.py) from `prompt_ids`,
+    each step planned by `scheduler`; `tokenizer` turns the new tokens into text (None: no text);
+    `calibration` is the tree-score calibration the steps use and teach (None: raw scores); `constraint`
+    the compiled grammar the answer must follow (edgespec/core/grammar.py; None: none); `logprobs` how
+    many top alternatives each new token's log-probability comes with (None: no log-probabilities)."""
 
-    def __init__(self, stepper, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *, tokenizer=None,
-                 eos_ids=frozenset(), max_context: int, stop: list[str] | None = None, calibration=None,
-                 constraint=None, logprobs: int | None = None):
+    def __init__(self, stepper, scheduler, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *,
+                 tokenizer=None, eos_ids=frozenset(), max_context: int, stop: list[str] | None = None,
+                 calibration=None, constraint=None, logprobs: int | None = None):
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.stepper, self.conv, self.prompt_ids, self.max_new = stepper, conv, prompt_ids, max_new_tokens
-        self.sampler, self.calibration, self.stop = sampler, calibration, stop or []
+        self.stepper, self.scheduler, self.conv = stepper, scheduler, conv
+        self.prompt_ids, self.max_new = prompt_ids, max_new_tokens
+        self.sampler, self.calibration = sampler, calibration
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.tokenizer, self.eos_ids, self.max_context = tokenizer, eos_ids, max_context
         self.constraint, self.top_logprobs = constraint, logprobs
         self.grammar = None  # the grammar state after the accepted tokens (set when the run starts)
@@ -78,8 +80,8 @@ class Run:
             if self.cancel is not None and self.cancel.is_set():
                 self.stats.stop_reason = "cancelled"
                 return
-            done = self.stepper.advance(self.conv, self.max_new - len(self.new), self.max_context, self.sampler,
-                                        self.calibration, self.grammar, self.top_logprobs)
+            done = self.stepper.advance(self.conv, self.scheduler, self.max_new - len(self.new), self.max_context,
+                                        self.sampler, self.calibration, self.grammar, self.top_logprobs)
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return

@@ -1,7 +1,8 @@
-"""One step: the scheduler plans, the drafter builds a tree, the target verifies it, the longest
-accepted path is kept, both caches are pruned to it, and the scheduler learns what the step cost and
-bought. `Stepper.advance` is that whole step; an out-of-memory on the device rolls the step back and
-retries it smaller (edgespec/engine/backoff.py); drafting can go on during the pass (edgespec/engine/overlap.py).
+"""One step: the scheduler plans, the drafter builds a tree, the target verifies it, the conversation
+commits the longest accepted path (both caches pruned to it, edgespec/engine/conversation.py), and the
+scheduler learns what the step cost and bought. `Stepper.advance` is that whole step; an out-of-memory
+on the device rolls the step back and retries it smaller (edgespec/engine/backoff.py); drafting can go
+on during the pass (edgespec/engine/overlap.py).
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 import torch
 
 from edgespec.engine.backoff import OOM_ERRORS, back_off, out_of_memory
-from edgespec.core.kv import prune_to_path
 from edgespec.engine.conversation import Conversation
 from edgespec.base.device import on_stream, sync, wait_stream
 from edgespec.core.search import TreeSearch
@@ -21,34 +21,35 @@ from edgespec.core.verify import Verdict, verify
 
 
 class Stepper:
-    """Runs steps for one target/drafter pair. `draft` is the drafter (edgespec/core/drafter.py), `offload`
-    the target's streaming handle (None when it is not offloaded), `overlap` an Overlap or None."""
+    """Runs steps for one target/drafter pair. `runner` runs the drafter (edgespec/core/draft_runner.py),
+    `offload` is the target's streaming handle (None when it is not offloaded), `overlap` an Overlap or
+    None, `stream` the drafter's side stream (None on a CPU)."""
 
-    def __init__(self, target, draft, scheduler, device: torch.device, offload=None, overlap=None, stream=None):
-        self.target, self.draft, self.scheduler, self.device = target, draft, scheduler, device
+    def __init__(self, target, runner, device: torch.device, offload=None, overlap=None, stream=None):
+        self.target, self.runner, self.device = target, runner, device
         self.offload, self.overlap, self.stream = offload, overlap, stream
 
-    def advance(self, conv: Conversation, remaining: int, max_context: int, sampler, calibration=None,
+    def advance(self, conv: Conversation, scheduler, remaining: int, max_context: int, sampler, calibration=None,
                 grammar=None, logprobs: int | None = None):
-        """Plan and run one step, then let the scheduler observe it: (Verdict — the committed tokens, the
+        """Plan and run one step, then let `scheduler` observe it: (Verdict — the committed tokens, the
         grammar state after them, their log-probabilities —, StepStats), or None when the context or the
         tokens still wanted leave no room for a step. `grammar`: the grammar state after the committed
         tokens (edgespec/core/grammar.py; None: unconstrained); `logprobs`: top alternatives per token."""
         start = time.perf_counter()
-        plan = self.plan_for(conv, remaining, max_context)
+        plan = self.plan_for(conv, scheduler, remaining, max_context)
         if plan is None:
             return None
-        verdict, stats = self.step(conv, plan, sampler, calibration, grammar, logprobs)
+        verdict, stats = self.step(conv, scheduler, plan, sampler, calibration, grammar, logprobs)
         stats.overhead_time = max(0.0, time.perf_counter() - start - stats.draft_time - stats.verify_time)
-        self.scheduler.observe(stats)
+        scheduler.observe(stats)
         return verdict, stats
 
-    def plan_for(self, conv: Conversation, remaining: int, max_context: int) -> Plan | None:
+    def plan_for(self, conv: Conversation, scheduler, remaining: int, max_context: int) -> Plan | None:
         """The scheduler's plan, clipped to the context window, the tokens still wanted and memory."""
         room = max_context - len(conv.ids)
         if room <= 0 or remaining <= 0:
             return None
-        plan = self.scheduler.plan(context_room=room)
+        plan = scheduler.plan(context_room=room)
         depth = min(plan.max_depth, room - 1, remaining - 1)
         budget = min(plan.budget, self.memory_cap(conv)) if depth > 0 else 0
         return Plan(budget, max(depth, 1), plan.branch, plan.batch)
@@ -58,9 +59,9 @@ class Stepper:
         fit = memory.max_tree_tokens(self.target.config, len(conv.ids), memory.free_memory(self.device))
         return max(0, fit - conv.pending)
 
-    def step(self, conv: Conversation, plan: Plan, sampler, calibration=None, grammar=None,
+    def step(self, conv: Conversation, scheduler, plan: Plan, sampler, calibration=None, grammar=None,
              logprobs: int | None = None) -> tuple[Verdict, StepStats]:
-        """Draft, verify, accept, prune; on device out-of-memory, roll back and retry smaller."""
+        """Draft, verify, commit; on device out-of-memory, roll back and retry smaller (`scheduler` capped)."""
         retries = 0
         while True:
             before = conv.lengths()
@@ -73,26 +74,25 @@ class Stepper:
                 if plan.budget == 0:
                     raise out_of_memory() from err
                 retries += 1
-                plan = back_off(plan, self.scheduler, self.offload)
+                plan = back_off(plan, scheduler, self.offload)
 
     @torch.no_grad()
     def _step(self, conv: Conversation, plan: Plan, sampler, calibration, grammar, logprobs) -> tuple[Verdict, StepStats]:
         if plan.budget > 0:
-            self.draft.prepare(conv.dcache)  # (re)captures the drafter's graphs, if any are missing
+            self.runner.prepare(conv.dcache)  # (re)captures the drafter's graphs, if any are missing
         t0 = time.perf_counter()
         search, reused, tree = self._draft_tree(conv, plan, sampler, calibration, grammar)
         t1 = time.perf_counter()
-        tlen = conv.tcache.get_seq_length()
-        stem = torch.tensor(conv.ids[tlen:])
+        stem = torch.tensor(conv.ids[conv.tcache.get_seq_length():])
         verdict, overlap_time = self._verify(conv, stem, tree, sampler, search, plan, grammar, logprobs)
         t2 = time.perf_counter()
         if calibration is not None:
             calibration.observe_tree(tree, verdict.path)
-        root = tlen + stem.numel()  # entries up to and including the root
-        prune_to_path(conv.tcache, root, [root - 1 + j for j in verdict.path])
-        with on_stream(self.stream):
-            conv.search = search.advance(verdict.path, verdict.tokens[-1]) if search is not None else None
-        conv.ids.extend(verdict.tokens)
+        nxt, draft_keep = None, None
+        if search is not None:
+            with on_stream(self.stream):
+                nxt, draft_keep = search.reroot(verdict.path, verdict.tokens[-1])
+        conv.commit(verdict.tokens, verdict.path, nxt, draft_keep, self.stream)
         stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), t1 - t0, t2 - t1,
                           stem.numel() + tree.size, tree.node_probs(), reused=reused, overlap_time=overlap_time)
         return verdict, stats
@@ -104,14 +104,12 @@ class Stepper:
             conv.trim(len(conv.ids) - 1)  # a plain step: drop any drafted subtree
             return None, 0, Tree.root_only(conv.ids[-1])
         with on_stream(self.stream):
-            search, reused = conv.search, 0
+            search, reused = conv.take_search(), 0
             if search is not None:
-                search.sampler, search.calibration = sampler, calibration
-                search.rescore()
-                reused = int(search.alive.sum()) - 1
+                reused = search.resume(sampler, calibration)
             else:
                 stem = torch.tensor(conv.ids[conv.dcache.get_seq_length():])
-                search = TreeSearch.start(self.draft, conv.dcache, stem, sampler, plan.branch, conv.ids, calibration,
+                search = TreeSearch.start(self.runner, conv.dcache, stem, sampler, plan.branch, conv.ids, calibration,
                                           grammar)
             search.grow(plan)
             tree = search.tree(plan.budget)

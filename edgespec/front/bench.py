@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from edgespec.base.device import compute_dtype, model_device
 from edgespec.engine.prompts import chat_messages, load_prompts
 from edgespec.base.stats import Totals
+from edgespec.core.sampling import SamplingConfig
+from edgespec.engine.face import FrontEnd
 
 METHODS = ("edgespec", "plain", "hf-assisted")
 
@@ -37,9 +39,11 @@ METHODS = ("edgespec", "plain", "hf-assisted")
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def run_engine(engine, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
+def run_engine(engine: FrontEnd, ids: list[int], max_new: int, sampling: dict | None = None) -> dict:
     engine.reset()  # no prefix cached from the previous prompt: every method starts cold
-    out = engine.generate(ids, max_new_tokens=max_new, **{**GREEDY, **(sampling or {})})
+    settings = {**GREEDY, **(sampling or {})}
+    seed = settings.pop("seed", None)
+    out = engine.generate(ids, max_new_tokens=max_new, seed=seed, sampling=SamplingConfig(**settings))
     t = Totals.of([out.stats])
     split = {name: getattr(t, f"{name}_time") for name in ("draft", "verify", "overhead", "overlap")}
     return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": t.steps, "tree_tokens": t.tree_tokens,
@@ -65,7 +69,7 @@ def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling
     return {"ids": out[0, len(ids):].tolist(), "seconds": seconds, "passes": counter[0], "tree_tokens": None}
 
 
-def runners(engine, sampling: dict | None = None):
+def runners(engine: FrontEnd, sampling: dict | None = None):
     from edgespec.engine.engine import Engine
 
     plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
@@ -77,7 +81,7 @@ def runners(engine, sampling: dict | None = None):
     }
 
 
-def run_bench(engine, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
+def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
               progress: bool = True, sampling: dict | None = None) -> dict:
     """Every method on every prompt; returns per-method totals and per-prompt outputs. `sampling`
     ({temperature, top_p, seed}) samples instead of decoding greedily: edgespec and plain decoding
@@ -199,7 +203,7 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def setup_line(engine, args) -> str:
+def setup_line(engine: FrontEnd, args) -> str:
     off = engine.offload
     encoded = f", streamed {off.quantize}-encoded" if off is not None and off.quantize else ""
     raw = sorted({c["type"] for c in off.codecs() if c["codec"].startswith("gguf:")}) if off is not None else []
@@ -212,15 +216,15 @@ def setup_line(engine, args) -> str:
     how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
     drafter = args.draft or ("the target's own copy" if args.target else "embedded")
     quant = args.draft_quant
-    sd = getattr(engine, "self_draft", None)
+    sd = engine.self_draft
     if sd is not None:  # the target drafts for itself
         drafter, quant = "the target itself", f"{len(sd.shared)} layers shared, {len(sd.copies)} {sd.codec} copies"
     return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
-            f"({quant}, {engine.draft.describe(engine.conversation.dcache)} forward); {where}; "
+            f"({quant}, {engine.drafter_forward()} forward); {where}; "
             f"device {engine.device}; budget {args.budget}; {how}")
 
 
-def report(result: dict, engine, args, argv_text: str) -> str:
+def report(result: dict, engine: FrontEnd, args, argv_text: str) -> str:
     head = [
         "# edgespec bench", "",
         f"- command: `{argv_text}`",

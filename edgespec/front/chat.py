@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.base.stats import Totals
+from edgespec.core.sampling import SamplingConfig
+from edgespec.engine.face import FrontEnd
 
 HELP = """commands:
   /stats       last answer's and the session's speed, the scheduler's and the offload's stats
@@ -24,12 +27,14 @@ HELP = """commands:
 
 
 class ChatSession:
-    def __init__(self, engine, *, system: str | None = None, max_new_tokens: int = 256,
-                 sampling: dict | None = None, seed: int | None = None, out=None, err=None, prefix: str = ""):
-        """`sampling`: the sampling arguments given (temperature, top_p, top_k, min_p,
-        repetition_penalty); the others are the engine's defaults (`engine.sampling`)."""
+    def __init__(self, engine: FrontEnd, *, system: str | None = None, max_new_tokens: int = 256,
+                 sampling: SamplingConfig | Mapping | None = None, seed: int | None = None, out=None, err=None,
+                 prefix: str = ""):
+        """`sampling`: the sampling settings given (a SamplingConfig, or a mapping of some of its fields:
+        temperature, top_p, top_k, min_p, repetition_penalty); the others are the engine's defaults
+        (`engine.sampling`)."""
         self.engine, self.system = engine, system
-        self.gen_kw = {"max_new_tokens": max_new_tokens, "seed": seed, **(sampling or {})}
+        self.max_new_tokens, self.seed, self.sampling = max_new_tokens, seed, sampling
         self.no_tree_said = False  # the scheduler's "no speculation here" line is said once
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.prefix = prefix  # printed before each answer ("assistant: " when not on a terminal)
@@ -73,7 +78,7 @@ class ChatSession:
         self.out.flush()
         pieces: list[str] = []
         try:
-            run = self.engine.run(self.messages, **self.gen_kw)
+            run = self.engine.run(self.messages, self.max_new_tokens, seed=self.seed, sampling=self.sampling)
             self._stream(run, pieces)
         except EdgespecError as e:
             self.messages.pop()
@@ -139,13 +144,12 @@ class ChatSession:
         self.print(f"loaded {len(self.messages)} messages from {path}")
 
     def stats_text(self) -> str:
-        sampling = {k: v for k, v in self.gen_kw.items() if k not in ("max_new_tokens", "seed")}
         lines = [self._last_line(), self._session_line(),
-                 "sampling: " + self.engine.sampling_for(**sampling).describe()]
+                 "sampling: " + self.engine.sampling_for(self.sampling).describe()]
         lines.append("scheduler: " + _flat(self.engine.scheduler.stats()))
         if self.engine.offload is not None:
             lines.append(offload_line(self.engine.offload))
-        if getattr(self.engine, "self_draft", None) is not None:
+        if self.engine.self_draft is not None:
             lines.append(self.engine.self_draft.line())
         return "\n".join(lines)
 

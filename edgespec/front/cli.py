@@ -17,6 +17,8 @@ import os
 import sys
 
 from edgespec.base.errors import EdgespecError
+from edgespec.core.sampling import SAMPLING_FIELDS
+from edgespec.engine.face import FrontEnd
 from edgespec.engine.prompts import chat_messages
 
 
@@ -32,7 +34,8 @@ OPTION_FIELDS = {
     "top_k": ("SamplingConfig", "top_k"), "min_p": ("SamplingConfig", "min_p"),
     "repetition_penalty": ("SamplingConfig", "repetition_penalty"),
 }
-CLI_ONLY = {"budget", "max_new_tokens", "seed", "system"}  # per generation / Engine(budget=), not a config
+CLI_ONLY = {"budget", "max_new_tokens", "seed", "system",  # per generation / Engine(budget=), not a config
+            "stages", "stage_bind", "stage_port", "allow_public"}  # a split target (edgespec/distributed/)
 
 
 def make_engine(args: argparse.Namespace):
@@ -43,7 +46,33 @@ def make_engine(args: argparse.Namespace):
               if cls in ("LoadConfig", "DraftConfig")}
     fields["offload"] = not args.no_offload
     target, drafter = fields.pop("target"), fields.pop("drafter")
+    if getattr(args, "stages", None):
+        return split_engine(args, target, drafter)
     return Engine.from_pretrained(target, drafter, budget=args.budget, **fields)
+
+
+def split_engine(args: argparse.Namespace, target, drafter):
+    """This process is stage 0 of a target split across machines (`--stages`): it hosts the rendezvous
+    on --stage-bind:--stage-port, waits for the other stages (`edgespec stage`), shows the plan, and
+    drafts with a separate drafter (the target's own nf4 copy by default)."""
+    from edgespec.distributed.placement import Placement
+    from edgespec.distributed.target import PipelineTarget
+    from edgespec.engine.engine import Engine
+    from edgespec.loading.models import load_model, load_tokenizer, pick_device
+
+    device = pick_device(args.device)
+    placement = Placement.parse(args.stages)
+    pipe = PipelineTarget(target, placement, device, bind=args.stage_bind, port=args.stage_port,
+                          allow_public=args.allow_public, link_delay=args.link_delay,
+                          stream_quant=None if args.stream_quant == "none" else args.stream_quant)
+    print(f"edgespec: stage 0 listening on {args.stage_bind}:{pipe.port}; start the other stages with "
+          f"`edgespec stage --coordinator {args.stage_bind}:{pipe.port} --world {placement.world} --rank R ...`",
+          file=sys.stderr, flush=True)
+    pipe.start()
+    quant = None if args.draft_quant == "none" else "nf4" if args.draft_quant == "auto" else args.draft_quant
+    tok = load_tokenizer(target)
+    draft = load_model(drafter or target, quantize=quant, device=device)
+    return Engine(pipe.model, draft, tok, budget=args.budget, verifier=pipe)
 
 
 def budget_arg(text: str):
@@ -99,13 +128,21 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--target-shape", default=None, choices=sorted(SHAPES),
                    help="benchmarks: zero-pad the (Llama) target into this bigger shape, so it streams and "
                         "computes like that model while predicting exactly as the loaded one")
+    d = p.add_argument_group("a target split across machines (loopback or a trusted LAN only: no authentication)")
+    d.add_argument("--stages", default=None,
+                   help="HOST:LAYERS[:RESIDENT],... stage 0 (this process) first, e.g. 192.168.1.10:0-11,"
+                        "192.168.1.11:12-29 (LAYERS: first-last, a count, or auto = by free memory), or a .toml")
+    d.add_argument("--stage-bind", default="127.0.0.1", help="this machine's LAN address for the stages")
+    d.add_argument("--stage-port", type=int, default=29500, help="the rendezvous port (0: any free port)")
+    d.add_argument("--allow-public", action="store_true",
+                   help="allow binding the stages' ports to a non-private address (they have no authentication)")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = model_options()
     ap = argparse.ArgumentParser(prog="edgespec", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench,serve}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{chat,generate,profile,bench,serve,stage}")
     sub.add_parser("chat", parents=[common], help="multi-turn chat in the terminal")
     gen = sub.add_parser("generate", parents=[common], help="one answer to stdout")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt (absent or '-': read stdin)")
@@ -141,9 +178,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
 
 # ---- commands ----------------------------------------------------------------------------------
 def sampling_args(args) -> dict:
-    """The sampling options given on the command line (the rest fall back to the engine's defaults)."""
-    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The sampling settings given on the command line, by SamplingConfig field (the rest fall back to the
+    engine's defaults): the one sampling value a command hands the engine."""
+    return {n: getattr(args, n) for n in SAMPLING_FIELDS if getattr(args, n, None) is not None}
 
 
 def cmd_chat(args) -> int:
@@ -152,7 +189,7 @@ def cmd_chat(args) -> int:
     engine = make_engine(args)
     prefix = "" if sys.stdin.isatty() else "assistant: "
     sampling = sampling_args(args)
-    print(f"edgespec: {engine.sampling_for(**sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
+    print(f"edgespec: {engine.sampling_for(sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
     session = ChatSession(engine, system=args.system, max_new_tokens=args.max_new_tokens or 512,
                           sampling=sampling, seed=args.seed, prefix=prefix)
     return repl(session)
@@ -162,7 +199,7 @@ def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
-    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, **sampling_args(args)}
+    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, "sampling": sampling_args(args)}
     if (grammar := grammar_arg(args)) is not None:
         kw["grammar"] = grammar
     if args.json:
@@ -207,13 +244,13 @@ def read_prompt(arg: str | None) -> str:
     return arg
 
 
-def generation_json(engine, out) -> dict:
+def generation_json(engine: FrontEnd, out) -> dict:
     steps = [{k: v for k, v in vars(s).items() if k != "node_probs"} for s in out.stats.steps]
     result = {"text": out.text, "ids": out.ids, "stats": out.stats.summary(), "steps": steps}
     result["scheduler"] = engine.scheduler.stats()
     if engine.offload is not None:
         result["offload"] = engine.offload.describe()  # bytes per pass, codec per tensor type, decode time
-    if getattr(engine, "self_draft", None) is not None:
+    if engine.self_draft is not None:
         result["self_draft"] = engine.self_draft.describe()  # layers shared / copied, the memory plan
     if out.stats.hit_rates:
         result["hit_rates"] = out.stats.hit_rates  # how often the target took draft nodes, by draft probability
@@ -240,12 +277,12 @@ def cmd_serve(args) -> int:
     engine = make_engine(args)
     defaults = {**sampling_args(args), **({"seed": args.seed} if args.seed is not None else {})}
     drafter = args.draft or f"{server.served_name(args.target)}:{args.draft_quant}"  # no --draft: the target's copy
-    if getattr(engine, "self_draft", None) is not None:  # the target drafts for itself
+    if engine.self_draft is not None:  # the target drafts for itself
         drafter = f"{server.served_name(args.target)}:self-{engine.self_draft.codec}"
     config = server.ServerConfig(model_id=server.served_name(args.target), drafter_id=drafter, api_key=api_key,
                                  max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_new_tokens,
                                  defaults=defaults, system=args.system)
-    print(f"edgespec: requests that leave sampling out get {engine.sampling_for(**sampling_args(args)).describe()}",
+    print(f"edgespec: requests that leave sampling out get {engine.sampling_for(sampling_args(args)).describe()}",
           file=sys.stderr)
     return server.serve(engine, config, args.host, args.port, sock)
 
@@ -256,6 +293,10 @@ COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "profile": cmd_profile, 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["stage"]:  # a stage of a split target: its own options (edgespec/distributed/stage.py)
+        from edgespec.distributed.stage import main as stage_main
+
+        return stage_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:

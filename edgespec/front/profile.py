@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from edgespec.base.device import param_bytes
 from edgespec.base.errors import EdgespecError
 from edgespec.base.stats import Totals
+from edgespec.engine.face import FrontEnd
 
 DEFAULTS = {  # sizes, budgets, prompts, max new tokens: small on CPU, the real range on a GPU
     "cpu": ("1,4,16,64,256", "4,16,64", 2, 32),
@@ -62,7 +63,7 @@ def int_list(text: str, what: str) -> list[int]:
 
 
 # ---- measurements ------------------------------------------------------------------------------
-def pass_times(engine, sizes: list[int], prefix: int, bar) -> list[dict]:
+def pass_times(engine: FrontEnd, sizes: list[int], prefix: int, bar) -> list[dict]:
     """Target pass time per tree size (random tree on a `prefix`-token cache), with streaming stats."""
     from edgespec.scheduler.timing import time_passes
 
@@ -79,16 +80,16 @@ def pass_times(engine, sizes: list[int], prefix: int, bar) -> list[dict]:
     return rows
 
 
-def draft_times(engine, prompt_ids: list[int], budgets: list[int], bar) -> list[dict]:
+def draft_times(engine: FrontEnd, prompt_ids: list[int], budgets: list[int], bar) -> list[dict]:
     """Time to build a tree of each budget under the prompt (drafter prefix cached, not timed)."""
     from edgespec.scheduler.timing import time_drafts
 
-    rows = time_drafts(engine.draft, prompt_ids, budgets, engine.config.plan)
+    rows = time_drafts(engine.draft_runner, prompt_ids, budgets, engine.config.plan)
     bar.update(len(budgets))
     return rows
 
 
-def generation(engine, prompts: list[list[dict]], max_new: int, bar) -> dict:
+def generation(engine: FrontEnd, prompts: list[list[dict]], max_new: int, bar) -> dict:
     """Real answers: accepted tokens per step (histogram), tokens/s, per-layer streaming costs."""
     if engine.offload is not None:
         engine.offload.reset_stats()
@@ -121,12 +122,12 @@ def per_layer(handle) -> dict:
             "bytes_per_pass": total.bytes // passes}
 
 
-def memory(engine, before_load: int, after_load: int, after_gen: int, load_peak: int = 0) -> dict:
+def memory(engine: FrontEnd, before_load: int, after_load: int, after_gen: int, load_peak: int = 0) -> dict:
     mem = {"rss_before_load": before_load, "rss_peak_while_loading": load_peak, "rss_after_load": after_load,
            "rss_after_generate": after_gen,
            "target_weight_bytes": param_bytes(engine.target), "drafter_weight_bytes": param_bytes(engine.drafter),
            "pinned_bytes": engine.offload.pinned_bytes if engine.offload is not None else 0}
-    if getattr(engine, "self_draft", None) is not None:  # the drafter's own bytes: the rest is the target's
+    if engine.self_draft is not None:  # the drafter's own bytes: the rest is the target's
         mem["drafter_weight_bytes"] = engine.self_draft.copy_bytes
     mem["weight_bytes"] = mem["target_weight_bytes"] + mem["drafter_weight_bytes"]
     if engine.device.type == "cuda":
@@ -149,7 +150,7 @@ def settings(args, device: torch.device) -> tuple[list[int], list[int], int, int
             args.prompts if args.prompts is not None else n, args.max_new_tokens or max_new)
 
 
-def profile(engine, args, before_load: int, load_s: float) -> dict:
+def profile(engine: FrontEnd, args, before_load: int, load_s: float) -> dict:
     from edgespec.engine.prompts import chat_messages, load_prompts
 
     after_load, load_peak = rss(), peak_rss()
@@ -171,11 +172,11 @@ def model_info(engine) -> dict:
     off = engine.offload
     info = {"target": str(getattr(engine.target.config, "name_or_path", "")) or type(engine.target).__name__,
             "layers": engine.target.config.num_hidden_layers, "offloaded": off is not None,
-            "drafter_forward": engine.draft.describe(engine.conversation.dcache)}
+            "drafter_forward": engine.drafter_forward()}
     if off is not None:
         info.update(streamed_layers=off.streamed_layers, resident_layers=off.resident_layers, ring=off.ring,
                     link_delay=off.transport.link_delay, bytes_per_pass=off.pinned_bytes, codecs=off.codecs())
-    if getattr(engine, "self_draft", None) is not None:
+    if engine.self_draft is not None:
         info.update(self_draft=engine.self_draft.describe(), self_draft_line=engine.self_draft.line())
     return info
 

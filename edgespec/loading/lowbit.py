@@ -91,7 +91,8 @@ def nbytes(module: nn.Module) -> int:
 # ---- quantizing -----------------------------------------------------------------------------------
 @torch.no_grad()
 def quantize(linear: nn.Linear, codec: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """`linear`'s low-bit copy on `device`, computing in `dtype` (the weight may be on the host)."""
+    """`linear`'s low-bit copy on `device`, computing in `dtype`, quantized there (the weight may be on
+    the host or already on `device`)."""
     check(codec)
     w = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach().to(device, dtype)
@@ -115,14 +116,19 @@ def _bnb4(w: torch.Tensor, bias, codec: str, device, dtype) -> nn.Module:
 
 
 def _int8(w: torch.Tensor, bias, device) -> nn.Module:
+    """bitsandbytes' row-wise int8 codes and scales, computed on `device` wherever `w` lives (its
+    Int8Params quantize only a weight that moves off the host: a weight already on the GPU, as the
+    self-drafter decodes it, would stay unquantized there)."""
     bnb = _bnb()
 
     out, inp = w.shape
     module = int8_class()(inp, out, bias=bias is not None, has_fp16_weights=False, threshold=INT8_THRESHOLD,
                           device="meta")
-    module.weight = bnb.nn.Int8Params(w.contiguous(), requires_grad=False, has_fp16_weights=False)
+    codes, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(device=device, dtype=torch.float16).contiguous())
+    module.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False)
+    module.weight.CB, module.weight.SCB = codes, scb
     module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    return module.to(device)
+    return module
 
 
 @functools.cache

@@ -32,8 +32,9 @@ from torch import nn
 
 from edgespec.loading import lowbit
 from edgespec.base import memory
-from edgespec.core.attention import text_config
+from edgespec.base.config import text_config
 from edgespec.base.errors import OutOfMemoryError
+from edgespec.base import reach
 
 ORDER = ("int8", "nf4", "hqq3", "hqq2")
 KV_TOKENS = 4096  # context the KV caches are reserved for (or the model's window, if shorter)
@@ -159,8 +160,8 @@ def kv_layer_bytes(config, dtype: torch.dtype) -> int:
 def _tensors(module: nn.Module):
     seen = set()
     for mod in module.modules():
-        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is not None and id(t) not in seen:
+        for _, t, _ in reach.own_tensors(mod):
+            if id(t) not in seen:
                 seen.add(id(t))
                 yield t
 

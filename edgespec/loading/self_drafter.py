@@ -42,6 +42,7 @@ from edgespec.base.files import write_file
 from edgespec.loading.memory_plan import kv_layer_bytes
 from edgespec.base.quiet import quiet_transformers
 from edgespec.loading.skeleton import decoder_layers, layer_prefix
+from edgespec.base import reach
 
 
 @dataclass
@@ -94,7 +95,7 @@ def build(target: nn.Module, handle=None, codec: str = "nf4", *, cache: Path | N
     drafter = skeleton(target, dtype)
     share_outside(drafter, target)
     packs = {p.index: p for p in handle.packs} if handle is not None else {}
-    store = CopyCache(cache) if cache is not None else None
+    store = CopyStore(cache) if cache is not None else None
     mine, theirs = decoder_layers(drafter), decoder_layers(target)
     with tqdm(total=len(packs), desc=f"edgespec: {codec} copies of the streamed layers", unit="layer",
               disable=not (progress and packs)) as bar:
@@ -124,7 +125,7 @@ def skeleton(target: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A model of the target's class and config on the meta device (no memory), to be filled."""
     config = copy.deepcopy(target.config)
     with torch.device("meta"), quiet_transformers():
-        model = type(target)._from_config(config, dtype=dtype)
+        model = reach.model_from_config(type(target), config, dtype)
     model.generation_config = copy.deepcopy(target.generation_config)
     model.config.name_or_path = f"{getattr(target.config, 'name_or_path', '') or type(target).__name__}:self"
     return model
@@ -139,10 +140,10 @@ def share_outside(drafter: nn.Module, target: nn.Module) -> None:
     mine, theirs = drafter, target
     for step in path.split("."):
         _share_tensors(mine, theirs)
-        for name, child in theirs._modules.items():
+        for name, child in theirs.named_children():
             if name != step:
-                mine._modules[name] = child
-        mine, theirs = mine._modules[step], theirs._modules[step]
+                mine.add_module(name, child)
+        mine, theirs = mine.get_submodule(step), theirs.get_submodule(step)
 
 
 def share_layer(layer: nn.Module, target_layer: nn.Module) -> None:
@@ -152,12 +153,14 @@ def share_layer(layer: nn.Module, target_layer: nn.Module) -> None:
 
 
 def _share_tensors(mine: nn.Module, theirs: nn.Module) -> None:
-    for table in ("_parameters", "_buffers"):
-        a, b = getattr(mine, table), getattr(theirs, table)
-        if set(a) != set(b):
-            raise UnsupportedModelError(f"{type(theirs).__name__}'s tensors {sorted(b)} differ from a fresh "
-                                        f"module's {sorted(a)}: this model cannot draft for itself; pass --draft.")
-        a.update(b)
+    a = {(name, is_param) for name, _, is_param in reach.own_tensors(mine)}
+    b = list(reach.own_tensors(theirs))
+    if a != {(name, is_param) for name, _, is_param in b}:
+        raise UnsupportedModelError(f"{type(theirs).__name__}'s tensors {sorted(n for n, _, _ in b)} differ from a "
+                                    f"fresh module's {sorted(n for n, _ in a)}: this model cannot draft for itself; "
+                                    "pass --draft.")
+    for name, t, is_param in b:
+        reach.bind(mine, name, t, is_param)
 
 
 def fill_from_pack(layer: nn.Module, pack, target_layer: nn.Module, device: torch.device) -> None:
@@ -167,27 +170,23 @@ def fill_from_pack(layer: nn.Module, pack, target_layer: nn.Module, device: torc
         tensor = pack.decoded(entry, device)
         for mod, attr in entry.targets:
             mine = layer.get_submodule(paths[id(mod)])
-            if entry.is_param:
-                mine._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-            else:
-                mine._buffers[attr] = tensor
+            reach.bind(mine, attr, nn.Parameter(tensor, requires_grad=False) if entry.is_param else tensor,
+                       entry.is_param)
 
 
 def quantize_layer(layer: nn.Module, codec: str, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the layer's linear modules by their `codec` copies on `device`; the rest moves there."""
     for mod in list(layer.modules()):
-        for name, child in list(mod._modules.items()):
-            if child is not None and lowbit.applies(child, codec):
-                mod._modules[name] = lowbit.quantize(child, codec, device, dtype)
+        for name, child in list(mod.named_children()):
+            if lowbit.applies(child, codec):
+                mod.add_module(name, lowbit.quantize(child, codec, device, dtype))
     for mod in layer.modules():
         if lowbit.is_copy(mod):
             continue
-        for name, p in mod._parameters.items():
-            if p is not None and p.device != device:
-                mod._parameters[name] = nn.Parameter(p.data.to(device), requires_grad=False)
-        for name, b in mod._buffers.items():
-            if b is not None and b.device != device:
-                mod._buffers[name] = b.to(device)
+        for name, t, is_param in list(reach.own_tensors(mod)):
+            if t.device != device:
+                moved = nn.Parameter(t.data.to(device), requires_grad=False) if is_param else t.to(device)
+                reach.bind(mod, name, moved, is_param)
 
 
 def check_loaded(model: nn.Module) -> None:
@@ -204,7 +203,7 @@ def own_bytes(layer: nn.Module) -> int:
 
 
 # ---- the saved copies -----------------------------------------------------------------------------
-class CopyCache:
+class CopyStore:
     """One safetensors file per copied layer in `folder`: each low-bit module's tensors (lowbit.tensors)
     and the layer's dense tensors (norms), with the module paths and shapes in the file's metadata."""
 
@@ -258,15 +257,13 @@ class CopyCache:
             prefix = f"copy/{name}/"
             parts = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             parent, _, attr = name.rpartition(".")
-            layer.get_submodule(parent)._modules[attr] = lowbit.restore(parts, info, codec, device, dtype)
+            layer.get_submodule(parent).add_module(attr, lowbit.restore(parts, info, codec, device, dtype))
         for name, t in _dense(layer, meta_only=True):
             mod_path, _, attr = name.rpartition(".")
             mod = layer.get_submodule(mod_path)
             value = state[f"dense/{name}"]
-            if attr in mod._parameters:
-                mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
-            else:
-                mod._buffers[attr] = value
+            is_param = any(n == attr for n, _ in mod.named_parameters(recurse=False))
+            reach.bind(mod, attr, nn.Parameter(value, requires_grad=False) if is_param else value, is_param)
         check_loaded(layer)
 
 
@@ -276,7 +273,6 @@ def _dense(layer: nn.Module, meta_only: bool = False):
     for name, mod in layer.named_modules():
         if id(mod) in skip:
             continue
-        for table in (mod._parameters, mod._buffers):
-            for attr, t in table.items():
-                if t is not None and (t.is_meta or not meta_only):
-                    yield (f"{name}.{attr}" if name else attr), t
+        for attr, t, _ in reach.own_tensors(mod):
+            if t.is_meta or not meta_only:
+                yield (f"{name}.{attr}" if name else attr), t

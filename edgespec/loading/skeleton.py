@@ -15,6 +15,7 @@ from torch import nn
 
 from edgespec.base.quiet import quiet_transformers
 from edgespec.loading.tensors import Unsupported
+from edgespec.base import reach
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "layer_types")  # config entries that follow the layer count
 
@@ -113,7 +114,7 @@ def _zero_layers(config):
 
 
 def _persistent(layer: nn.Module) -> bool:
-    return all(not mod._non_persistent_buffers_set for mod in layer.modules())
+    return all(not reach.non_persistent_buffers(mod) for mod in layer.modules())
 
 
 def gguf_model(path: Path, index: Path, dtype: torch.dtype):

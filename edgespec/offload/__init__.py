@@ -7,8 +7,9 @@
     handle.remove()                                  # back to a normal (host) model
 
 Modules: `api` (offload_layers), `streamer` (the ring and hooks), `layout` (packed layers and slots),
-`transport` (CUDA stream / CPU thread copies), `quant` (int8 / nf4 codecs, and GGUF blocks kept as
-in the file), `gguf_blocks` (GGUF blocks de-quantized in torch on the device), `stats`, `placement`,
+`transport` (CUDA copy and decode streams / CPU thread copies), `codecs` (int8 / nf4 codecs, and GGUF
+blocks kept as in the file), `gguf_blocks` (GGUF blocks de-quantized in torch: the CPU path),
+`kernels` (the fused Triton decodes CUDA runs, bit for bit the torch ones), `trace`, `placement`,
 `bandwidth` (link measurement) and `shapes` (random-weight models of a named shape, for profiling),
 `pinned` (exact-size page-locked host buffers), `padded` (a small model at a big one's cost). Nothing
 here resolves or reads models: edgespec/loading/loader.py hands `offload_layers` a layer source that fills

@@ -68,10 +68,19 @@ def offload_layers(model: nn.Module, device: str | torch.device = "cuda", reside
 
 
 def _prepare_codecs(packs: list[LayerPack], device: torch.device) -> None:
-    """Stage each codec's tables on the device once, outside the copy path."""
-    codecs = {id(e.codec): e.codec for p in packs for e in p.entries if e.codec is not None}
+    """Stage each codec's tables on the device once, outside the copy path; on CUDA also decode one
+    tensor of each codec and dtype there, so its kernel is built now, not during the first pass."""
+    codecs, first = {}, {}
+    for p in packs:
+        for e in p.entries:
+            if e.codec is not None:
+                codecs[id(e.codec)] = e.codec
+                first.setdefault((e.codec.name, e.dtype), (p, e))
     for codec in codecs.values():
         codec.prepare(device)
+    if device.type == "cuda":
+        for pack, entry in first.values():
+            pack.decoded(entry, device)
 
 
 def _desc(device: torch.device, loading: bool) -> str:

@@ -7,7 +7,9 @@ and scales over all blocks at once (a few large steps bound the temporaries, nev
 blocks). The values are those of gguf-py's numpy reference (`gguf.quants.dequantize`) bit for bit:
 each float operation below is the one the reference does, in the same order and in fp32 (integer
 codes become floats exactly, and no two float operations are fused into one rounding); a non-fp32
-`out` receives the fp32 values cast once, as transformers casts its de-quantized copy.
+`out` receives the fp32 values cast once, as transformers casts its de-quantized copy. This is the CPU
+path: on CUDA one fused Triton kernel per tensor (edgespec/offload/kernels/gguf.py) writes the same
+bits, and this code is its fallback when Triton is missing.
 
 Decoded: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, MXFP4, IQ4_NL,
 IQ4_XS. The other I-quants (codebook grids) are not: `supported(kind)` says so before any load.
@@ -19,12 +21,18 @@ from typing import Callable
 
 import torch
 
+from edgespec.offload import kernels
+
 QK_K = 256  # weights per K-quant super-block
 # weights decoded per step: bounds the temporaries (~4 fp32 copies of a step); on a GPU each step is
 # ~10 kernel launches on the host's critical path, so steps are bigger there
 STEP_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1, doubled
+FP16_FIELDS = {  # byte offsets of each block's fp16 scales, per type (random blocks need finite ones there)
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82), "Q3_K": (108,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,), "MXFP4": (),
+}
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,20 @@ def nbytes(kind: str, numel: int) -> int:
     return numel // t.block * t.size
 
 
-def decode_into(data: torch.Tensor, kind: str, out: torch.Tensor) -> None:
-    """De-quantize the contiguous uint8 `data` (whole blocks of `kind`) into `out` (same device)."""
+def decode_into(data: torch.Tensor, kind: str, out: torch.Tensor, fused: bool | None = None) -> None:
+    """De-quantize the contiguous uint8 `data` (whole blocks of `kind`) into `out` (same device): the
+    fused kernel on CUDA, the torch steps below elsewhere. `fused`: True forces the kernel (on any
+    device: Triton's interpreter on a CPU), False the torch steps."""
     t = TYPES[kind]
     flat = out.view(-1)
     if t.decode is None:  # a plain float type: one cast
         flat.copy_(data.view(t.dtype).view(-1))
         return
+    use_kernel = kernels.wanted(out) if fused is None else fused
+    if use_kernel and kernels.gguf_into(data, kind, out, table(kind, out.device)):
+        return
+    if fused:
+        raise RuntimeError(f"the fused {kind} decode did not run: {kernels.unavailable_reason()}")
     blocks = data.view(-1, t.size)
     step = max(1, STEP_WEIGHTS.get(out.device.type, STEP_WEIGHTS["cpu"]) // t.block)
     direct = out.dtype == torch.float32
@@ -84,6 +99,11 @@ def prepare(device: torch.device) -> None:
     _const(tuple(range(0, 16, 2)), device, torch.int32)
     _const(IQ4_VALUES, device, torch.float32)
     _const(MXFP4_VALUES, device, torch.float32)
+
+
+def table(kind: str, device: torch.device) -> torch.Tensor:
+    """The 16 fp32 values `kind`'s codes index (IQ4 for the types without a table: the kernels take one)."""
+    return _const(MXFP4_VALUES if kind == "MXFP4" else IQ4_VALUES, device, torch.float32)
 
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 
 from edgespec.offload.pinned import host_buffer, unpin
 from edgespec.offload.codecs import align, typed
+from edgespec.base import reach
 
 
 @dataclass(eq=False)
@@ -26,7 +27,7 @@ class Slot:
 
     index: int
     dense: torch.Tensor  # uint8, slot_bytes
-    staging: torch.Tensor | None = None  # uint8, for codecs: encoded bytes land here, then decode
+    staging: torch.Tensor | None = None  # uint8, for codecs: encoded bytes land here, then are decoded
     free: object = None  # transport-specific "previous occupant finished computing" marker
 
     @property
@@ -71,14 +72,11 @@ def collect(layer: nn.Module) -> list[tuple[Entry, torch.Tensor]]:
     """Every parameter and buffer of `layer`, once each (a tensor named twice gets two targets)."""
     found: dict[int, tuple[Entry, torch.Tensor]] = {}
     for mod in layer.modules():
-        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in table.items():
-                if t is None:
-                    continue
-                if id(t) not in found:
-                    entry = Entry([], is_param, bool(t.requires_grad), t.shape, t.dtype)
-                    found[id(t)] = (entry, t)
-                found[id(t)][0].targets.append((mod, name))
+        for name, t, is_param in reach.own_tensors(mod):
+            if id(t) not in found:
+                entry = Entry([], is_param, bool(t.requires_grad), t.shape, t.dtype)
+                found[id(t)] = (entry, t)
+            found[id(t)][0].targets.append((mod, name))
     return list(found.values())
 
 
@@ -95,7 +93,7 @@ def _encoded_of(layer: nn.Module, found, encoded: dict[str, Encoded]) -> list:
 
 def _assign(entry: Entry, value: torch.Tensor) -> None:
     for mod, name in entry.targets:
-        (mod._parameters if entry.is_param else mod._buffers)[name] = value
+        reach.bind(mod, name, value, entry.is_param)
 
 
 @dataclass(eq=False)
@@ -107,14 +105,19 @@ class LayerPack:
     host: torch.Tensor  # uint8, host layout (pinned on CUDA)
     dense_bytes: int
     codec: object = None
+    plain_bytes: int = 0  # the host layout's leading bytes that are the dense layout's too (not encoded)
     _idle: list = field(default_factory=list)
     _views: dict = field(default_factory=dict)  # slot index -> bound tensors, one per entry
-    _loads: dict = field(default_factory=dict)  # slot index -> (copy destination, decode steps)
-    _unpin: object = None  # set by host_buffer when the host bytes are page-locked in place
+    _loads: dict = field(default_factory=dict)  # slot index -> ([(copy dst, src)], [decode steps])
 
     @property
     def host_bytes(self) -> int:
         return self.host.numel()
+
+    @property
+    def staged_bytes(self) -> int:
+        """Host bytes that land in a slot's staging area to be decoded (0 when nothing is encoded)."""
+        return self.host_bytes - self.plain_bytes if self.staged else 0
 
     @property
     def staged(self) -> bool:
@@ -125,23 +128,27 @@ class LayerPack:
     def pack(cls, index: int, layer: nn.Module, codec=None, pin: bool = False,
              encoded: dict[str, Encoded] | None = None) -> "LayerPack":
         """Copy `layer`'s tensors into one new host buffer; the layer is left unbound (meta).
-        `encoded`: tensors (by state-dict name in the layer) given already encoded, packed as they are."""
+        `encoded`: tensors (by state-dict name in the layer) given already encoded, packed as they are.
+        A codec encodes each weight on the weight's own device; its bytes land in the host buffer."""
         found = collect(layer)
-        given = _encoded_of(layer, found, encoded or {})
-        dense = host = 0
-        for (entry, t), enc in zip(found, given):
+        items = list(zip(found, _encoded_of(layer, found, encoded or {})))
+        for (entry, t), enc in items:
             if enc is not None:
                 entry.codec, entry.host_nbytes = enc.codec, enc.nbytes
             else:
                 entry.codec = codec if codec is not None and entry.is_param and codec.applies(t) else None
                 entry.host_nbytes = entry.codec.nbytes(t.shape) if entry.codec else entry.nbytes
+        items.sort(key=lambda item: item[0][0].codec is not None)  # plain tensors first (a stable sort)
+        dense = host = plain = 0
+        for (entry, _), _ in items:
             entry.offset, dense = dense, align(dense + entry.nbytes)
             entry.host_offset, host = host, align(host + entry.host_nbytes)
-        pack = cls(index, [e for e, _ in found], torch.empty(0, dtype=torch.uint8), dense,
-                   codec if any(e.codec is codec for e, _ in found) else None)
+            plain = host if entry.codec is None else plain  # the prefix where both layouts agree
+        pack = cls(index, [e for (e, _), _ in items], torch.empty(0, dtype=torch.uint8), dense,
+                   codec if any(e.codec is codec for e, _ in found) else None, plain_bytes=plain)
         pack.host = buf = host_buffer(host, pin, pack)
         with torch.no_grad():
-            for (entry, t), enc in zip(found, given):
+            for (entry, t), enc in items:
                 region = buf[entry.host_offset : entry.host_offset + entry.host_nbytes]
                 if enc is not None:
                     enc.write(region)
@@ -159,38 +166,39 @@ class LayerPack:
         return nn.Parameter(t, requires_grad=False) if entry.is_param else t
 
     def attach(self, slot: Slot) -> None:
-        """Precompute (once, outside any inference mode) the views this layer uses in `slot`."""
+        """Precompute (once, outside any inference mode) the views this layer uses in `slot`: its
+        host-to-device copies (dst, src) and its decode steps (codec, staged bytes, dense view)."""
         views = []
         for e in self.entries:
             v = typed(slot.dense, e.offset, e.numel, e.dtype, e.shape)
             views.append(nn.Parameter(v, requires_grad=False) if e.is_param else v)
         self._views[slot.index] = views
-        if not self.staged:
-            self._loads[slot.index] = (slot.dense[: self.host_bytes], [])
-            return
+        plain = self.plain_bytes
+        copies = [(slot.dense[:plain], self.host[:plain])] if plain else []
         steps = []
-        for e, v in zip(self.entries, views):
-            src = slot.staging[e.host_offset : e.host_offset + e.host_nbytes]
-            steps.append((e.codec, src, v.data if e.codec else slot.dense[e.offset : e.offset + e.nbytes]))
-        self._loads[slot.index] = (slot.staging[: self.host_bytes], steps)
+        if self.staged:
+            copies.append((slot.staging[: self.host_bytes - plain], self.host[plain:]))
+            for e, v in zip(self.entries, views):
+                if e.codec is not None:
+                    start = e.host_offset - plain
+                    steps.append((e.codec, slot.staging[start : start + e.host_nbytes], v.data))
+        self._loads[slot.index] = (copies, steps)
 
     def load(self, slot: Slot, non_blocking: bool = False) -> None:
-        """Copy the host bytes into `slot` and decode them there; runs on the copy side."""
+        """Copy the host bytes into `slot` and decode them there."""
         self.copy(slot, non_blocking)
         self.decode(slot)
 
     def copy(self, slot: Slot, non_blocking: bool = False) -> None:
-        """The host bytes into `slot` (its dense bytes, or its staging area when some are encoded)."""
-        dst, _ = self._loads[slot.index]
-        dst.copy_(self.host, non_blocking=non_blocking)
+        """The host bytes into `slot`: the plain prefix into its dense bytes, the encoded rest (if any)
+        into its staging area; one or two host-to-device copies."""
+        for dst, src in self._loads[slot.index][0]:
+            dst.copy_(src, non_blocking=non_blocking)
 
     def decode(self, slot: Slot) -> None:
-        """Staged bytes into the dense layout of `slot` (encoded tensors decoded, the others copied)."""
+        """The staged encoded bytes into the dense layout of `slot`, one decode per encoded tensor."""
         for codec, src, out in self._loads[slot.index][1]:
-            if codec is None:
-                out.copy_(src)
-            else:
-                codec.decode_into(src, out)
+            codec.decode_into(src, out)
 
     def bind(self, slot: Slot) -> None:
         """Point the layer's parameters and buffers at views of `slot` (metadata only)."""
@@ -231,7 +239,7 @@ def make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[
     if not packs:
         return []
     dense = max(p.dense_bytes for p in packs)
-    staging = max(p.host_bytes for p in packs) if any(p.staged for p in packs) else 0
+    staging = max(p.staged_bytes for p in packs)
     slots = [Slot(i, torch.empty(dense, dtype=torch.uint8, device=device),
                   torch.empty(staging, dtype=torch.uint8, device=device) if staging else None)
              for i in range(ring)]
@@ -243,5 +251,5 @@ def make_slots(packs: list[LayerPack], ring: int, device: torch.device) -> list[
 
 def fits(pack: LayerPack, slot: Slot) -> bool:
     """Whether `pack` can load into `slot` (dense bytes, and staging for its encoded bytes)."""
-    staged = not pack.staged or (slot.staging is not None and slot.staging.numel() >= pack.host_bytes)
+    staged = not pack.staged or (slot.staging is not None and slot.staging.numel() >= pack.staged_bytes)
     return pack.dense_bytes <= slot.dense.numel() and staged

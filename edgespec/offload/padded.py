@@ -36,6 +36,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from edgespec.base.errors import UnsupportedModelError
 from edgespec.offload.shapes import SHAPES
+from edgespec.base import reach
 
 
 def pad_to_shape(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
@@ -62,7 +63,7 @@ def padded_skeleton(small: LlamaForCausalLM, shape: str | dict, dtype: torch.dty
     if "layer_types" in per_layer:
         big_cfg.layer_types = []
     with no_init_weights():
-        big = LlamaForCausalLM._from_config(big_cfg, dtype=dtype)
+        big = reach.model_from_config(LlamaForCausalLM, big_cfg, dtype)
     for k, v in per_layer.items():
         setattr(big.config, k, v)
     with torch.device("meta"):
@@ -127,7 +128,7 @@ def padded_config(cfg, shape: str | dict) -> LlamaConfig:
                                         f"({fields[name]}) is smaller than the model's ({small_v}). "
                                         "Pick a larger shape.")
     out = LlamaConfig(**fields)
-    out._attn_implementation = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    reach.set_attn_implementation(out, reach.attn_implementation(cfg, "sdpa"))
     return out
 
 

@@ -11,6 +11,9 @@ import weakref
 
 import torch
 
+_PINNED: "weakref.WeakKeyDictionary[object, weakref.finalize]" = weakref.WeakKeyDictionary()  # owner → unregister
+
+
 
 def host_buffer(nbytes: int, pin: bool, owner) -> torch.Tensor:
     """A uint8 host tensor of `nbytes`; page-locked if `pin` for as long as `owner` lives
@@ -26,13 +29,13 @@ def host_buffer(nbytes: int, pin: bool, owner) -> torch.Tensor:
             raise RuntimeError(f"cudaHostRegister failed with error {int(err)}")
     except Exception:  # no binding, or registering refused: the rounding allocator still pins
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    owner._unpin = weakref.finalize(owner, _unregister, buf.data_ptr())
+    _PINNED[owner] = weakref.finalize(owner, _unregister, buf.data_ptr())
     return buf
 
 
 def unpin(owner) -> None:
     """Unregister `owner`'s buffer now (before it is freed)."""
-    fin = getattr(owner, "_unpin", None)
+    fin = _PINNED.pop(owner, None)
     if fin is not None:
         fin()
 

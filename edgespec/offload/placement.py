@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from edgespec.base.errors import UnsupportedModelError
+from edgespec.base import reach
 
 
 def decoder_layers(model: nn.Module, meta_layers: bool = False) -> nn.ModuleList:
@@ -21,7 +22,7 @@ def decoder_layers(model: nn.Module, meta_layers: bool = False) -> nn.ModuleList
             "causal LM with a standard decoder (Llama, Qwen2, Mistral, Gemma families), or run it without "
             "offloading."
         )
-    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+    if any(reach.accelerate_hooked(m) for m in model.modules()):
         raise UnsupportedModelError(
             f"Cannot offload {arch}: it is already dispatched by accelerate (device_map / cpu_offload hooks). "
             "Load it without `device_map` (on the CPU) and let edgespec place it."
@@ -37,8 +38,7 @@ def decoder_layers(model: nn.Module, meta_layers: bool = False) -> nn.ModuleList
 
 def _tensors(module: nn.Module):
     for mod in module.modules():
-        yield from (t for t in mod._parameters.values() if t is not None)
-        yield from (t for t in mod._buffers.values() if t is not None)
+        yield from (t for _, t, _ in reach.own_tensors(mod))
 
 
 def check_no_sharing(model: nn.Module, streamed: list[nn.Module]) -> None:
@@ -52,8 +52,8 @@ def check_no_sharing(model: nn.Module, streamed: list[nn.Module]) -> None:
     for mod in model.modules():
         if id(mod) in owned:
             continue
-        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is not None and id(t) in inside:
+        for _, t, _ in reach.own_tensors(mod):
+            if id(t) in inside:
                 raise UnsupportedModelError(_shared_msg(model))
 
 
@@ -72,14 +72,11 @@ def move_outside(model: nn.Module, streamed: list[nn.Module], device: torch.devi
     for mod in model.modules():
         if id(mod) in skip:
             continue
-        for name, p in mod._parameters.items():
-            if p is not None:
-                if id(p) not in moved:
-                    moved[id(p)] = p if p.device == device else nn.Parameter(p.data.to(device), p.requires_grad)
-                mod._parameters[name] = moved[id(p)]
-        for name, b in mod._buffers.items():
-            if b is not None:
-                mod._buffers[name] = moved.setdefault(id(b), b.to(device))
+        for name, t, is_param in list(reach.own_tensors(mod)):
+            if id(t) not in moved:
+                same = t.device == device
+                moved[id(t)] = t if same else nn.Parameter(t.data.to(device), t.requires_grad) if is_param else t.to(device)
+            reach.bind(mod, name, moved[id(t)], is_param)
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -11,6 +11,8 @@ next layer to run is not the one expected: the ring drains and restarts at that 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -20,14 +22,16 @@ from edgespec.offload.placement import move_outside
 from edgespec.offload.trace import LayerTrace, OffloadStats, PassTrace
 
 
+# streamed layer → its handle (weakly both ways: the layer's hooks keep the handle alive, nothing here does)
+_STREAMING: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 def find_handle(model: nn.Module) -> "OffloadHandle | None":
-    """The handle streaming `model`'s decoder layers, read off the hooks it put on them (None when the
-    model is not offloaded)."""
+    """The handle streaming `model`'s decoder layers (None when the model is not offloaded)."""
     for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            handle = getattr(hook, "offload_handle", None)
-            if handle is not None:
-                return handle
+        ref = _STREAMING.get(module)
+        if ref is not None and ref() is not None:
+            return ref()
     return None
 
 
@@ -54,6 +58,7 @@ class OffloadHandle:
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(i)))
             self._hooks.append(layer.register_forward_hook(self._post_hook(i)))
+            _STREAMING[layer] = weakref.ref(self)  # how find_handle() knows the layer is streamed, and by whom
         if packs:
             self._issue_until(len(slots))
 
@@ -213,7 +218,6 @@ class OffloadHandle:
             self._layer = LayerTrace(start, self.transport.mark() if ticket is not None else start,
                                      ticket=ticket)
 
-        hook.offload_handle = self  # how find_handle() knows the layer is streamed, and by whom
         return hook
 
     def _post_hook(self, index: int):
@@ -245,6 +249,8 @@ class OffloadHandle:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        for layer in self.layers:
+            _STREAMING.pop(layer, None)
         self.transport.close()
         for pack in self.packs:
             pack.restore(device)

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class PassStats:
-    """Times in seconds. `transfer_time` is copy-side time (link delay and decoding included),
-    `decode_time` the part of it spent decoding encoded bytes on the device, `compute_time` the time
-    layers spent computing, `wait_time` the time compute was blocked waiting for a copy."""
+    """Times in seconds. `transfer_time` is copy-side time (link delay included; on a CPU decoding too:
+    its copy thread decodes; on CUDA the decode runs on its own stream, after the copy), `decode_time`
+    the time spent decoding encoded bytes on the device, `compute_time` the time layers spent
+    computing, `wait_time` the time compute was blocked waiting for a layer (copied and decoded)."""
 
     passes: int = 0
     layers: int = 0  # streamed layers consumed

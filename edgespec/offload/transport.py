@@ -7,13 +7,15 @@ Both transports offer the same small interface, used by the streamer from the co
 - `wait(ticket)`: make the compute side wait until that copy is done.
 - `release(slot)`: mark "the layer in `slot` has finished computing" (sets `slot.free`).
 - `mark()` / `elapsed(a, b)`: timestamps on the compute side, and seconds between two of them.
-- `transfer_time(ticket)`: copy-side seconds of one transfer (link delay and decoding included);
-  `decode_time(ticket)`: the part of it spent decoding encoded bytes in the slot (0 when none).
-- `drain()`: block the host until every submitted copy is complete. `close()`: stop.
+- `transfer_time(ticket)`: seconds of one transfer (link delay included; on a CPU the decode too);
+  `decode_time(ticket)`: seconds spent decoding its encoded bytes in the slot (0 when none).
+- `drain()`: block the host until every submitted copy (and decode) is complete. `close()`: stop.
 
-`CudaTransport` copies on a side CUDA stream ordered by CUDA events (no host synchronisation per
-layer). `ThreadTransport` (CPU) copies in a background worker thread ordered by threading events, so
-the emulated transfer overlaps compute exactly as the DMA engine does on a GPU.
+`CudaTransport` copies on a side CUDA stream and decodes on a third one, ordered by CUDA events (no
+host synchronisation per layer): a layer's decode starts as soon as its bytes land, overlapping the
+previous layer's compute and the next layer's copy, so the link never waits for a decode and only
+compute does (see `CudaTransport`). `ThreadTransport` (CPU) copies, then decodes, in a background worker
+thread ordered by threading events, so the emulated transfer overlaps compute as the DMA engine does.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+
+from edgespec.base import reach
 
 
 @dataclass
@@ -160,7 +164,16 @@ class _Noop:
 
 @dataclass
 class CudaTransport:
-    """CUDA: copies on a side stream; the compute stream and the copy stream meet only at events.
+    """CUDA: three streams that meet only at events.
+
+    - copy stream: waits until the slot's previous occupant has finished computing (`slot.free`),
+      then issues the layer's one or two host-to-device copies (`ticket.end`: its bytes have landed);
+    - decode stream: waits for `ticket.end`, decodes the staged bytes into the slot's dense layout
+      (`ticket.decoded`); the copy stream never waits for it, so the next layer's copy runs meanwhile;
+    - compute stream (the current one): waits for `ticket.done` (decoded, or landed when nothing is
+      encoded) before the layer runs.
+    A slot's staging bytes are overwritten only by its next copy, which waits for `slot.free`, after
+    the compute that waited for their decode.
 
     `link_delay` is emulated on the copy stream with `torch.cuda._sleep` (a GPU spin of the right
     number of cycles, calibrated once), so a slow link delays the layer's arrival, not the host.
@@ -169,10 +182,12 @@ class CudaTransport:
     device: torch.device
     link_delay: float = 0.0
     stream: torch.cuda.Stream = field(init=False)
+    decoder: torch.cuda.Stream = field(init=False)
     _cycles_per_s: float | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.stream = torch.cuda.Stream(self.device)
+        self.decoder = torch.cuda.Stream(self.device)
         self.set_link_delay(self.link_delay)
 
     def set_link_delay(self, seconds: float) -> None:
@@ -190,14 +205,15 @@ class CudaTransport:
                 self.stream.wait_event(slot.free)
             ticket.start = _timed_event(self.stream)
             pack.copy(slot, non_blocking=True)
-            if pack.staged:
-                ticket.copied = _timed_event(self.stream)
-                pack.decode(slot)
-                ticket.decoded = _timed_event(self.stream)
             if self.link_delay > 0:
-                torch.cuda._sleep(int(self.link_delay * self._cycles_per_s))
-            ticket.end = _timed_event(self.stream)
-        ticket.done = ticket.end
+                reach.gpu_sleep(int(self.link_delay * self._cycles_per_s))
+            ticket.end = ticket.done = _timed_event(self.stream)
+        if pack.staged:
+            with torch.cuda.stream(self.decoder):
+                self.decoder.wait_event(ticket.end)
+                ticket.copied = _timed_event(self.decoder)
+                pack.decode(slot)
+                ticket.decoded = ticket.done = _timed_event(self.decoder)
         return ticket
 
     def wait(self, ticket: Ticket) -> None:
@@ -223,6 +239,7 @@ class CudaTransport:
 
     def drain(self) -> None:
         self.stream.synchronize()
+        self.decoder.synchronize()
 
     def close(self) -> None:
         self.drain()
@@ -232,7 +249,7 @@ class CudaTransport:
         spin = 20_000_000
         a = _timed_event(self.stream)
         with torch.cuda.stream(self.stream):
-            torch.cuda._sleep(spin)
+            reach.gpu_sleep(spin)
         b = _timed_event(self.stream)
         return spin / self.elapsed(a, b)
 

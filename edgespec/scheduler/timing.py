@@ -9,7 +9,6 @@ import torch
 
 from edgespec.base.device import sync
 from edgespec.core.forward import cache_kwarg
-from edgespec.core.kv import crop
 from edgespec.core.sampling import Sampler
 from edgespec.core.search import TreeSearch
 from edgespec.core.tree import ancestor_mask
@@ -60,7 +59,7 @@ def time_passes(model, device, sizes, past: int = 128, repeats: int = 1, vocab: 
 @torch.inference_mode()
 def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
                 draft_temperature: float = 1.0) -> list[dict]:
-    """Median seconds for `drafter` (edgespec/core/drafter.py) to build a tree of each budget under `prefix`
+    """Median seconds for `drafter` (edgespec/core/draft_runner.py) to build a tree of each budget under `prefix`
     (its last token the root), as a step does: feed the root, grow best-first, take the top-`budget`
     tree. `plan_for(k)` gives the Plan (depth, branch, batch). The prefix's drafter cache is filled
     once, outside the timing."""
@@ -73,7 +72,7 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
         plan = plan_for(budget)
         times, tree = [], None
         for r in range(repeats + 1):  # the first run warms up
-            crop(cache, stem.numel() - 1)
+            cache.crop_to(stem.numel() - 1)
             sync(device)
             t0 = time.perf_counter()
             search = TreeSearch.start(drafter, cache, stem[-1:], Sampler(0.0, draft_temperature=draft_temperature),
@@ -85,5 +84,5 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
                 times.append(time.perf_counter() - t0)
         rows.append({"budget": budget, "draft_s": statistics.median(times), "tree_size": tree.size,
                      "tree_depth": tree.depth})
-    crop(cache, 0)
+    cache.crop_to(0)
     return rows

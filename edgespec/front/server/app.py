@@ -26,7 +26,8 @@ from fastapi.exceptions import StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from edgespec.base.errors import EdgespecError
+from edgespec.base.errors import EdgespecError, InvalidArgumentError
+from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import (
     SAMPLER_FIELDS, Answer, ApiError, ChatRequest, CompletionRequest, check, parse_body,
@@ -43,16 +44,20 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     max_queue: int = 256  # waiting requests beyond this get a 503
     max_tokens: int | None = None  # a request without max_tokens: this, else up to the context window
-    defaults: dict = field(default_factory=dict)  # sampler settings for requests that leave them out
+    defaults: dict = field(default_factory=dict)  # sampler settings (SAMPLER_FIELDS) for requests that leave them out
     system: str | None = None  # system message for conversations that bring none
 
+    def __post_init__(self):
+        if unknown := sorted(set(self.defaults) - set(SAMPLER_FIELDS)):
+            raise InvalidArgumentError(f"server default {unknown[0]!r} is not a sampling setting: the settings are "
+                                       f"{list(SAMPLER_FIELDS)}")
 
-def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
+
+def create_app(engine: FrontEnd, config: ServerConfig | None = None) -> FastAPI:
     """A FastAPI app serving `engine` (ready, loaded); its worker thread runs while the app is served."""
     config = config or ServerConfig()
     metrics = Metrics()
     worker = Worker(engine, metrics, config.max_queue)
-    accepted = _sampler_parameters(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -72,9 +77,6 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if req.model not in (None, config.model_id):
             raise ApiError(404, f"model {req.model!r} is not served here: this server serves {config.model_id!r} "
                                 "(GET /v1/models lists it)", "model", "model_not_found")
-        if unknown := sorted(set(req.sampling()) - accepted):
-            raise ApiError(400, f"{unknown[0]} is not supported by this engine version: leave it out",
-                           unknown[0], "unsupported_parameter")
         return req
 
     async def answer(request: Request, chat: bool):
@@ -113,7 +115,7 @@ def _rendered(tokenizer, messages: list[dict], tools: list) -> list[int]:
                             f"{type(e).__name__}: {e}", "messages") from None
 
 
-def _status_routes(app: FastAPI, engine, worker: Worker, metrics: Metrics, config: ServerConfig, auth) -> None:
+def _status_routes(app: FastAPI, engine: FrontEnd, worker: Worker, metrics: Metrics, config: ServerConfig, auth) -> None:
     """GET /health (open), /metrics and /v1/models (behind the key, if any)."""
     started = int(time.time())
 
@@ -129,7 +131,7 @@ def _status_routes(app: FastAPI, engine, worker: Worker, metrics: Metrics, confi
     @app.get("/v1/models", dependencies=auth)
     async def models():
         info = {"target": config.model_id, "drafter": config.drafter_id, "context_window": engine.max_context}
-        if getattr(engine, "self_draft", None) is not None:  # the target drafts for itself: its layout and plan
+        if engine.self_draft is not None:  # the target drafts for itself: its layout and plan
             info["self_draft"] = engine.self_draft.describe()
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": started,
                                             "owned_by": "edgespec", "edgespec": info}]}
@@ -252,16 +254,6 @@ def _key_check(api_key: str | None):
     return require_key
 
 
-def _sampler_parameters(engine) -> set[str]:
-    """The request fields engine.run takes as keyword arguments."""
-    import inspect
-
-    params = inspect.signature(engine.run).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return set(SAMPLER_FIELDS)
-    return set(params) & set(SAMPLER_FIELDS)
-
-
 # ---- names and addresses ----
 def served_name(spec: str | None) -> str:
     """The model name /v1/models shows for a --target: the embedded default's, a file's or folder's
@@ -318,7 +310,7 @@ def uvicorn_server(app: FastAPI, log_level: str = "info"):
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
 
 
-def serve(engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, sock: socket.socket | None = None,
+def serve(engine: FrontEnd, config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, sock: socket.socket | None = None,
           log_level: str = "info") -> int:
     """Serve until Ctrl-C (the `edgespec serve` command); `sock`: already bound to host:port."""
     import sys

@@ -11,10 +11,12 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
+from edgespec.core.sampling import SAMPLING_FIELDS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# request fields that become Engine.run keyword arguments (only those a request sets are passed)
-SAMPLER_FIELDS = ("temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty")
+# request fields that become the generation's sampling settings (SamplingConfig's fields; only those a
+# request sets are passed, the rest are the server's defaults) and its seed
+SAMPLER_FIELDS = (*SAMPLING_FIELDS, "seed")
 # the engine's stop reasons as OpenAI finish reasons (the context window ending an answer is "length")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop",
           "tool_calls": "tool_calls"}
@@ -176,7 +178,7 @@ class _Request(BaseModel):
         return self
 
     def sampling(self) -> dict:
-        """The sampler settings this request sets, as Engine.run keyword arguments."""
+        """The sampler settings this request sets (SamplingConfig fields, and the seed)."""
         return {k: getattr(self, k) for k in SAMPLER_FIELDS if getattr(self, k) is not None}
 
     def max_new_tokens(self) -> int | None:

@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, OutOfMemoryError
+from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError
 from edgespec.front.server.structured import logprobs_content, parse_calls
@@ -25,7 +26,7 @@ from edgespec.front.server.structured import logprobs_content, parse_calls
 class Job:
     prompt: str | list[dict]  # raw text, or chat messages for the target's chat template
     max_new_tokens: int | None  # None: up to the end of the context window
-    sampling: dict  # Engine.run keyword arguments (temperature, top_p, seed, ...)
+    sampling: dict  # the sampling settings by SamplingConfig field, and "seed" (the rest: the engine's defaults)
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -58,7 +59,7 @@ class Finished:
 class Worker:
     """The thread that runs every generation, one at a time, in submission order."""
 
-    def __init__(self, engine, metrics: Metrics, max_queue: int = 256):
+    def __init__(self, engine: FrontEnd, metrics: Metrics, max_queue: int = 256):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -137,8 +138,10 @@ class Worker:
 
     def _generate(self, job: Job, ids: list[int]):
         max_new = job.max_new_tokens or max(1, self.engine.max_context - len(ids))
-        asked = {k: v for k, v in (("grammar", job.grammar), ("logprobs", job.logprobs)) if v is not None}
-        run = self.engine.run(ids, max_new_tokens=max_new, stop=job.stop, **asked, **job.sampling)
+        settings = dict(job.sampling)
+        seed = settings.pop("seed", None)
+        run = self.engine.run(ids, max_new_tokens=max_new, stop=job.stop, seed=seed, sampling=settings,
+                              grammar=job.grammar, logprobs=job.logprobs)
         run.cancel = job.cancel  # checked by the engine before every step
         shown, sent = StopHoldback(job.stop), 0
         pieces = iter(run)

@@ -1,9 +1,10 @@
-"""The drafter: a model and how its forwards run, decided once when it is built.
+"""The draft runner: a drafting model and how its forwards run, decided once when it is built.
 
-`Drafter(model)` picks the forward: edgespec's lean forward for a Llama-family model
+`DraftRunner(model)` picks the forward: edgespec's lean forward for a Llama-family model
 (edgespec/core/lean.py), over a preallocated static cache replaying CUDA graphs on a GPU
 (edgespec/core/static_kv.py), else transformers' own. `forward` overrides the choice ("transformers",
-"lean", "static"; "auto" reads EDGESPEC_LEAN: 0, dynamic or static). Everything that drafts (the
+"lean", "static"; "auto": lean where supported, static on a GPU; DraftConfig.forward reads the
+EDGESPEC_LEAN switch). Everything that drafts (the
 tree search, the scheduler's start-up timing, the profiles) goes through this object: the model
 itself carries no edgespec state.
 
@@ -13,8 +14,6 @@ proposes, so that can never change the output).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from edgespec.core.kv import new_cache
@@ -22,12 +21,12 @@ from edgespec.base.errors import InvalidArgumentError
 from edgespec.base.device import model_device
 from edgespec.core.forward import hidden_states, logits_from_hidden, visibility
 from edgespec.core.lean import LeanDecoder, supports
-from edgespec.core.static_kv import StaticCache
+from edgespec.core.static_kv import StaticKV
 
 FORWARDS = ("auto", "transformers", "lean", "static")
 
 
-class Drafter:
+class DraftRunner:
     def __init__(self, model, forward: str = "auto", vocab: int | None = None):
         if forward not in FORWARDS:
             raise InvalidArgumentError(f"drafter forward must be one of {FORWARDS}, got {forward!r}")
@@ -50,16 +49,16 @@ class Drafter:
 
     def prepare(self, cache) -> None:
         """Capture the CUDA graphs over `cache` now (never during an overlapped target pass)."""
-        if self.lean is not None and isinstance(cache, StaticCache) and cache.use_graphs:
+        if self.lean is not None and isinstance(cache, StaticKV) and cache.use_graphs:
             with torch.no_grad():
-                cache.capture(self.lean._static_forward)
+                cache.capture(self.lean.static_forward)
 
     def describe(self, cache=None) -> str:
         """"transformers", "lean" or "lean+static"; given its cache, "lean+cuda-graphs" where the forwards
         replay graphs."""
         if self.lean is None:
             return "transformers"
-        if isinstance(cache, StaticCache) and cache.use_graphs:
+        if isinstance(cache, StaticKV) and cache.use_graphs:
             return "lean+cuda-graphs"
         return "lean+static" if self.lean.static else "lean"
 
@@ -78,9 +77,6 @@ class Drafter:
 
 def _lean(model, forward: str) -> LeanDecoder | None:
     """The lean forward the choice asks for, or None for transformers' (also where unsupported)."""
-    if forward == "auto":
-        env = os.environ.get("EDGESPEC_LEAN", "auto")
-        forward = {"0": "transformers", "dynamic": "lean", "static": "static"}.get(env, "auto")
     if forward == "transformers" or not supports(model):
         return None
     static = forward == "static" or (forward == "auto" and model_device(model).type == "cuda")
