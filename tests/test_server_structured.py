@@ -160,6 +160,26 @@ def test_bad_structured_input_is_a_clear_400_and_the_server_keeps_serving(served
     assert post(served, "chat", {"messages": ASK, "max_tokens": 2}).status_code == 200
 
 
+def test_strict_closes_objects_as_openai_strict_mode_does(served, engine):
+    """strict: true admits no key beyond an object's properties (where the schema leaves it unsaid);
+    without strict the same schema admits extra keys, as JSON Schema means it."""
+    from edgespec.front.server.structured import closed
+
+    loose = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {
+        "c": {"type": "boolean"}}}}, "required": ["a"], "$defs": {"D": {"properties": {"x": {}}}}}
+    tight = closed(loose)
+    assert tight["additionalProperties"] is False and tight["properties"]["b"]["additionalProperties"] is False
+    assert tight["$defs"]["D"]["additionalProperties"] is False and "additionalProperties" not in loose
+    assert closed({**loose, "additionalProperties": True})["additionalProperties"] is True  # said: kept
+    fmt = {"type": "json_schema", "json_schema": {"name": "A", "strict": True, "schema": loose}}
+    r = served.client().chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=40,
+                                                temperature=0)
+    assert r.choices[0].message.content == engine.generate(engine.encode(ASK), max_new_tokens=40, temperature=0,
+                                                           grammar=Grammar.json_schema(tight)).text
+    if r.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(r.choices[0].message.content), tight)
+
+
 def test_a_grammar_unfinished_at_max_tokens_is_length_not_valid(served):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": COMPACT}}
     r = served.client().chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=3)
@@ -196,7 +216,9 @@ def _real_checks(engine, tools: bool):
         import openai
 
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=900)
-        fmt = {"type": "json_schema", "json_schema": {"name": "City", "schema": City.model_json_schema()}}
+        # strict, as the openai client's `.parse(response_format=City)` sends it: no keys beyond City's
+        fmt = {"type": "json_schema", "json_schema": {"name": "City", "strict": True,
+                                                      "schema": City.model_json_schema()}}
         r = client.chat.completions.create(model="real", messages=msgs, response_format=fmt, max_tokens=96,
                                            temperature=0)
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content

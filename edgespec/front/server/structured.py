@@ -54,7 +54,23 @@ def response_grammar(fmt) -> Grammar | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise ApiError(400, "response_format.json_schema must be an object with a \"schema\" object",
                        "response_format.json_schema")
-    return _grammar(lambda: Grammar.json_schema(spec.get("schema", {})), "response_format.json_schema.schema")
+    schema = spec.get("schema", {})
+    if spec.get("strict") is True:
+        schema = closed(schema)
+    return _grammar(lambda: Grammar.json_schema(schema), "response_format.json_schema.schema")
+
+
+def closed(schema):
+    """A copy of `schema` whose objects admit only their listed properties, as OpenAI's strict mode
+    means it (`"additionalProperties": false` wherever a schema leaves it unsaid)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _grammar(build, param: str) -> Grammar:
