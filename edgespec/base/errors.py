@@ -22,7 +22,16 @@ class ContextLengthError(EdgespecError):
 
 
 class InvalidArgumentError(EdgespecError, ValueError):
-    """A generation or scheduling argument is out of range."""
+    """A generation or scheduling argument is out of range or of the wrong kind; `argument` names it (None
+    when no single argument is to blame), as the message does."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+
+
+class InvalidPromptError(InvalidArgumentError):
+    """A prompt that is not a string, a list of chat messages or a list of token ids in the vocabulary."""
 
 
 class OutOfMemoryError(EdgespecError):
@@ -35,6 +44,8 @@ class BackoffWarning(UserWarning):
 
 class GrammarError(InvalidArgumentError):
     """A grammar constraint (JSON schema, regex, Lark grammar, tools) that cannot be compiled or used."""
+
+
 class StageFailedError(EdgespecError):
     """A stage of a target split across machines died, stopped answering or refused to serve; `stage`
     is its rank (None when it is not known). The conversation on stage 0 is kept."""

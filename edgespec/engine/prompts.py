@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from edgespec.base.errors import ContextLengthError, InvalidArgumentError
+from edgespec.base import checks
+from edgespec.base.errors import ContextLengthError, InvalidArgumentError, InvalidPromptError
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -55,21 +56,22 @@ def _shown(file: Path) -> str:
         return str(file)
 
 
-def encode(tokenizer, prompt, max_context: int) -> list[int]:
+def encode(tokenizer, prompt, max_context: int, vocab: int | None = None) -> list[int]:
     """A prompt as token ids: a str is tokenized as is, a list of {role, content} messages through the
-    tokenizer's chat template, ids (a list or tensor) pass through. Refuses an empty prompt, and one the
-    context window cannot hold with room to answer."""
-    if isinstance(prompt, torch.Tensor):
-        ids = prompt.reshape(-1).tolist()
-    elif isinstance(prompt, str):
-        ids = _needs(tokenizer).encode(prompt) if prompt else []
-    elif prompt and isinstance(prompt[0], dict):
-        ids = _needs(tokenizer).apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    tokenizer's chat template, ids (a list or tensor of ints in [0, vocab)) pass through; anything else is
+    an InvalidPromptError naming what is wrong (edgespec/base/checks.py). Refuses an empty prompt, and
+    one the context window cannot hold with room to answer."""
+    kind = checks.prompt_kind(prompt)
+    if kind == "text":
+        ids = _needs(tokenizer).encode(checks.text(prompt, "prompt")) if prompt else []
+    elif kind == "messages":
+        ids = _needs(tokenizer).apply_chat_template(checks.messages(prompt), add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
     else:
-        ids = [int(t) for t in prompt]
+        flat = prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt
+        ids = checks.token_ids(flat, vocab)
     if not ids:
-        raise InvalidArgumentError("The prompt is empty: give at least one token of text.")
+        raise InvalidPromptError("The prompt is empty: give at least one token of text.", "prompt")
     if len(ids) >= max_context:
         raise ContextLengthError(f"The prompt has {len(ids)} tokens but the context window is {max_context}: "
                                  "shorten the prompt (or, in chat, /reset the conversation).")
