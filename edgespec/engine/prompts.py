@@ -42,8 +42,9 @@ def load_prompts(n: int, path: str | None = None) -> tuple[list[str], str]:
     """The first turns of the first `n` questions, and where they came from (built-in prompts when
     the file is missing, saying so)."""
     file = Path(path) if path else default_questions()
-    if not file.is_file():
-        print(f"edgespec: {file} not found: using {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
+    if not file.is_file():  # (the default file lives beside a development checkout: not named to users)
+        said = f"{file} not found: using" if path else "using"
+        print(f"edgespec: {said} {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
         return BUILTIN_PROMPTS[:n], "built-in prompts"
     return read_questions(file, n), _shown(file)
 

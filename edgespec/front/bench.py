@@ -29,6 +29,7 @@ from edgespec.engine.prompts import chat_messages, load_prompts
 from edgespec.base.stats import Totals
 from edgespec.core.sampling import SamplingConfig
 from edgespec.engine.face import FrontEnd
+from edgespec.front import arguments
 
 METHODS = ("edgespec", "plain", "hf-assisted")
 
@@ -280,7 +281,7 @@ def main(args, load) -> int:
     sampling = None
     if getattr(args, "temperature", None):  # bench decodes greedily unless --temperature is given
         sampling = {"temperature": args.temperature, "top_p": args.top_p or 1.0, "seed": args.seed or 0}
-    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system, sampling=sampling)
+    result = run_bench(engine, prompts, arguments.max_new_tokens(args), args.system, sampling=sampling)
     result["source"] = source
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))

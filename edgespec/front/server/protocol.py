@@ -35,28 +35,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-# ---- parsing -------------------------------------------------------------------------------------
-def parse_body(raw: bytes) -> dict:
-    """Bytes → a JSON object, or an ApiError saying what is wrong with them."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {e.start}): "
-                            "send JSON encoded as UTF-8") from None
-    try:
-        obj = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} "
-                            f"column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _no_constant(name: str):
-    raise ApiError(400, f"malformed JSON in the request body: {name} is not a JSON number")
-
-
+# ---- checking (edgespec/front/server/body.py parses the bytes) -----------------------------------
 def check(model_cls: type[BaseModel], body: dict) -> BaseModel:
     """Validate a request body; the first problem becomes a 400 naming the field."""
     try:
@@ -123,7 +102,7 @@ def _check_unsupported(model: BaseModel) -> None:
 
 
 # ---- requests --------------------------------------------------------------------------------------
-NonNeg = Annotated[float, Field(ge=0)]
+NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # (1e400 in JSON reads as inf)
 
 
 class StreamOptions(BaseModel):
@@ -142,12 +121,12 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: NonNeg | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     seed: int | None = None
     stop: Any = Field(None, validate_default=True)  # → list[str]
     top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     n: Any = None
     logprobs: Any = None
     logit_bias: Any = None
