@@ -83,13 +83,14 @@ def stop_strings(value) -> list[str]:
     return list(stops)
 
 
-def text(value: str, name: str) -> str:
-    """A string the tokenizer can encode: UTF-8 text without lone surrogates (as "\\ud800" in JSON)."""
+def text(value: str, name: str, argument: str | None = None) -> str:
+    """A string the tokenizer can encode: UTF-8 text without lone surrogates (as "\\ud800" in JSON); `name`
+    says where it sits, `argument` (default: `name`) the argument it belongs to."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidPromptError(f"{name} is not valid text: {value[e.start]!r} at character {e.start} is a lone "
-                                 "surrogate (half of a UTF-16 pair): send the whole character", name) from None
+                                 "surrogate (half of a UTF-16 pair): send the whole character", argument or name) from None
     return value
 
 
@@ -110,7 +111,7 @@ def messages(value: list, name: str = "prompt") -> list[dict]:
             raise InvalidPromptError(f"{where}['content'] must be a string (the message's text), got {content!r}"
                                      if "content" in m else f"{where} has no 'content': give the message's text "
                                      "as a string", name)
-        text(m["content"], f"{where}['content']")
+        text(m["content"], f"{where}['content']", name)
         out.append(m)
     return out
 

@@ -210,7 +210,9 @@ def api_error(err: EdgespecError, param: str | None = None) -> ApiError:
         return ApiError(400, str(err), param, "context_length_exceeded")
     if isinstance(err, OutOfMemoryError):
         return ApiError(503, str(err), None, "out_of_memory", kind="server_error")
-    msg = str(err)
-    named = next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
+    msg, arg = str(err), getattr(err, "argument", None)  # (InvalidArgumentError names it)
+    if arg == "prompt":
+        return ApiError(400, msg, param)
+    named = arg or next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
     return ApiError(400, msg, named or (param if "prompt" in msg.lower() else None))
 
