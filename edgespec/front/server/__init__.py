@@ -3,7 +3,7 @@
     from edgespec.front.server import ServerConfig, create_app, serve
     serve(engine, ServerConfig(model_id="SmolLM2-135M-Instruct"), host="127.0.0.1", port=8080)
 
-protocol.py: request checking and answer objects; structured.py: response_format, tools and
+body.py: request bytes parsed with limits (size, depth, text); protocol.py: request checking and answer objects; structured.py: response_format, tools and
 log-probabilities; worker.py: the one generation thread;
 metrics.py: Prometheus text; app.py: the routes and uvicorn.
 """
