@@ -280,3 +280,16 @@ def test_stop_paris_on_the_embedded_default(real_pair):
     assert "Paris" in full and full.index("Paris") > 0, full
     out = engine.generate(q, max_new_tokens=24, temperature=0, stop="Paris")
     assert out.text == full[:full.index("Paris")] and out.stats.stop_reason == "stop"
+
+
+def test_chat_load_refuses_a_transcript_a_turn_would_refuse(tmp_path):
+    from tests.conftest import chat_session
+
+    s, out, err = chat_session(max_new_tokens=6)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"role": "wizard", "content": "hi"}]))
+    s.handle(f"/load {path}")
+    assert "is not a transcript" in err.getvalue() and "'wizard'" in err.getvalue() and s.messages == []
+    answer = s.ask("what is the capital of france")
+    ids = s.engine.encode(MSGS)
+    assert answer == s.engine.tokenizer.decode(greedy_reference(s.engine.target, ids, 6), skip_special_tokens=True)

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgespec.base import checks
 from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.base.stats import Totals
 from edgespec.core.sampling import SamplingConfig
@@ -184,7 +185,10 @@ def read_transcript(path: str) -> list[dict]:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data)
     if not ok:
         raise EdgespecError(f"{path} is not a transcript: expected a JSON list of {{\"role\", \"content\"}} messages")
-    return [{"role": m["role"], "content": m["content"]} for m in data]
+    try:  # roles a chat template reads, text it can encode (what a turn would refuse later)
+        return [{"role": m["role"], "content": m["content"]} for m in checks.messages(data, path)]
+    except InvalidArgumentError as e:
+        raise EdgespecError(f"{path} is not a transcript: {e}") from None
 
 
 def offload_line(handle) -> str:
