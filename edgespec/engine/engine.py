@@ -154,11 +154,12 @@ class Engine:
         How the target samples is one value: `sampling`, a SamplingConfig or a mapping of its fields
         (temperature, top_p, top_k, min_p, repetition_penalty), and/or those fields by name as keywords;
         a setting left out or None takes the engine's default (`engine.sampling`); temperature 0 is
-        greedy. `seed`: the same seed gives the same answer. `stop`: a string or strings that end it.
-        `grammar`: a constraint the answer follows (a core.grammar.Grammar, a JSON schema dict or a
-        pydantic model class); `logprobs`: 0-20, each new token's log-probability with that many top
-        alternatives (`Generation.logprobs`)."""
-        max_new_tokens, stop = checks.max_new_tokens(max_new_tokens), checks.stop_strings(stop)
+        greedy. `max_new_tokens`: an integer >= 1 (None: 256). `seed`: the same seed gives the same answer.
+        `stop`: a string (the whole string) or a list of strings that end it. Bad arguments are refused
+        with an InvalidArgumentError naming them (edgespec/base/checks.py). `grammar`: a constraint the
+        answer follows (a core.grammar.Grammar, a JSON schema dict or a pydantic model class); `logprobs`:
+        0-20, each new token's log-probability with that many top alternatives (`Generation.logprobs`)."""
+        max_new_tokens, stop = checks.max_new_tokens(max_new_tokens, default=256), checks.stop_strings(stop)
         config = self.sampling_for(sampling, **settings)
         sampler = Sampler.of(config, checks.seed(seed), draft_temperature=self.config.draft_temperature)
         if logprobs is not None:
