@@ -197,10 +197,11 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
+    grammar = grammar_arg(args)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
     kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, "sampling": sampling_args(args)}
-    if (grammar := grammar_arg(args)) is not None:
+    if grammar is not None:
         kw["grammar"] = grammar
     if args.json:
         out = engine.generate(prompt, **kw)
@@ -230,7 +231,9 @@ def grammar_arg(args):
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgespecError(f"cannot read {path}: {e}") from None
-    return Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
+    grammar = Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
+    grammar.checked()  # a bad file is refused before minutes of model loading, not after
+    return grammar
 
 
 def read_prompt(arg: str | None) -> str:
