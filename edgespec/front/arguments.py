@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from edgespec.base import checks
-from edgespec.base.errors import InvalidArgumentError
+from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.core.sampling import check_sampling
 
 # what a missing --max-new-tokens means, per command (serve: up to the context window)
@@ -61,3 +62,21 @@ def _default(command: str) -> str:
 def max_new_tokens(args: argparse.Namespace) -> int:
     """--max-new-tokens, or the command's default when it is left out."""
     return checks.max_new_tokens(args.max_new_tokens, MAX_NEW_DEFAULT[args.command])
+
+
+def grammar_file(args: argparse.Namespace):
+    """--json-schema FILE / --grammar FILE as a core.grammar.Grammar (None: neither given)."""
+    from edgespec.core.grammar import Grammar
+
+    if args.json_schema and args.grammar:
+        raise EdgespecError("give --json-schema or --grammar, not both")
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgespecError(f"cannot read {path}: {e}") from None
+    grammar = Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
+    grammar.checked()  # a bad file is refused before minutes of model loading, not after
+    return grammar

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import os
 import sys
 
@@ -198,10 +197,11 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
+    grammar = arguments.grammar_file(args)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
     kw = {"max_new_tokens": arguments.max_new_tokens(args), "seed": args.seed, "sampling": sampling_args(args)}
-    if (grammar := grammar_arg(args)) is not None:
+    if grammar is not None:
         kw["grammar"] = grammar
     if args.json:
         out = engine.generate(prompt, **kw)
@@ -218,20 +218,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def grammar_arg(args):
-    """--json-schema FILE / --grammar FILE as a core.grammar.Grammar (None: neither given)."""
-    from edgespec.core.grammar import Grammar
-
-    if args.json_schema and args.grammar:
-        raise EdgespecError("give --json-schema or --grammar, not both")
-    path = args.json_schema or args.grammar
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgespecError(f"cannot read {path}: {e}") from None
-    return Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
 
 
 def read_prompt(arg: str | None) -> str:
