@@ -30,9 +30,8 @@ from edgespec.base import checks
 from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
-from edgespec.front.server.protocol import (
-    SAMPLER_FIELDS, Answer, ApiError, ChatRequest, CompletionRequest, check,
-)
+from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError, ChatRequest, CompletionRequest, check
+from edgespec.front.server.answer import Answer
 from edgespec.front.server import body
 from edgespec.front.server.structured import Structure, plan, render
 from edgespec.front.server.worker import Job, Worker

@@ -1,4 +1,4 @@
-"""The OpenAI HTTP API as edgespec speaks it: request bodies checked into requests, answers built.
+"""The OpenAI HTTP API as edgespec speaks it: request bodies checked into requests (answers: answer.py).
 
 A request is plain JSON (never pickle) checked strictly: wrong types, out-of-range values, unknown
 fields and fields edgespec cannot honour (n > 1, tools, logprobs, images, ...) are each an
@@ -7,8 +7,6 @@ fields and fields edgespec cannot honour (n > 1, tools, logprobs, images, ...) a
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from edgespec.core.sampling import SAMPLING_FIELDS
@@ -17,9 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # request fields that become the generation's sampling settings (SamplingConfig's fields; only those a
 # request sets are passed, the rest are the server's defaults) and its seed
 SAMPLER_FIELDS = (*SAMPLING_FIELDS, "seed")
-# the engine's stop reasons as OpenAI finish reasons (the context window ending an answer is "length")
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop",
-          "tool_calls": "tool_calls"}
 MAX_STOP = 16
 
 
@@ -285,51 +280,3 @@ class CompletionRequest(_Request):
         if not v:
             raise _Invalid("the prompt is empty: give some text to continue")
         return v
-
-
-# ---- answers ---------------------------------------------------------------------------------------
-class Answer:
-    """Builds one request's answer objects (whole, or as stream chunks) with one id and time."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
-        self.chat, self.model, self.include_usage = chat, model, include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _head(self, stream: bool) -> dict:
-        obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, text: str | None, stop_reason: str, prompt_tokens: int, completion_tokens: int,
-              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
-        finish = FINISH.get(stop_reason, "stop")
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
-                  else {"index": 0, "text": text})
-        if tool_calls:
-            choice["message"]["tool_calls"] = tool_calls
-        choice.update(logprobs=None if logprobs is None else {"content": logprobs}, finish_reason=finish)
-        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
-
-    def chunk(self, text: str | None = None, stop_reason: str | None = None, role: bool = False,
-              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            if tool_calls:  # each call whole in one delta, indexed as the openai client accumulates them
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
-            choice = {"index": 0, "delta": delta}
-        else:
-            choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None if logprobs is None else {"content": logprobs},
-                      finish_reason=FINISH.get(stop_reason, "stop") if stop_reason else None)
-        out = {**self._head(True), "choices": [choice]}
-        if self.include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
