@@ -63,6 +63,14 @@ def hops_seconds(stages: int, tokens: int, hidden: int, net: Net, dtype_bytes: i
     return (stages - 1) * net.seconds(forward, 5) + net.seconds(HEADER_BYTES + 8 * 64, 2)
 
 
+def emulated_seconds(nets: list, sent: tuple[int, int], back: tuple[int, int]) -> float:
+    """What a run's hops cost on emulated networks (`nets[r]`: stage r's, None for a real one): every
+    stage but the last relays what stage 0 sent (`sent`: messages, bytes) to the next, and the last
+    sends the verdicts back (`back`: messages, bytes). Exactly the sleeps wire.Link adds."""
+    down = sum(net.seconds(sent[1], sent[0]) for net in nets[:-1] if net is not None)
+    return down + (nets[-1].seconds(back[1], back[0]) if nets[-1] is not None else 0.0)
+
+
 def stage_seconds(shape: Shape, layers: int, tokens: int, vram_bytes: float, link: float, flops: float) -> float:
     """One stage's pass: its layers that do not fit in `vram_bytes` stream over `link` (bytes/s) while
     all of them compute (2 flops per parameter per token at `flops` per second); the longer wins

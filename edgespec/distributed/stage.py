@@ -35,7 +35,8 @@ def serve(member: Member, spec: str | None, world: int, device: torch.device, *,
     ident, gen, stage = identity(spec), 0, None
     while member.alive:
         hello = {"identity": ident, "host": member.bind, "pid": os.getpid(), "device": str(device),
-                 "free": memory.free_memory(device)}
+                 "free": memory.free_memory(device),
+                 "emulate": [emulate.latency, emulate.bytes_per_s] if emulate is not None else None}
         gen, plan = member.join(hello, gen)
         rng = Range.of(plan, member.rank)
         try:

@@ -21,6 +21,7 @@ from edgespec.core.tree import Tree
 from edgespec.core.verify import TreeVerifier, Verdict, pass_inputs
 from edgespec.distributed import wire
 from edgespec.distributed.group import Coordinator, Timeouts, identity, release
+from edgespec.distributed.hops import Net
 from edgespec.distributed.layers import Range, StageModel, load_range, model_config
 from edgespec.distributed.placement import Placement
 from edgespec.distributed.wire import CROP, FORWARD, KEEP, STOP, Header, Link
@@ -71,6 +72,18 @@ class PipelineTarget(TreeVerifier):
     def describe(self) -> list[str]:
         return [f"{self.coordinator.name(r)}: {Range.of(self.plan, r).describe()}"
                 for r, rng in enumerate(self.plan["ranges"])]
+
+    def traffic(self) -> tuple[int, int, int, int]:
+        """Messages and bytes this stage sent down the pipeline, and got back (the verdicts), so far in
+        this generation (a rejoin starts the counts again)."""
+        if self.link is None:
+            return 0, 0, 0, 0
+        return (*self.link.sent, *self.link.received)
+
+    def nets(self) -> list:
+        """Each stage's emulated network on its sends (hops.Net; None: the real one), stage 0's first."""
+        theirs = [self.coordinator.hellos.get(r, {}).get("emulate") for r in range(1, self.world)]
+        return [self.emulate] + [Net(f"stage {r}", e[1], e[0]) if e else None for r, e in enumerate(theirs, 1)]
 
     @property
     def model(self):

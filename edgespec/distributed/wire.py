@@ -80,6 +80,7 @@ class Link:
         self.timeout, self.watch, self.poll = timeout, watch, poll
         self.emulate = emulate  # hops.Net: sleep as a message over that network would take (benchmarks)
         self.sent = [0, 0]  # messages, bytes
+        self.received = [0, 0]  # messages (headers), bytes
 
     def send(self, dst: int, tensors: list[torch.Tensor]) -> None:
         what = f"sending to {self.names[dst]}"
@@ -92,6 +93,7 @@ class Link:
 
     def recv(self, src: int, shape, dtype=torch.long, idle: bool = False) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype)
+        self.received[1] += t.numel() * t.element_size()
         what = f"waiting for {self.names[src]}"
         if t.numel():
             self._wait(self._start(lambda: self.group.recv([t], src, 0), what, src), what, src, idle)
@@ -106,6 +108,7 @@ class Link:
             raise StageFailedError(f"{what} failed: {_short(err)}", peer) from None
 
     def recv_header(self, src: int, idle: bool = False) -> Header:
+        self.received[0] += 1
         return Header.parse(self.recv(src, (SLOTS,), idle=idle), self.names[src])
 
     def _wait(self, work, what: str, peer: int, idle: bool = False) -> None:

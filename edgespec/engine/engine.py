@@ -67,6 +67,7 @@ class Engine:
         self.sampling = sampling or model_defaults(target)
         self.offload = offload if offload is not None else find_handle(target)
         self.self_draft = self_draft  # self_drafter.SelfDraft when `drafter` is the target's own (its layout, plan)
+        self.verifier = verifier  # what verifies the trees when not `target` itself (a split target), else None
         self.device = model_device(target)
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)

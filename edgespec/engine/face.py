@@ -26,6 +26,7 @@ class FrontEnd(Protocol):
     device: Any  # torch.device of the target's compute
     offload: "OffloadHandle | None"  # the target's streaming handle (None: not offloaded)
     self_draft: Any  # loading.self_drafter.SelfDraft when the target drafts for itself, else None
+    verifier: Any  # the TreeVerifier when it is not the target model (a target split across stages), else None
     scheduler: "Scheduler"
     config: "DraftConfig"
     # what a generation runs with

@@ -46,11 +46,32 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("port", "stage_port"):
         if getattr(args, name, None) is not None:
             checks.integer(name, getattr(args, name), 0, 65535, " (0: any free port)")
+    _check_split(args)
     if getattr(args, "max_body_mb", None) is not None:
         mb = args.max_body_mb
         if not (math.isfinite(mb) and mb >= MIN_BODY_MB):
             raise InvalidArgumentError(f"max_body_mb must be a finite number of MiB >= {MIN_BODY_MB:.6f} (1 KiB; "
                                        f"the default is 4), got {mb!r}", "max_body_mb")
+
+
+def _check_split(args: argparse.Namespace) -> None:
+    """The emulated network between stages, and what a target split across stages (--stages) cannot take."""
+    for name, lo, lo_open in (("hop_latency", 0.0, False), ("hop_gbps", 0.0, True)):
+        if getattr(args, name, None) is not None:
+            checks.number(name, getattr(args, name), lo, lo_open=lo_open)
+            if not getattr(args, "stages", None):
+                raise InvalidArgumentError(f"{name} emulates the network between the stages of a split target: give "
+                                           "--stages too, or leave it out", name)
+    if not getattr(args, "stages", None):
+        return
+    refused = {"resident_layers": "give each stage's resident layers in --stages HOST:LAYERS:RESIDENT instead",
+               "target_shape": "a split target is not zero-padded: leave it out",
+               "draft": "a split target drafts with a separate model: leave --draft out (the target's own copy, "
+                        "--draft-quant) or name a model"}
+    for name, fix in refused.items():
+        value = getattr(args, name, None)
+        if value is not None and (name != "draft" or value == "self"):
+            raise InvalidArgumentError(f"{name} {value!r} does not apply with --stages: {fix}", name)
 
 
 def _default(command: str) -> str:

@@ -29,7 +29,7 @@ from edgespec.engine.prompts import chat_messages, load_prompts
 from edgespec.base.stats import Totals
 from edgespec.core.sampling import SamplingConfig
 from edgespec.engine.face import FrontEnd
-from edgespec.front import arguments
+from edgespec.front import arguments, bench_split
 
 METHODS = ("edgespec", "plain", "hf-assisted")
 
@@ -73,6 +73,8 @@ def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling
 def runners(engine: FrontEnd, sampling: dict | None = None):
     from edgespec.engine.engine import Engine
 
+    if engine.verifier is not None:  # a target split across stages: its own methods (bench_split.py)
+        return bench_split.runners(engine, sampling, run_engine)
     plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
     pad = next(iter(engine.eos_ids), 0)
     return {
@@ -92,7 +94,7 @@ def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | 
     if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings
         for fn in methods.values():
             fn(encoded[0], 2)
-    outputs = {m: [] for m in METHODS}
+    outputs = {m: [] for m in METHODS if m in methods}
     with tqdm(total=len(encoded) * len(methods), desc="edgespec: bench", unit="run", disable=not progress) as bar:
         for ids in encoded:
             for name, fn in methods.items():
@@ -103,7 +105,8 @@ def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | 
     diverged = divergences(engine.target, encoded, outputs, skip=own_stream)
     return {"prompts": len(prompts), "max_new_tokens": max_new, "sampling": sampling,
             "rows": summarize(outputs, diverged, own_stream),
-            "divergences": diverged, "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()}}
+            "divergences": diverged, "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()},
+            **bench_split.summary(engine, outputs)}
 
 
 TIE_ULPS = 8  # a gap within this many units in the last place of the top logit counts as a rounding tie
@@ -112,7 +115,7 @@ TIE_ULPS = 8  # a gap within this many units in the last place of the top logit 
 def divergences(target, encoded: list[list[int]], outputs: dict, skip=()) -> list[dict]:
     """Where a method's tokens first differ from plain decoding's, with the target's top-2 logit gap."""
     found = []
-    for name in (m for m in METHODS if m not in skip):
+    for name in (m for m in outputs if m not in skip):
         for i, (ids, run) in enumerate(zip(encoded, outputs[name])):
             ref = outputs["plain"][i]["ids"]
             at = first_difference(run["ids"], ref)
@@ -133,6 +136,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def top2_gap(target, ids: list[int]) -> tuple[float, float]:
     """The target's top-1 minus top-2 logit after `ids`, and one unit in the last place of the top
     logit in the target's compute dtype."""
+    if target.get_output_embeddings() is None:  # stage 0 of a split target: the head is on the last stage
+        return float("nan"), float("nan")
     x = torch.tensor([ids], device=model_device(target))
     top = target(x, logits_to_keep=1).logits[0, -1].float().topk(2).values
     ulp = torch.finfo(compute_dtype(target)).eps * 2.0 ** torch.floor(torch.log2(top[0].abs().clamp(min=1e-30)))
@@ -142,7 +147,7 @@ def top2_gap(target, ids: list[int]) -> tuple[float, float]:
 def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) -> list[dict]:
     rows = []
     plain_rate = None
-    for name in METHODS:
+    for name in (m for m in METHODS if m in outputs):
         rs = outputs[name]
         tokens = sum(len(r["ids"]) for r in rs)
         secs, passes = sum(r["seconds"] for r in rs), sum(r["passes"] for r in rs)
@@ -241,7 +246,7 @@ def report(result: dict, engine: FrontEnd, args, argv_text: str) -> str:
          + " of the same target on every prompt (near-tie: see the notes under the table)"), "", ""
     ]
     return ("\n".join(head) + markdown_table(result["rows"]) + "\n" + time_split(result["rows"])
-            + divergence_notes(result) + "\n")
+            + divergence_notes(result) + result.get("split_notes", "") + "\n")
 
 
 def sampling_text(result: dict) -> str:

@@ -35,7 +35,8 @@ OPTION_FIELDS = {
     "repetition_penalty": ("SamplingConfig", "repetition_penalty"),
 }
 CLI_ONLY = {"budget", "max_new_tokens", "seed", "system",  # per generation / Engine(budget=), not a config
-            "stages", "stage_bind", "stage_port", "allow_public"}  # a split target (edgespec/distributed/)
+            "stages", "stage_bind", "stage_port", "allow_public",  # a split target (edgespec/distributed/)
+            "hop_latency", "hop_gbps"}
 
 
 def make_engine(args: argparse.Namespace):
@@ -56,6 +57,7 @@ def split_engine(args: argparse.Namespace, target, drafter):
     on --stage-bind:--stage-port, waits for the other stages (`edgespec stage`), shows the plan, and
     drafts with a separate drafter (the target's own nf4 copy by default)."""
     from edgespec.distributed.placement import Placement
+    from edgespec.distributed.stage import emulated
     from edgespec.distributed.target import PipelineTarget
     from edgespec.engine.engine import Engine
     from edgespec.loading.models import load_model, load_tokenizer, pick_device
@@ -64,7 +66,8 @@ def split_engine(args: argparse.Namespace, target, drafter):
     placement = Placement.parse(args.stages)
     pipe = PipelineTarget(target, placement, device, bind=args.stage_bind, port=args.stage_port,
                           allow_public=args.allow_public, link_delay=args.link_delay,
-                          stream_quant=None if args.stream_quant == "none" else args.stream_quant)
+                          stream_quant=None if args.stream_quant == "none" else args.stream_quant,
+                          emulate=emulated(args.hop_latency, args.hop_gbps))
     print(f"edgespec: stage 0 listening on {args.stage_bind}:{pipe.port}; start the other stages with "
           f"`edgespec stage --coordinator {args.stage_bind}:{pipe.port} --world {placement.world} --rank R ...`",
           file=sys.stderr, flush=True)
@@ -136,6 +139,9 @@ def model_options() -> argparse.ArgumentParser:
     d.add_argument("--stage-port", type=int, default=29500, help="the rendezvous port (0: any free port)")
     d.add_argument("--allow-public", action="store_true",
                    help="allow binding the stages' ports to a non-private address (they have no authentication)")
+    d.add_argument("--hop-latency", type=float, default=None,
+                   help="benchmarks: emulate a network on stage 0's sends, seconds per message (as `edgespec stage`)")
+    d.add_argument("--hop-gbps", type=float, default=None, help="benchmarks: ... and gigabits per second")
     return p
 
 
