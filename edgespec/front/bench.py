@@ -4,6 +4,9 @@
 - plain: the same (offloaded) target decoding alone, one target pass per token (Engine, budget 0);
 - HF assisted: `target.generate(assistant_model=drafter)` with the same pair.
 
+With --stages (a target split across stages) the first two verify through the split target and HF
+assisted is skipped (bench_split.py, which also prices each row's hops).
+
 All three must produce the same tokens (greedy is lossless); the "same as plain" column says so. In
 bf16 on a GPU, different batch shapes (a tree, a chain, one token) round the target's logits
 differently, so a near-tie between its two best tokens can flip: where a method's output differs from
