@@ -36,10 +36,12 @@ class Overlap:
         worker = threading.Thread(target=work, name="edgespec-verify", daemon=True)
         start = time.perf_counter()
         worker.start()
-        self._draft(search, Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch),
-                    worker, start + self.pass_estimate)
+        try:
+            self._draft(search, Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch),
+                        worker, start + self.pass_estimate)
+        finally:  # even on Ctrl-C: the pass writes the target's cache until it ends, so wait for it
+            _join(worker)
         drafted = time.perf_counter() - start
-        worker.join()
         if "error" in box:
             raise box["error"]
         took = box["done"] - start
@@ -54,6 +56,18 @@ class Overlap:
                     break
                 self.round_estimate = 0.7 * self.round_estimate + 0.3 * (time.perf_counter() - t)
         wait_stream(self.stream)
+
+
+def _join(worker: threading.Thread) -> None:
+    """Wait for `worker` to end, through any Ctrl-C meanwhile (raised once it has)."""
+    interrupted = None
+    while worker.is_alive():
+        try:
+            worker.join()
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
 
 
 def wanted(offload) -> bool:
