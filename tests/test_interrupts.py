@@ -1,0 +1,113 @@
+"""A step is atomic: Ctrl-C (or an error, or a cancel) at a random instant inside the drafting, the target's
+pass (mid-layer), the pruning or the detokeniser leaves a conversation whose next greedy turn is exactly
+the target's own answer to it (transformers' generate on the same prompt), in chat and in the server's
+worker, over every cache the drafter and the target use (tests/faults.py injects the faults)."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from edgespec import Engine
+from edgespec.front.server.metrics import Metrics
+from edgespec.front.server.worker import Job, Worker
+from tests.conftest import chat_session, greedy_reference, noisy_copy, tiny_model, tiny_tokenizer
+from tests.faults import SITES, FaultInjector
+
+MAX_NEW = 8
+QUESTIONS = ["hello world", "what is the capital of france", "the cat and the dog", "one two three",
+             "is the sky blue or green", "you are a helpful model"]
+CONFIGS = {  # drafter forward (its cache: transformers' DynamicCache, lean over it, lean over StaticKV), offload
+    "lean": ({}, False),
+    "transformers": ({"forward": "transformers"}, False),
+    "static": ({"forward": "static"}, False),
+    "offload-overlap": ({"overlap": True}, True),
+}
+
+
+def engine_for(config: str) -> Engine:
+    options, offload = CONFIGS[config]
+    target = tiny_model("llama", init=0.5, layers=3)
+    drafter = noisy_copy(target, scale=0.002)
+    if offload:
+        from edgespec.offload import offload_layers
+
+        offload_layers(target, "cpu", resident_layers=1, progress=False)
+    return Engine(target, drafter, tiny_tokenizer(), budget=4, **options)
+
+
+def recording(engine: Engine) -> list:
+    """Keep every Run the engine hands out (the chat's last one carries the answer's token ids)."""
+    runs, real = [], engine.run
+
+    def run(*args, **kwargs):
+        runs.append(real(*args, **kwargs))
+        return runs[-1]
+
+    engine.run = run
+    return runs
+
+
+def assert_exact_next_turn(session, engine, runs, question: str) -> None:
+    session.ask(question)
+    prompt = engine.encode(session.messages[:-1])
+    want = greedy_reference(engine.target, prompt, MAX_NEW)
+    assert runs[-1].result.ids == want, f"after the fault the next turn differs from generate's: {session.messages}"
+    assert len(set(engine.state.tcache.layer_lengths())) == 1 and len(set(engine.state.dcache.layer_lengths())) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_chat_survives_interrupts_at_random_instants(config):
+    engine = engine_for(config)
+    session, _, err = chat_session(engine, max_new_tokens=MAX_NEW)
+    runs, rng, fired = recording(engine), random.Random(config), 0
+    inj = FaultInjector(seed=len(config))
+    for trial in range(50):
+        if session.messages and len(engine.encode(session.messages)) > 150:
+            session.reset()
+        if trial % 3 == 0:
+            session.ask(rng.choice(QUESTIONS))  # a turn before the interrupted one
+        inj.arm(engine, SITES[trial % len(SITES)])
+        try:
+            session.ask(rng.choice(QUESTIONS))
+        finally:
+            inj.disarm()
+        fired += inj.fired
+        assert_exact_next_turn(session, engine, runs, rng.choice(QUESTIONS))
+    assert "error" not in err.getvalue()
+    assert fired >= 30, f"only {fired} of 50 faults went off"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["lean", "offload-overlap"])
+def test_worker_survives_failures_and_cancels(config):
+    """A request failing (an error at a random instant) or cancelled (its client gone) leaves the next
+    request, which extends its conversation, exact."""
+    engine = engine_for(config)
+    worker, loop = Worker(engine, Metrics()), asyncio.new_event_loop()
+    rng, fired, messages = random.Random(config), 0, []
+    try:
+        for trial in range(25):
+            if messages and len(engine.encode(messages)) > 150:
+                messages = []
+            messages = messages + [{"role": "user", "content": rng.choice(QUESTIONS)}]
+            job = Job(list(messages), MAX_NEW, {}, [], loop)
+            inj = FaultInjector(seed=trial, error=RuntimeError if trial % 2 else job.cancel.set)
+            inj.arm(engine, SITES[trial % len(SITES)])
+            try:
+                worker._run(job)
+            finally:
+                inj.disarm()
+            fired += inj.fired
+            prompt, ids = engine.encode(messages), engine.state.ids
+            partial = engine.tokenizer.decode(ids[len(prompt):]) if ids[: len(prompt)] == prompt else ""
+            messages += [{"role": "assistant", "content": partial},
+                         {"role": "user", "content": rng.choice(QUESTIONS)}]
+            worker._run(Job(list(messages), MAX_NEW, {}, [], loop))
+            assert worker.last.ids == greedy_reference(engine.target, engine.encode(messages), MAX_NEW)
+            messages.append({"role": "assistant", "content": worker.last.text})
+    finally:
+        loop.close()
+    assert fired >= 15, f"only {fired} of 25 faults went off"
