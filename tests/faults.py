@@ -13,7 +13,9 @@ went off. Sites:
 - "prune": a line tracer over the functions that prune, crop and commit (kv, static_kv,
   conversation, the search's re-rooting, the run's wind-up), raising at its n-th line;
 - "detok": the tokenizer's decode, raising on its n-th call;
-- "anywhere": a line tracer over every edgespec module the step runs through.
+- "anywhere": a line tracer over every edgespec module the step runs through;
+- "stream": a line tracer over the offload streamer's ring (its hooks, waits and restarts).
+`arm(..., at=n)` puts the fault at the n-th event instead (a sweep over every instant).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ SITES = ("draft", "pass", "prune", "detok", "anywhere")
 ROOT = os.path.dirname(edgespec.__file__)
 PRUNING = {"commit", "keep", "crop_to", "prune_to_path", "trim", "_even_out", "check", "reroot", "_reroot_at",
            "_finish", "sync", "rollback"}
-SPANS = {"draft": 60, "pass": 12, "prune": 400, "detok": 6, "anywhere": 6000}  # n is drawn from 1..span
+SPANS = {"draft": 60, "pass": 12, "prune": 400, "detok": 6, "anywhere": 6000, "stream": 400}  # n: 1..span
+STREAMER = os.path.join(ROOT, "offload", "streamer.py")
 
 
 class FaultInjector:
@@ -37,13 +40,15 @@ class FaultInjector:
         self.fired = False
         self._undo: list = []
 
-    def arm(self, engine, site: str) -> None:
+    def arm(self, engine, site: str, at: int | None = None) -> None:
         self.fired, self.site = False, site
-        self.left = self.rng.randint(1, SPANS[site])
+        self.left = at or self.rng.randint(1, SPANS[site])
         if site in ("draft", "pass"):
             self._hook(engine.drafter if site == "draft" else engine.target)
         elif site == "detok":
             self._decode(engine.tokenizer)
+        elif site == "stream":
+            self._trace(None, STREAMER)
         else:
             self._trace(PRUNING if site == "prune" else None)
 
@@ -79,7 +84,7 @@ class FaultInjector:
         tokenizer.decode = decode
         self._undo.append(lambda: delattr(tokenizer, "decode"))
 
-    def _trace(self, names: set[str] | None) -> None:
+    def _trace(self, names: set[str] | None, root: str = ROOT) -> None:
         def lines(frame, event, arg):
             if event == "line":
                 self._go()
@@ -87,7 +92,7 @@ class FaultInjector:
 
         def calls(frame, event, arg):
             code = frame.f_code
-            if code.co_filename.startswith(ROOT) and (names is None or code.co_name in names):
+            if code.co_filename.startswith(root) and (names is None or code.co_name in names):
                 return lines
             return None
 

@@ -22,7 +22,8 @@ CONFIGS = {  # drafter forward (its cache: transformers' DynamicCache, lean over
     "lean": ({}, False),
     "transformers": ({"forward": "transformers"}, False),
     "static": ({"forward": "static"}, False),
-    "offload-overlap": ({"overlap": True}, True),
+    "offload": ({}, True),  # the pass in this thread: the tracers reach the streamer's hooks
+    "offload-overlap": ({"overlap": True}, True),  # the pass in a worker thread, drafting meanwhile
 }
 
 
@@ -57,7 +58,6 @@ def assert_exact_next_turn(session, engine, runs, question: str) -> None:
     assert len(set(engine.state.tcache.layer_lengths())) == 1 and len(set(engine.state.dcache.layer_lengths())) == 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_chat_survives_interrupts_at_random_instants(config):
     engine = engine_for(config)
@@ -72,6 +72,8 @@ def test_chat_survives_interrupts_at_random_instants(config):
         inj.arm(engine, SITES[trial % len(SITES)])
         try:
             session.ask(rng.choice(QUESTIONS))
+        except KeyboardInterrupt:  # (caught here: escaping, it would end the whole test session)
+            pytest.fail(f"Ctrl-C at {inj.site} escaped the chat")
         finally:
             inj.disarm()
         fired += inj.fired
@@ -80,7 +82,6 @@ def test_chat_survives_interrupts_at_random_instants(config):
     assert fired >= 30, f"only {fired} of 50 faults went off"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["lean", "offload-overlap"])
 def test_worker_survives_failures_and_cancels(config):
     """A request failing (an error at a random instant) or cancelled (its client gone) leaves the next
@@ -111,3 +112,32 @@ def test_worker_survives_failures_and_cancels(config):
     finally:
         loop.close()
     assert fired >= 15, f"only {fired} of 25 faults went off"
+
+
+def test_streamer_survives_an_interrupt_at_every_instant():
+    """Ctrl-C at each line the streamer's hooks run in turn (acquiring, waiting, binding, releasing,
+    restarting): the next pass over the streamed layers gives the resident model's logits."""
+    import torch
+
+    from edgespec.offload import offload_layers
+
+    plain = tiny_model("llama", init=0.5, layers=4)
+    model = tiny_model("llama", init=0.5, layers=4)
+    offload_layers(model, "cpu", resident_layers=1, progress=False)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        want = plain(ids).logits
+        inj, n = FaultInjector(seed=0), 0
+        while True:
+            n += 1
+            inj.arm(None, "stream", at=n)
+            try:
+                model(ids)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                inj.disarm()
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+            if not inj.fired:
+                break
+    assert n > 50, f"the sweep covered only {n - 1} instants"
