@@ -8,6 +8,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from edgespec import Engine
 from edgespec.front.server.metrics import Metrics
@@ -117,8 +118,6 @@ def test_worker_survives_failures_and_cancels(config):
 def test_streamer_survives_an_interrupt_at_every_instant():
     """Ctrl-C at each line the streamer's hooks run in turn (acquiring, waiting, binding, releasing,
     restarting): the next pass over the streamed layers gives the resident model's logits."""
-    import torch
-
     from edgespec.offload import offload_layers
 
     plain = tiny_model("llama", init=0.5, layers=4)
@@ -141,3 +140,26 @@ def test_streamer_survives_an_interrupt_at_every_instant():
             if not inj.fired:
                 break
     assert n > 50, f"the sweep covered only {n - 1} instants"
+
+
+@pytest.mark.slow
+def test_embedded_default_chat_survives_interrupts(real_pair):
+    """The embedded default (SmolLM2-135M-Instruct, an nf4 copy drafting): a Ctrl-C in each part of a step,
+    each next turn exactly the target's own answer."""
+    target, drafter, tokenizer = real_pair
+    engine = Engine(target, drafter, tokenizer, budget=8)
+    session, _, err = chat_session(engine, max_new_tokens=16, sampling={"temperature": 0})
+    runs, inj, fired = recording(engine), FaultInjector(seed=3), 0
+    session.ask("Tell me a story about a dragon.")
+    for site in SITES:
+        inj.arm(engine, site, at=2 if site in ("draft", "pass") else None)  # (a short answer: few steps)
+        try:
+            session.ask("Tell me a long story about a lighthouse keeper.")
+        finally:
+            inj.disarm()
+        fired += inj.fired
+        session.ask("What is 2+2?")
+        prompt = engine.encode(session.messages[:-1])
+        want = target.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+        assert runs[-1].result.ids == want
+    assert "error" not in err.getvalue() and fired >= 4
