@@ -163,3 +163,52 @@ def test_embedded_default_chat_survives_interrupts(real_pair):
         want = target.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
         assert runs[-1].result.ids == want
     assert "error" not in err.getvalue() and fired >= 4
+
+
+def test_check_evens_out_what_a_cut_short_forward_left():
+    """Layers of different lengths (a forward stopped after its first layer, a layer whose keys were
+    written but not its values, a layer never reached) are cropped to the shortest, at most len(ids) - 1."""
+    from edgespec.core.kv import new_cache
+    from edgespec.engine.conversation import Conversation
+
+    model = tiny_model("llama", layers=3)
+    tcache, dcache = new_cache(model), new_cache(model)
+    kv = lambda n: torch.randn(1, 2, n, 8)  # noqa: E731
+    tcache.update(kv(9), kv(9), 0), tcache.update(kv(9), kv(7), 1)  # layer 2 never reached
+    for i in range(3):
+        dcache.update(kv(6), kv(6), i)
+    conv = Conversation(tcache, dcache)
+    conv.ids = list(range(8))
+    assert tcache.layer_lengths() == [9, 7, 0] and conv.check()
+    assert tcache.layer_lengths() == [0, 0, 0] and dcache.layer_lengths() == [6, 6, 6]
+    dcache.update(kv(3), kv(3), 0)
+    assert conv.check() and dcache.layer_lengths() == [6, 6, 6] and not conv.check()
+
+
+def test_overlap_waits_for_the_pass_through_ctrl_c():
+    """Ctrl-C while drafting during the pass, then again while waiting for it: the pass (which writes
+    the target's cache) has ended when the interrupt reaches the step. (Thread.join would not do:
+    interrupted, it leaves is_alive() False while the thread runs on, Python < 3.13.)"""
+    import _thread
+    import threading
+    import time
+
+    from edgespec.base.stats import Plan
+    from edgespec.engine.overlap import Overlap
+
+    ended = []
+
+    def verify():
+        time.sleep(0.6)
+        ended.append(True)
+
+    class Search:
+        def grow(self, plan, rounds=None):
+            raise KeyboardInterrupt
+
+    again = threading.Timer(0.2, _thread.interrupt_main)
+    again.start()
+    with pytest.raises(KeyboardInterrupt):
+        Overlap().verify_while_drafting(verify, Search(), Plan(4, 4, 2, 4))
+    again.join()
+    assert ended, "the step went on while the pass still wrote the target's cache"
