@@ -189,7 +189,7 @@ def test_overlap_waits_for_the_pass_through_ctrl_c():
     """Ctrl-C while drafting during the pass, then again while waiting for it: the pass (which writes
     the target's cache) has ended when the interrupt reaches the step. (Thread.join would not do:
     interrupted, it leaves is_alive() False while the thread runs on, Python < 3.13.)"""
-    import _thread
+    import signal
     import threading
     import time
 
@@ -206,7 +206,8 @@ def test_overlap_waits_for_the_pass_through_ctrl_c():
         def grow(self, plan, rounds=None):
             raise KeyboardInterrupt
 
-    again = threading.Timer(0.2, _thread.interrupt_main)
+    main = threading.main_thread().ident  # a real SIGINT to the main thread: it cuts a blocked wait short
+    again = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
     again.start()
     with pytest.raises(KeyboardInterrupt):
         Overlap().verify_while_drafting(verify, Search(), Plan(4, 4, 2, 4))
