@@ -46,3 +46,10 @@ def test_garbage_gguf_exits_with_the_error(tmp_path, monkeypatch, capsys):
     rc = cli.main(["generate", "AB ab", "--raw", "--target", str(path), "--budget", "4", "--max-new-tokens", "8"])
     err = capsys.readouterr().err
     assert rc == 2 and "logits are not finite" in err and "corrupt" in err and "Traceback" not in err
+
+
+def test_server_answers_non_finite_logits_as_its_own_fault():
+    from edgespec.front.server.worker import api_error
+
+    err = api_error(NonFiniteLogitsError("target", 3), "messages")
+    assert err.status == 500 and err.code == "non_finite_logits" and "corrupt" in err.message

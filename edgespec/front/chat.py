@@ -98,14 +98,17 @@ class ChatSession:
             return None
         self.out.write(" [interrupted]\n" if "interrupted" in box else "\n")
         self.out.flush()
-        run = box.get("run")
+        self._after(box.get("run"))
+        return "".join(pieces)
+
+    def _after(self, run) -> None:
+        """Record the answer's stats and say what the user should know about it."""
         stats = run.result.stats if run is not None and run.result is not None else None
         self._record(stats)
         self._say_no_tree()
         if stats is not None and stats.stop_reason == "context":  # say why the answer ends early
             self.err.write(f"edgespec: the answer stopped at the context window ({self.engine.max_context} tokens): "
                            "/reset starts a new conversation\n")
-        return "".join(pieces)
 
     def _turn(self, pieces: list[str], box: dict) -> None:
         self.out.write(self.prefix)
