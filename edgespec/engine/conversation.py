@@ -57,8 +57,8 @@ class Conversation:
             if a != b:
                 break
             common += 1
+        self.trim(min(common, len(ids) - 1))  # first: cut short, the caches still hold a prefix of self.ids
         self.ids = list(ids)
-        self.trim(min(common, len(ids) - 1))
 
     def keep(self, n: int) -> None:
         """Keep the first `n` committed tokens (and what the caches hold of them)."""
