@@ -38,6 +38,18 @@ class OutOfMemoryError(EdgespecError):
     """Device memory ran out and backing off did not help."""
 
 
+class NonFiniteLogitsError(EdgespecError):
+    """A model's logits came out NaN or infinite: a corrupt model file, or activations that overflow
+    in float16. The answer stops there (it would otherwise be token 0 over and over)."""
+
+    def __init__(self, model: str, position: int):
+        super().__init__(
+            f"the {model}'s logits are not finite (NaN or infinity) at position {position}: its model file is "
+            "probably corrupt (download or convert it again), or its activations overflow in float16 (load it "
+            "in bfloat16 or float32); the answer stops here")
+        self.model, self.position = model, position
+
+
 class BackoffWarning(UserWarning):
     """Device memory ran out during a step; edgespec shrank the plan and retried it."""
 

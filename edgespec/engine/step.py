@@ -64,6 +64,7 @@ class Stepper:
         """Draft, verify, commit; on device out-of-memory, roll back and retry smaller (`scheduler` capped)."""
         retries = 0
         while True:
+            conv.check()  # a step cut short earlier (Ctrl-C, an error) may have left the caches uneven
             before = conv.lengths()
             try:
                 verdict, stats = self._step(conv, plan, sampler, calibration, grammar, logprobs)

@@ -15,7 +15,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, OutOfMemoryError
+from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, NonFiniteLogitsError, OutOfMemoryError
 from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError
@@ -210,6 +210,8 @@ def api_error(err: EdgespecError, param: str | None = None) -> ApiError:
         return ApiError(400, str(err), param, "context_length_exceeded")
     if isinstance(err, OutOfMemoryError):
         return ApiError(503, str(err), None, "out_of_memory", kind="server_error")
+    if isinstance(err, NonFiniteLogitsError):  # the model's fault, not the request's
+        return ApiError(500, str(err), None, "non_finite_logits", kind="server_error")
     msg, arg = str(err), getattr(err, "argument", None)  # (InvalidArgumentError names it)
     if arg == "prompt":
         return ApiError(400, msg, param)
