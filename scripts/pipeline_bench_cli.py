@@ -52,8 +52,9 @@ def main() -> None:
     a = p.parse_args()
     argv = [x for x in a.bench if x != "--"]
     hop = ["--hop-latency", a.hop_latency, "--hop-gbps", a.hop_gbps]
-    print(f"| run | method | single tok/s | split tok/s | single s | split s | hops s | predicted s | split / predicted "
-          f"| passes (single, split) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|", flush=True)
+    print(f"| run | method | single tok/s | split tok/s | predicted tok/s | single s | split s | hops s | predicted s "
+          f"| split / predicted | passes (single, split) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+          flush=True)
     env_note = os.environ.get("OMP_NUM_THREADS", "unset")
     for run in range(1, a.rounds + 1):
         one = bench(shlex.split(a.single) + argv)
@@ -63,6 +64,7 @@ def main() -> None:
             hops = two["split"]["hops"][row["method"]]["emulated_s"]
             predicted = ref["seconds"] + hops
             print(f"| {run} | {row['method']} | {ref['tokens_per_s']:.2f} | {row['tokens_per_s']:.2f} | "
+                  f"{row['new_tokens'] / predicted:.2f} | "
                   f"{ref['seconds']:.2f} | {row['seconds']:.2f} | {hops:.2f} | {predicted:.2f} | "
                   f"{row['seconds'] / predicted:.3f} | {ref['passes']}, {row['passes']} | "
                   f"{ref['new_tokens']}, {row['new_tokens']} |", flush=True)
