@@ -15,7 +15,8 @@ proposing under the mask); "JSON schema, drafter unmasked" (the same answers, to
 with the drafter proposing unconstrained: what drafting under the mask buys); "none" (no constraint, up
 to --max-new-tokens: the small model mostly echoes the prompt's schema, text a drafter predicts almost
 perfectly); "none, cut to the constrained length" (each prompt stopped at its constrained answer's token
-count: same prompts, same tokens).
+count: same prompts, same tokens). "copied %": the new tokens that complete a 4-gram of the prompt's
+own tokens (the schema echoed back).
 """
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ class Clock:
         setattr(owner, name, timed)
 
 
+def copied(prompt: list[int], new: list[int], n: int = 4) -> int:
+    """How many of `new` end an n-gram (with the tokens before them) that the prompt holds: text copied
+    from the prompt, which a drafter predicts almost perfectly."""
+    grams = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
+    seq = prompt[-(n - 1):] + new
+    return sum(tuple(seq[i:i + n]) in grams for i in range(len(new)))
+
+
 ROWS = ("JSON schema", "JSON schema, drafter unmasked", "none", "none, cut to the constrained length")
 
 
@@ -105,7 +114,7 @@ def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], m
     engine.calibrations = ScoreCalibrations(engine.config.tree_scores == "calibrated")
     constrained = row.startswith("JSON")
     real = unmasked_drafter() if row == ROWS[1] else None
-    new = passes = valid = ended = 0
+    new = passes = valid = ended = copies = 0
     step_s, before = 0.0, clock.seconds
     try:
         for i, (text, schema) in enumerate(prompts):
@@ -120,6 +129,7 @@ def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], m
             elif row == ROWS[1]:
                 assert out.ids == same[i], "the drafter's mask changed the output: verification is not exact"
             new += len(out.ids)
+            copies += copied(engine.encode(msgs), out.ids)
             passes += len(out.stats.steps)
             step_s += sum(s.draft_time + s.verify_time for s in out.stats.steps)
             if constrained and out.stats.stop_reason == "eos":
@@ -132,7 +142,8 @@ def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], m
     g = (clock.seconds - before) / passes * 1e3
     step = step_s / passes * 1e3
     return (f"| {budget} | {row} | {new / passes:.2f} | {passes} | {new} | "
-            f"{g:.2f} | {step:.0f} | {100 * g / step:.1f} | {f'{valid} / {ended}' if constrained else '-'} |")
+            f"{g:.2f} | {step:.0f} | {100 * g / step:.1f} | {100 * copies / new:.0f} | "
+            f"{f'{valid} / {ended}' if constrained else '-'} |")
 
 
 def main(argv=None) -> None:
@@ -148,8 +159,8 @@ def main(argv=None) -> None:
     prompts = PROMPTS[: args.n_prompts]
     print(f"{len(prompts)} prompts, at most {args.max_new_tokens} new tokens each, greedy\n")
     print("| budget | constraint | tokens / pass | passes | new tokens | grammar ms / pass | step ms | % of step "
-          "| valid / ended |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+          "| copied % | valid / ended |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(target, drafter, tok, budget=budget, overlap=False)
         lengths, same = [], []
