@@ -9,6 +9,14 @@ constrained to. "tokens / pass" is new tokens over target passes; "grammar ms / 
 in the grammar engine and its masks (the drafter's proposals, the target's picks) per step, timed by
 wrapping edgespec's grammar calls, and "% of step" that over the step's drafting + pass time. Every
 constrained answer that ends is checked against its schema (jsonschema).
+
+Rows, per budget, each with a fresh tree-score calibration: "JSON schema" (constrained, the drafter
+proposing under the mask); "JSON schema, drafter unmasked" (the same answers, token for token — checked —
+with the drafter proposing unconstrained: what drafting under the mask buys); "none" (no constraint, up
+to --max-new-tokens: the small model mostly echoes the prompt's schema, text a drafter predicts almost
+perfectly); "none, cut to the constrained length" (each prompt stopped at its constrained answer's token
+count: same prompts, same tokens). "copied %": the new tokens that complete a 4-gram of the prompt's
+own tokens (the schema echoed back).
 """
 from __future__ import annotations
 
@@ -80,6 +88,64 @@ class Clock:
         setattr(owner, name, timed)
 
 
+def copied(prompt: list[int], new: list[int], n: int = 4) -> int:
+    """How many of `new` end an n-gram (with the tokens before them) that the prompt holds: text copied
+    from the prompt, which a drafter predicts almost perfectly."""
+    grams = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
+    seq = prompt[-(n - 1):] + new
+    return sum(tuple(seq[i:i + n]) in grams for i in range(len(new)))
+
+
+ROWS = ("JSON schema", "JSON schema, drafter unmasked", "none", "none, cut to the constrained length")
+
+
+def unmasked_drafter():
+    """The drafter proposes without the grammar (the target still verifies under it: same output), to
+    show what drafting under the mask buys."""
+    real = search.TreeSearch._allowed_at
+    search.TreeSearch._allowed_at = lambda self, parents: None
+    return real
+
+
+def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], max_new: int, clock: Clock, same: list) -> str:
+    """One table row: every prompt once, with a fresh tree-score calibration (no row learns from another)."""
+    from edgespec.core.scores import ScoreCalibrations
+
+    engine.calibrations = ScoreCalibrations(engine.config.tree_scores == "calibrated")
+    constrained = row.startswith("JSON")
+    real = unmasked_drafter() if row == ROWS[1] else None
+    new = passes = valid = ended = copies = 0
+    step_s, before = 0.0, clock.seconds
+    try:
+        for i, (text, schema) in enumerate(prompts):
+            engine.reset()
+            msgs = [{"role": "user", "content": f"{text} Answer with JSON matching this schema: {json.dumps(schema)}"}]
+            n = budget_lengths[i] if row == ROWS[3] else max_new
+            out = engine.generate(msgs, max_new_tokens=n, temperature=0,
+                                  grammar=Grammar.json_schema(schema) if constrained else None)
+            if row == ROWS[0]:
+                budget_lengths.append(len(out.ids))
+                same.append(out.ids)
+            elif row == ROWS[1]:
+                assert out.ids == same[i], "the drafter's mask changed the output: verification is not exact"
+            new += len(out.ids)
+            copies += copied(engine.encode(msgs), out.ids)
+            passes += len(out.stats.steps)
+            step_s += sum(s.draft_time + s.verify_time for s in out.stats.steps)
+            if constrained and out.stats.stop_reason == "eos":
+                ended += 1
+                jsonschema.validate(json.loads(out.text), schema)
+                valid += 1
+    finally:
+        if real is not None:
+            search.TreeSearch._allowed_at = real
+    g = (clock.seconds - before) / passes * 1e3
+    step = step_s / passes * 1e3
+    return (f"| {budget} | {row} | {new / passes:.2f} | {passes} | {new} | "
+            f"{g:.2f} | {step:.0f} | {100 * g / step:.1f} | {100 * copies / new:.0f} | "
+            f"{f'{valid} / {ended}' if constrained else '-'} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="16,64,256")
@@ -91,31 +157,15 @@ def main(argv=None) -> None:
     target, drafter, tok = load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None)
     clock = Clock()
     prompts = PROMPTS[: args.n_prompts]
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, greedy\n")
+    print(f"{len(prompts)} prompts, at most {args.max_new_tokens} new tokens each, greedy\n")
     print("| budget | constraint | tokens / pass | passes | new tokens | grammar ms / pass | step ms | % of step "
-          "| valid / ended |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
+          "| copied % | valid / ended |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(target, drafter, tok, budget=budget, overlap=False)
-        for constrained in (False, True):
-            new = passes = valid = ended = 0
-            step_s, before = 0.0, clock.seconds
-            for text, schema in prompts:
-                engine.reset()
-                msgs = [{"role": "user", "content": f"{text} Answer with JSON matching this schema: {json.dumps(schema)}"}]
-                out = engine.generate(msgs, max_new_tokens=args.max_new_tokens, temperature=0,
-                                      grammar=Grammar.json_schema(schema) if constrained else None)
-                new += len(out.ids)
-                passes += len(out.stats.steps)
-                step_s += sum(s.draft_time + s.verify_time for s in out.stats.steps)
-                if constrained and out.stats.stop_reason == "eos":
-                    ended += 1
-                    jsonschema.validate(json.loads(out.text), schema)
-                    valid += 1
-            g = (clock.seconds - before) / passes * 1e3
-            print(f"| {budget} | {'JSON schema' if constrained else 'none'} | {new / passes:.2f} | {passes} | {new} | "
-                  f"{g:.2f} | {step_s / passes * 1e3:.0f} | {100 * g / (step_s / passes * 1e3):.1f} | "
-                  f"{f'{valid} / {ended}' if constrained else '-'} |", flush=True)
+        lengths, same = [], []
+        for row in ROWS:
+            print(run_row(engine, budget, prompts, row, lengths, args.max_new_tokens, clock, same), flush=True)
 
 
 if __name__ == "__main__":

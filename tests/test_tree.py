@@ -89,3 +89,32 @@ def test_stem_and_tree_mask():
 def test_budget_zero_drafts_nothing():
     _, cache, _, tree = draft(0)
     assert tree.size == 0 and cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_rerooted_search_always_grows_a_tree(pruned):
+    """The target's token is often a node the search expanded once and then pushed past the budget
+    (kept as slack), whose children were all pruned since. Re-rooted there, the search held a root it
+    had expanded and nothing under it, which grow() never expands again: an empty tree, a whole target
+    pass for one token. reroot hands back no search then (the next step drafts from the new root); with
+    children alive it still hands back the subtree."""
+    from edgespec.core.search import TreeSearch
+
+    drafter = DraftRunner(tiny_model("llama", init=0.2))
+    search = TreeSearch.start(drafter, drafter.new_cache(), torch.tensor([3, 1, 4, 1, 5]), Sampler(), 4)
+    plan = Plan(12, 6, 4, 16)
+    search.grow(plan)
+    tree = search.tree(plan.budget)
+    a = next(iter(tree.children()[0].values()))  # the path: one accepted node
+    end = int(search.snapshot[a])
+    hit = ((search.parents == end) & search.expanded & search.alive).nonzero()[0, 0]
+    if pruned:
+        search.alive[search.parents == hit] = False
+    nxt, keep = search.reroot([a], int(search.tokens[hit]))
+    if pruned:
+        assert nxt is None, "a search re-rooted at an expanded node with no child alive drafts nothing"
+        return
+    assert nxt is not None
+    nxt.cache.keep(torch.tensor(keep))
+    nxt.grow(plan)
+    assert nxt.tree(plan.budget).size == plan.budget

@@ -59,7 +59,9 @@ class Grammar:
                                    f"{e.colno}: fix the schema text") from None
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        # the keys keep their order: the engine writes an object's properties in the schema's order (as
+        # OpenAI's structured outputs do), which is the order the prompt's schema shows the model
+        return cls("json_schema", json.dumps(schema))
 
     @classmethod
     def json_object(cls) -> "Grammar":

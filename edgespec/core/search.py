@@ -132,8 +132,9 @@ class TreeSearch:
         """The search after the accepted `path` (indices into the last tree) and the target's `bonus`
         token, and the drafter cache positions it needs, in order: (the re-rooted search, the committed
         tokens' entries then that subtree's) when the search already holds the bonus token under the
-        path's end with its children drafted, else (None, the committed tokens' entries). The cache is
-        not touched: the conversation keeps exactly these entries when it commits the step."""
+        path's end with its children drafted and some of them still alive, else (None, the committed
+        tokens' entries). The cache is not touched: the conversation keeps exactly these entries when it
+        commits the step."""
         nodes = [int(self.snapshot[j]) for j in path]
         fed_path = [int(self.fed[n]) for n in nodes]
         fed_path = fed_path[: next((i for i, p in enumerate(fed_path) if p < 0), len(fed_path))]
@@ -142,6 +143,8 @@ class TreeSearch:
         prefix = list(range(self.root_pos + 1)) + fed_path
         if hit.numel() == 0 or len(fed_path) < len(nodes):
             return None, prefix
+        if not bool((self.alive & (self.parents == hit[0])).any()):  # expanded, then all its children pruned:
+            return None, prefix  # grow() would never expand it again (an empty tree); draft it afresh
         return self._reroot_at(int(hit[0]), prefix)
 
     def _reroot_at(self, new_root: int, prefix: list[int]) -> "tuple[TreeSearch, list[int]]":
