@@ -60,6 +60,7 @@ class TreeSearch:
         self.expanded = torch.tensor([False])
         self.alive = torch.tensor([True])
         self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
+        self.forwards = self.fed_tokens = 0  # drafter forwards this search ran, and the tokens they fed
         # node -> its grammar state (the text up to and including its token), for expanded nodes; None: no grammar
         self.states: dict[int, GrammarState] | None = {0: grammar} if grammar is not None else None
 
@@ -76,6 +77,7 @@ class TreeSearch:
         seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
         own = grammar.fork() if grammar is not None else None  # (the verifying thread reads the caller's)
         search = cls(runner, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration, own)
+        search.forwards, search.fed_tokens = 1, s
         search._add_children(torch.tensor([0]), logits, branch)
         return search
 
@@ -248,6 +250,7 @@ class TreeSearch:
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
         kv_pos = self._slot_positions(start + b) if slides(self.runner.config) else None
+        self.forwards, self.fed_tokens = self.forwards + 1, self.fed_tokens + b
         hidden = self.runner.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
                                             allowed, kv_pos)
         return self.runner.logits(hidden)

@@ -81,20 +81,25 @@ class Run:
                 self.stats.stop_reason = "cancelled"
                 return
             done = self.stepper.advance(self.conv, self.scheduler, self.max_new - len(self.new), self.max_context,
-                                        self.sampler, self.calibration, self.grammar, self.top_logprobs)
+                                        self.sampler, self.calibration, self.grammar, self.top_logprobs,
+                                        after=self._take)
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return
-            verdict, step = done
-            self.stats.steps.append(step)
-            self.grammar = verdict.grammar
-            ended = self._commit(verdict.tokens, verdict.logprobs)
-            stopped = self._decode()
-            piece = self._piece(final=ended or stopped)
+            piece, finished = done[2]
             if piece:
                 yield piece
-            if ended or stopped:
+            if finished:
                 return
+
+    def _take(self, verdict, step) -> tuple[str, bool]:
+        """A step's outcome into the run: its tokens, text and stop strings; (the text piece to yield,
+        whether the run ends here). The stepper times it as the step's "text" part."""
+        self.stats.steps.append(step)
+        self.grammar = verdict.grammar
+        ended = self._commit(verdict.tokens, verdict.logprobs)
+        stopped = self._decode()
+        return self._piece(final=ended or stopped), ended or stopped
 
     def _commit(self, tokens: list[int], logprobs=None) -> bool:
         """Append accepted tokens (and their log-probabilities) up to EOS / max_new_tokens; True when

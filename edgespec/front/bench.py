@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from edgespec.base.device import compute_dtype, model_device
 from edgespec.engine.prompts import chat_messages, load_prompts
-from edgespec.base.stats import Totals
+from edgespec.base.stats import REST_PARTS, Totals
 from edgespec.core.sampling import SamplingConfig
 from edgespec.engine.face import FrontEnd
 
@@ -46,6 +46,7 @@ def run_engine(engine: FrontEnd, ids: list[int], max_new: int, sampling: dict | 
     out = engine.generate(ids, max_new_tokens=max_new, seed=seed, sampling=SamplingConfig(**settings))
     t = Totals.of([out.stats])
     split = {name: getattr(t, f"{name}_time") for name in ("draft", "verify", "overhead", "overlap")}
+    split["rest"] = dict(t.rest)  # the overhead by part (stats.REST_PARTS)
     return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": t.steps, "tree_tokens": t.tree_tokens,
             "split": split}
 
@@ -157,14 +158,22 @@ def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) 
         rate = tokens / secs if secs else 0.0
         plain_rate = rate if name == "plain" else plain_rate
         timed = rs and all("split" in r for r in rs)
-        split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if timed else None
-        rows.append({"method": name, "split": split, "tokens_per_s": rate,
+        split = add_splits([r["split"] for r in rs]) if timed else None
+        rows.append({"method": name, "split": split, "rest_share": rest_share(split) if split else None,
+                     "tokens_per_s": rate,
                      "tokens_per_pass": tokens / passes if passes else 0.0,
                      "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
                      "new_tokens": tokens, "seconds": secs, "same_output": same, "agreement": agreement})
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / plain_rate if plain_rate else None
     return rows
+
+
+def add_splits(splits: list[dict]) -> dict:
+    """The runs' time splits summed: seconds per phase, and the rest per part."""
+    total = {k: round(sum(sp[k] for sp in splits), 4) for k in splits[0] if k != "rest"}
+    total["rest"] = {k: round(sum(sp["rest"].get(k, 0.0) for sp in splits), 4) for k in REST_PARTS}
+    return total
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -249,15 +258,31 @@ def sampling_text(result: dict) -> str:
 
 
 def time_split(rows: list[dict]) -> str:
-    """Where the engine methods' seconds went: drafting before the pass, the passes, the rest."""
+    """Where the engine methods' seconds went: drafting before the pass, the passes, the rest by part."""
     lines = []
     for r in rows:
         sp = r.get("split")
         if sp:
             lines.append(f"- {r['method']} time split: drafting {sp['draft']:.2f} s before the passes "
                          f"(+{sp['overlap']:.2f} s during them), target passes {sp['verify']:.2f} s, "
-                         f"per-step rest {sp['overhead']:.2f} s (pruning, re-rooting, planning, text)")
+                         f"per-step rest {sp['overhead']:.2f} s ({rest_share(sp):.1%} of the steps: "
+                         f"{rest_parts(sp['rest'])})")
     return ("\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def rest_share(split: dict) -> float:
+    """The rest's share of the steps' time (drafting before the pass + the passes + the rest)."""
+    steps = split["draft"] + split["verify"] + split["overhead"]
+    return split["overhead"] / steps if steps > 0 else 0.0
+
+
+REST_WORDS = {"plan": "planning", "capture": "graph capture", "prune": "pruning", "reroot": "re-rooting",
+              "observe": "observing", "text": "text", "other": "other"}
+
+
+def rest_parts(rest: dict) -> str:
+    """E.g. "planning 0.010 s, graph capture 0.000 s, ..." in the order of stats.REST_PARTS."""
+    return ", ".join(f"{REST_WORDS[k]} {rest.get(k, 0.0):.3f} s" for k in REST_PARTS)
 
 
 def divergence_notes(result: dict) -> str:

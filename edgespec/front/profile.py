@@ -104,6 +104,7 @@ def generation(engine: FrontEnd, prompts: list[list[dict]], max_new: int, bar) -
         "tokens_per_s": totals.tokens_per_second, "accepted_per_pass": totals.accepted_per_pass,
         "mean_budget": t["mean_budget"], "mean_tree_size": t["mean_tree_size"],
         "draft_s": totals.draft_time, "verify_s": totals.verify_time, "acceptance_histogram": t["accepted_histogram"],
+        "rest_s": totals.overhead_time, "rest": t["rest"],
     }
     if engine.offload is not None:
         result["per_layer"] = per_layer(engine.offload)
@@ -281,6 +282,9 @@ def table(r: dict) -> str:
     hist = ", ".join(f"{k}: {v}" for k, v in g["acceptance_histogram"].items())
     head = f"generation: {g['prompts']} prompts, {g['new_tokens']} tokens, {speed}, mean budget {g['mean_budget']:.1f}"
     lines += ["", head, f"  accepted/step histogram: {hist}"]
+    if "rest" in g:
+        parts = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in g["rest"].items())
+        lines.append(f"  per-step rest {1e3 * g['rest_s']:.1f} ms in all: {parts} (ms)")
     if "per_layer" in g:
         pl = g["per_layer"]
         ms = {k: f"{1e3 * pl[k]:.2f} ms" for k in ("transfer_s", "wait_s", "compute_s")}
