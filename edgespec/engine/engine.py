@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+from edgespec.base.clock import Clock, WallClock
 from edgespec.base.config import DraftConfig, LoadConfig, split_fields
 from edgespec.base.device import model_device, side_stream
 from edgespec.base.errors import EdgespecError, GrammarError, InvalidArgumentError
@@ -43,7 +44,9 @@ class Engine:
     defaults; edgespec/core/sampling.py). `draft_tokenizer`: the drafter's, when it has its own (the pair is
     refused unless it equals `tokenizer`). `offload`: the target's streaming handle (default: found
     from the target, if `offload_layers` streams it). `self_draft`: the self_drafter.SelfDraft whose model
-    is `drafter`, when the target drafts for itself (its layout shows in the stats).
+    is `drafter`, when the target drafts for itself (its layout shows in the stats). `clock`: whose seconds
+    the steps, the scheduler and the runs see (edgespec/base/clock.py: a ReplayClock charges a cost
+    file's; default the wall clock).
 
     `engine.target` and `engine.drafter` are the two models as given; `engine.draft_runner` runs the
     drafter's forwards.
@@ -53,7 +56,7 @@ class Engine:
                  max_context: int | None = None, calibrate: bool = False, progress: bool = True,
                  sampling: SamplingConfig | None = None, draft_tokenizer=None, offload=None,
                  draft: DraftConfig | None = None, self_draft=None, verifier: TreeVerifier | None = None,
-                 **draft_fields):
+                 clock: Clock | None = None, **draft_fields):
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
@@ -65,6 +68,7 @@ class Engine:
         self.offload = offload if offload is not None else find_handle(target)
         self.self_draft = self_draft  # self_drafter.SelfDraft when `drafter` is the target's own (its layout, plan)
         self.device = model_device(target)
+        self.clock: Clock = clock or WallClock()
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)
         self.calibrations = ScoreCalibrations(self.config.tree_scores == "calibrated")
@@ -77,7 +81,7 @@ class Engine:
         stream = side_stream(self.draft_runner.device)
         overlap = wanted(self.offload) if self.config.overlap == "auto" else bool(self.config.overlap)
         self.stepper = Stepper(verifier or self.target, self.draft_runner, self.device, self.offload,
-                               Overlap(self.config.overlap_factor, stream) if overlap else None, stream)
+                               Overlap(self.config.overlap_factor, stream) if overlap else None, stream, self.clock)
 
     def _scheduler(self, budget, calibrate: bool, progress: bool) -> Scheduler:
         c = self.config
@@ -85,7 +89,7 @@ class Engine:
         if calibrate and budget == "auto":
             from edgespec.scheduler.calibrate import startup_costs
 
-            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress)
+            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress, self.clock)
         return make_scheduler(budget, max_depth=c.max_depth, branch=c.branch, batch=c.batch, **costs)
 
     @classmethod
@@ -164,7 +168,7 @@ class Engine:
         run = Run(self.stepper, self.scheduler, self.conversation, self.encode(prompt), max_new_tokens, sampler,
                   tokenizer=self.tokenizer, eos_ids=self.eos_ids, max_context=self.max_context, stop=stop,
                   calibration=self.score_calibration(sampler), constraint=self.constraint(grammar),
-                  logprobs=logprobs)
+                  logprobs=logprobs, clock=self.clock)
         run.stats.sampling = config.describe()
         return run
 

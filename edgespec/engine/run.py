@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from edgespec.base.clock import WallClock
 from edgespec.base.errors import InvalidArgumentError
 from edgespec.base.stats import RunStats
 
@@ -30,11 +31,12 @@ class Run:
     each step planned by `scheduler`; `tokenizer` turns the new tokens into text (None: no text);
     `calibration` is the tree-score calibration the steps use and teach (None: raw scores); `constraint`
     the compiled grammar the answer must follow (edgespec/core/grammar.py; None: none); `logprobs` how
-    many top alternatives each new token's log-probability comes with (None: no log-probabilities)."""
+    many top alternatives each new token's log-probability comes with (None: no log-probabilities);
+    `clock` says the run's seconds (edgespec/base/clock.py; None: the wall clock's)."""
 
     def __init__(self, stepper, scheduler, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *,
                  tokenizer=None, eos_ids=frozenset(), max_context: int, stop: list[str] | None = None,
-                 calibration=None, constraint=None, logprobs: int | None = None):
+                 calibration=None, constraint=None, logprobs: int | None = None, clock=None):
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.stepper, self.scheduler, self.conv = stepper, scheduler, conv
@@ -43,6 +45,7 @@ class Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.tokenizer, self.eos_ids, self.max_context = tokenizer, eos_ids, max_context
         self.constraint, self.top_logprobs = constraint, logprobs
+        self.clock = clock or WallClock()
         self.grammar = None  # the grammar state after the accepted tokens (set when the run starts)
         self.logprobs: list | None = [] if logprobs is not None else None
         self.new: list[int] = []
@@ -69,7 +72,7 @@ class Run:
 
     def _finish(self, seconds: float) -> None:
         self.conv.keep(len(self.prompt_ids) + len(self.new))
-        self.stats.wall_time = seconds
+        self.stats.wall_time = self.clock.run_time(seconds, self.stats.steps)
         self.stats.new_tokens = len(self.new)
         calib = self.calibration
         self.stats.hit_rates = calib.state() if calib is not None and calib.trees else None

@@ -13,6 +13,7 @@ import torch
 
 from edgespec.engine.backoff import OOM_ERRORS, back_off, out_of_memory
 from edgespec.engine.conversation import Conversation
+from edgespec.base.clock import WallClock
 from edgespec.base.device import on_stream, sync, wait_stream
 from edgespec.core.search import TreeSearch
 from edgespec.base import memory
@@ -24,11 +25,13 @@ from edgespec.core.verify import Verdict, verify
 class Stepper:
     """Runs steps for one target/drafter pair. `runner` runs the drafter (edgespec/core/draft_runner.py),
     `offload` is the target's streaming handle (None when it is not offloaded), `overlap` an Overlap or
-    None, `stream` the drafter's side stream (None on a CPU)."""
+    None, `stream` the drafter's side stream (None on a CPU), `clock` whose seconds the steps record
+    (edgespec/base/clock.py; None: the wall clock's)."""
 
-    def __init__(self, target, runner, device: torch.device, offload=None, overlap=None, stream=None):
+    def __init__(self, target, runner, device: torch.device, offload=None, overlap=None, stream=None, clock=None):
         self.target, self.runner, self.device = target, runner, device
         self.offload, self.overlap, self.stream = offload, overlap, stream
+        self.clock = clock or WallClock()
 
     def advance(self, conv: Conversation, scheduler, remaining: int, max_context: int, sampler, calibration=None,
                 grammar=None, logprobs: int | None = None, after=None):
@@ -53,13 +56,17 @@ class Stepper:
         self._rest(stats, parts, time.perf_counter() - start)  # the observation's own time, after it
         return verdict, stats, taken
 
-    @staticmethod
-    def _rest(stats: StepStats, parts: "Parts", seconds: float) -> StepStats:
-        """Fill in the step's rest: `seconds` of the whole step less drafting and the pass, by part."""
+    def _rest(self, stats: StepStats, parts: "Parts", seconds: float) -> StepStats:
+        """Fill in the step's rest: `seconds` of the whole step less drafting and the pass, by part (under
+        a replay clock, the cost file's rest, shared out in the measured parts' proportions)."""
         named = sum(parts.values())
-        other = max(0.0, seconds - stats.draft_time - stats.verify_time - named)
-        stats.rest = {name: parts.get(name, 0.0) for name in REST_PARTS if name != "other"} | {"other": other}
-        stats.overhead_time = named + other
+        other = max(0.0, seconds - parts.draft - parts.verify - named)
+        rest = {name: parts.get(name, 0.0) for name in REST_PARTS if name != "other"} | {"other": other}
+        total = named + other
+        charged = self.clock.rest(total)
+        if charged != total:
+            rest = {k: v * charged / total for k, v in rest.items()} if total > 0 else rest | {"other": charged}
+        stats.rest, stats.overhead_time = rest, charged
         return stats
 
     def plan_for(self, conv: Conversation, scheduler, remaining: int, max_context: int) -> Plan | None:
@@ -117,9 +124,11 @@ class Stepper:
                 nxt, draft_keep = search.reroot(verdict.path, verdict.tokens[-1])
         with parts.timing("prune"):
             conv.commit(verdict.tokens, verdict.path, nxt, draft_keep, self.stream)
-        stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), t1 - t0, t2 - t1,
-                          stem.numel() + tree.size, tree.node_probs(), reused=reused, overlap_time=overlap_time,
-                          draft_forwards=fed[0], draft_fed=fed[1])
+        parts.draft, parts.verify = t1 - t0, t2 - t1  # measured, whatever the clock charges
+        tokens = stem.numel() + tree.size
+        stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), self.clock.draft(t1 - t0, *fed),
+                          self.clock.verify(t2 - t1, tokens), tokens, tree.node_probs(), reused=reused,
+                          overlap_time=overlap_time, draft_forwards=fed[0], draft_fed=fed[1])
         return verdict, stats
 
     def _draft_tree(self, conv: Conversation, plan: Plan, sampler, calibration, grammar=None):
@@ -151,12 +160,17 @@ class Stepper:
             return verdict
 
         if self.overlap is not None and search is not None:
+            if self.clock.replay:  # the pass, then what the replayed pass time lets the drafter do
+                return self.overlap.replay(run(), search, plan, self.clock, stem.numel() + tree.size)
             return self.overlap.verify_while_drafting(run, search, plan)
         return run(), 0.0
 
 
 class Parts(dict):
-    """Seconds by part of a step's rest (stats.REST_PARTS), summed over the part's timed spans."""
+    """Seconds by part of a step's rest (stats.REST_PARTS), summed over the part's timed spans; `draft`
+    and `verify` keep the measured seconds of drafting before the pass and of the pass."""
+
+    draft = verify = 0.0
 
     @contextmanager
     def timing(self, name: str):

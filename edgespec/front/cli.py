@@ -20,6 +20,7 @@ from edgespec.base.errors import EdgespecError
 from edgespec.core.sampling import SAMPLING_FIELDS
 from edgespec.engine.face import FrontEnd
 from edgespec.engine.prompts import chat_messages
+from edgespec.front import replay
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def make_engine(args: argparse.Namespace):
     target, drafter = fields.pop("target"), fields.pop("drafter")
     if getattr(args, "stages", None):
         return split_engine(args, target, drafter)
-    return Engine.from_pretrained(target, drafter, budget=args.budget, **fields)
+    return Engine.from_pretrained(target, drafter, budget=args.budget, clock=replay.clock_for(args), **fields)
 
 
 def split_engine(args: argparse.Namespace, target, drafter):
@@ -159,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--budgets", default=None, help="draft budgets, e.g. 4,16,64 (default by device)")
     prof.add_argument("--prompts", type=int, default=None, help="real prompts for the acceptance histogram")
     prof.add_argument("--prefix", type=int, default=128, help="KV-cache tokens before each timed tree")
+    replay.add_options(prof)
     bench = sub.add_parser("bench", parents=[common], help="MT-Bench: edgespec vs plain vs HF assisted")
     bench.add_argument("--questions", default=None, help="MT-Bench questions .jsonl (default: ../shared/data)")
     bench.add_argument("--n-prompts", type=int, default=5)
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", default=None, help="also write the markdown table (with a header) here")
+    replay.add_options(bench)
     serve_options(sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server"))
     return ap
 

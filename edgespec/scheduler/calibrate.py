@@ -8,11 +8,15 @@ import torch
 from edgespec.base.config import DraftConfig
 from edgespec.base.device import compute_dtype, model_device
 from edgespec.scheduler import timing
-from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES, machine_key
+from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES, CostModel, machine_key
 
 
-def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = True) -> dict:
-    """make_scheduler's keyword arguments for a cached (or measured) calibration of this pair."""
+def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = True, clock=None) -> dict:
+    """make_scheduler's keyword arguments for a cached (or measured) calibration of this pair; under a
+    replay clock (edgespec/base/clock.py), the cost file's pass times and the replayed cost of the
+    drafter's real trees (not cached: the file is the measurement)."""
+    if clock is not None and clock.replay:
+        return {"cost": replayed_costs(draft, config, clock)}
     runs = len(CALIBRATION_SIZES) + len(DRAFT_CALIBRATION_SIZES)
     bar = _LazyBar("edgespec: calibrating the scheduler (once per machine and models)", progress, runs)
     prefix = torch.randint(0, draft.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -21,6 +25,19 @@ def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = 
             "measure_fn": bar.wrap(lambda n: timing.time_passes(target, device, [n], past=64)[0]["pass_s"]),
             "draft_fn": bar.wrap(lambda k: timing.time_drafts(draft, prefix, [k], config.plan,
                                                        draft_temperature=config.draft_temperature)[0]["draft_s"])}
+
+
+def replayed_costs(draft, config: DraftConfig, clock) -> CostModel:
+    """The start-up calibration as the machine of `clock`'s costs would measure it: its pass times, and
+    its drafting time for the trees this drafter really builds at each calibration budget."""
+    prefix = torch.randint(0, draft.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def draft_fn(k: int) -> float:
+        row = timing.time_drafts(draft, prefix, [k], config.plan, repeats=0,
+                                 draft_temperature=config.draft_temperature)[0]
+        return clock.draft(row["draft_s"], row["forwards"], row["fed"])
+
+    return CostModel().calibrate(lambda n: clock.verify(0.0, n), CALIBRATION_SIZES, draft_fn, DRAFT_CALIBRATION_SIZES)
 
 
 def pair_key(target, draft, offload, config: DraftConfig) -> str:
