@@ -8,6 +8,7 @@ What the front ends read from it is `FrontEnd` (edgespec/engine/face.py).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 
 from edgespec.base.clock import Clock, WallClock
@@ -75,9 +76,11 @@ class Engine:
         self.conversation = Conversation(verifier.cache if verifier else new_cache(target),
                                          self.draft_runner.new_cache())
         self._constraints: dict[Grammar, Constraint] = {}  # compiled grammars, the latest few
+        start = time.perf_counter()  # the warm-up, paid here, before the first answer and not charged to it
         if budget != 0:
             self.draft_runner.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
         self.scheduler: Scheduler = scheduler or self._scheduler(budget, calibrate, progress)
+        self.warmup_seconds = time.perf_counter() - start  # graph capture and the scheduler's calibration
         stream = side_stream(self.draft_runner.device)
         overlap = wanted(self.offload) if self.config.overlap == "auto" else bool(self.config.overlap)
         self.stepper = Stepper(verifier or self.target, self.draft_runner, self.device, self.offload,

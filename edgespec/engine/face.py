@@ -29,6 +29,7 @@ class FrontEnd(Protocol):
     self_draft: Any  # loading.self_drafter.SelfDraft when the target drafts for itself, else None
     scheduler: "Scheduler"
     clock: "Clock"  # whose seconds the steps and runs record (edgespec/base/clock.py)
+    warmup_seconds: float  # graph capture and the scheduler's calibration, paid before the first answer
     config: "DraftConfig"
     # what a generation runs with
     sampling: "SamplingConfig"  # the defaults a generation's sampling settings fall back to

@@ -79,7 +79,8 @@ def report(result: dict, engine: FrontEnd, args, argv_text: str) -> str:
         f"- machine: {machine()}",
         f"- versions: {versions()}",
         f"- setup: {setup_line(engine, args)}",
-        f"- seconds: {result.get('clock', 'wall clock')}",
+        f"- seconds: {result.get('clock', 'wall clock')}; warm-up before the first answer (drafter graph capture, "
+        f"the scheduler's start-up calibration) {engine.warmup_seconds:.1f} s, not in the rows",
         f"- prompts: {result['prompts']} from {result['source']}, max {result['max_new_tokens']} new tokens",
         ("- tokens/pass = new tokens / target forward passes (prefill included in the first pass); "
          "mean tree = draft tokens verified per target pass; "
