@@ -114,7 +114,7 @@ def main(argv=None, base: Engine | None = None, prompts: list | None = None) -> 
     overlaps = [o.strip() == "on" for o in args.overlap.split(",")]
     other = OTHER_SCORES[args.tree_scores]
     specs = [("auto", o, args.tree_scores) for o in overlaps]
-    specs += [(int(b), o, args.tree_scores) for o in overlaps for b in args.budgets.split(",")]
+    specs += [(int(b), o, args.tree_scores) for o in overlaps for b in args.budgets.split(",") if b.strip()]
     specs += [(int(b), True, other) for b in args.compare_scores.split(",") if b.strip()]
     clock = ReplayClock(args.costs) if args.costs else WallClock()
     configs = [make_config(base, b, o, clock, args.draft_temperature, sc) for b, o, sc in specs]

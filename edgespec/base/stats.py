@@ -35,6 +35,9 @@ class StepStats:
     # Draft path probabilities of the tree's nodes, sorted descending. Their prefix sums are the
     # drafter's own estimate of accepted draft tokens for every smaller budget (the top-K sets nest).
     node_probs: list[float] = field(default_factory=list)
+    # the same for the search the tree came from (a superset: its slack candidates and what it grew during
+    # the pass): the acceptance curve past the tree's size, measured instead of extrapolated (empty: none)
+    search_probs: list[float] = field(default_factory=list)
     retries: int = 0  # out-of-memory back-offs taken in this step
     reused: int = 0  # draft nodes carried over from the previous step's search (already drafted)
     overlap_time: float = 0.0  # drafting done while the target pass ran (off the critical path)

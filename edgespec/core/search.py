@@ -109,6 +109,13 @@ class TreeSearch:
         return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep],
                     self.logp[keep], self.rank[keep])
 
+    def node_probs(self, limit: int) -> list[float]:
+        """The scores (as probabilities) of the best `limit` alive draft nodes, descending: what a tree of
+        up to `limit` nodes drawn from this search would hold, for the acceptance curve past the tree
+        verified (the search holds more: slack candidates, and what it grew during the pass)."""
+        scores = self.scores[self.alive][1:]  # the root (index 0) is always alive
+        return torch.exp(scores).sort(descending=True).values[:limit].tolist()
+
     def resume(self, sampler, calibration: "ScoreCalibration | None") -> int:
         """Carry the search into the next step, under that step's `sampler` and `calibration` (scores
         recomputed with what the calibration has learnt since); returns the draft nodes carried over."""

@@ -33,6 +33,11 @@ from edgespec.offload import find_handle
 from edgespec.scheduler import Scheduler, make_scheduler
 
 
+# what the start-up calibration drafts under: real text (trees as deep as an answer's), no benchmark's prompt
+CALIBRATION_TEXT = ("A bicycle stays upright because the rider keeps steering its front wheel under the "
+                    "falling frame, and the faster it rolls, the smaller the corrections need to be. Here is how:")
+
+
 class Engine:
     """Lossless tree speculative decoding with an (optionally offloaded) target and a small drafter.
 
@@ -92,7 +97,8 @@ class Engine:
         if calibrate and budget == "auto":
             from edgespec.scheduler.calibrate import startup_costs
 
-            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress, self.clock)
+            prefix = self.encode(CALIBRATION_TEXT) if self.tokenizer is not None else None
+            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress, self.clock, prefix)
         return make_scheduler(budget, max_depth=c.max_depth, branch=c.branch, batch=c.batch, **costs)
 
     @classmethod

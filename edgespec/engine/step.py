@@ -22,6 +22,9 @@ from edgespec.core.tree import Tree
 from edgespec.core.verify import Verdict, verify
 
 
+CURVE_REACH = 4  # the acceptance curve a step reports reaches this many times its budget (where the search holds it)
+
+
 class Stepper:
     """Runs steps for one target/drafter pair. `runner` runs the drafter (edgespec/core/draft_runner.py),
     `offload` is the target's streaming handle (None when it is not offloaded), `overlap` an Overlap or
@@ -118,8 +121,9 @@ class Stepper:
         with parts.timing("observe"):
             if calibration is not None:
                 calibration.observe_tree(tree, verdict.path)
-        nxt, draft_keep = None, None
+        nxt, draft_keep, curve = None, None, []
         if search is not None:
+            curve = search.node_probs(CURVE_REACH * max(plan.budget, 1))
             with parts.timing("reroot"), on_stream(self.stream):
                 nxt, draft_keep = search.reroot(verdict.path, verdict.tokens[-1])
         with parts.timing("prune"):
@@ -128,7 +132,7 @@ class Stepper:
         tokens = stem.numel() + tree.size
         stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), self.clock.draft(t1 - t0, *fed),
                           self.clock.verify(t2 - t1, tokens), tokens, tree.node_probs(), reused=reused,
-                          overlap_time=overlap_time, draft_forwards=fed[0], draft_fed=fed[1])
+                          overlap_time=overlap_time, draft_forwards=fed[0], draft_fed=fed[1], search_probs=curve)
         return verdict, stats
 
     def _draft_tree(self, conv: Conversation, plan: Plan, sampler, calibration, grammar=None):

@@ -4,7 +4,8 @@ expected(K) = 1 + factor · c(K), where
 
 * c(K) is the drafter's own estimate of accepted draft tokens: the prefix sum of the sorted
   path probabilities of the best K nodes (the best-first top-K sets nest, so one tree gives the
-  whole curve up to its size). Curves of the last `window` trees are averaged, the newest weighing
+  whole curve up to its size; the search it came from, holding more candidates and what it grew
+  during the pass, gives it further: a small tree's step still measures the curve of bigger ones). Curves of the last `window` trees are averaged, the newest weighing
   most (`decay` per step back). Beyond a tree's size the curve continues as a + b·ln K, fitted on
   the tree's upper half (a conservative, slowly growing tail that new, bigger trees then correct).
 * factor calibrates the drafter against reality: the moving average of accepted draft tokens over
@@ -65,9 +66,11 @@ class AcceptanceModel:
         """Learn the newest tree's curve and how well the drafter predicted its acceptance."""
         if step.tree_size <= 0 or not step.node_probs:
             return  # a plain autoregressive step says nothing about drafting
-        cs = np.cumsum(np.sort(np.asarray(step.node_probs, dtype=float))[::-1])
+        # the curve from the search the tree came from where it reaches further (measured, not extrapolated)
+        probs = step.search_probs if len(step.search_probs) > len(step.node_probs) else step.node_probs
+        cs = np.cumsum(np.sort(np.asarray(probs, dtype=float))[::-1])
         self.curves.append(cs)
-        predicted, observed = float(cs[-1]), float(max(step.accepted - 1, 0))
+        predicted, observed = float(sum(step.node_probs)), float(max(step.accepted - 1, 0))
         if self.steps == 0:
             self._num = self._den = predicted  # prior: the drafter is right
         self.steps += 1

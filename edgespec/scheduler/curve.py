@@ -21,7 +21,9 @@ seconds to every pass), as a factor for `mode="mul"` (a busier GPU slows every d
 change at a bucket not measured for a while is news about the shape and stays local. "Recently"
 fades by `memory` per observation since the bucket's last update. Finally the
 newest value wins on monotonicity: buckets that contradict it (higher below it, lower above it)
-are dropped, and the curve interpolates or extrapolates across the gap from fresher points.
+are moved to it, not dropped (a dropped point would let the curve extrapolate steeply from a new
+bucket next to an old one: one drafting step at 128 nodes, above the calibration's 256, once made
+a 512-node tree look four times its cost).
 """
 from __future__ import annotations
 
@@ -106,12 +108,13 @@ class Curve:
                 self.values[other] = v * (new / old) ** w
 
     def set(self, b: int, y: float) -> None:
-        """Store y at bucket b outright; buckets that now contradict monotonicity are dropped."""
+        """Store y at bucket b outright; buckets that now contradict monotonicity are moved to y (kept: a
+        dropped point would leave the curve to extrapolate from a single new one, steeply, far past it)."""
         self.values[b] = float(y)
         self.stamps[b] = self.clock
         for other, v in list(self.values.items()):
             if other < b and v > y or other > b and v < y:
-                del self.values[other]
+                self.values[other] = float(y)
 
     def nearest(self, x: float) -> int:
         lx = math.log2(max(x, 1e-9))
