@@ -39,13 +39,14 @@ class Curve:
     """y = f(x) for x >= 1 (seconds against tokens or nodes), monotone non-decreasing."""
 
     def __init__(self, buckets=DEFAULT_BUCKETS, alpha: float = 0.3, prior_exponent: float = 0.0,
-                 mode: str = "add", jump: float = 0.15, memory: float = 0.5):
+                 mode: str = "add", jump: float = 0.15, memory: float = 0.5, spread: bool = True):
         if mode not in ("add", "mul"):
             raise ValueError(f"mode must be 'add' or 'mul', got {mode!r}")
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.alpha = alpha  # EMA weight of an observation in its bucket
         self.prior_exponent = prior_exponent
         self.mode, self.jump, self.memory = mode, jump, memory
+        self.spread = spread  # False: every change stays at its bucket (news about the shape, never the machine)
         self.values: dict[int, float] = {}
         self.stamps: dict[int, int] = {}  # observation count at each bucket's last update
         self.clock = 0
@@ -87,7 +88,8 @@ class Curve:
             return
         jumped = abs(target / old - 1) > self.jump
         new = target if jumped else old + self.alpha * (target - old)
-        self._spread(b, old, new, everywhere=jumped)
+        if self.spread:
+            self._spread(b, old, new, everywhere=jumped)
         self.set(b, new)
 
     def freshness(self, b: int) -> float:
@@ -130,13 +132,13 @@ class Curve:
     # ---- persistence ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"buckets": list(self.buckets), "alpha": self.alpha, "prior_exponent": self.prior_exponent,
-                "mode": self.mode, "jump": self.jump, "memory": self.memory,
+                "mode": self.mode, "jump": self.jump, "memory": self.memory, "spread": self.spread,
                 "values": {str(k): v for k, v in self.points()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Curve":
         c = cls(d.get("buckets", DEFAULT_BUCKETS), d.get("alpha", 0.3), d.get("prior_exponent", 0.0),
-                d.get("mode", "add"), d.get("jump", 0.15), d.get("memory", 0.5))
+                d.get("mode", "add"), d.get("jump", 0.15), d.get("memory", 0.5), d.get("spread", True))
         c.values = {int(k): float(v) for k, v in d.get("values", {}).items()}
         return c
 
