@@ -156,6 +156,20 @@ def test_curve_tracks_a_slower_link_everywhere():
         assert c(n) == pytest.approx(1.5 + 1e-4 * n, rel=0.05)
 
 
+def test_a_drafting_surprise_stays_at_its_bucket():
+    """Drafting before the pass depends on the tree's depth and on what the last pass drafted, not on the
+    machine: steps that drafted at 64 nodes half what the calibration said (most of the tree carried over
+    from the last pass) move the 64 bucket (and those above it below, to keep the curve monotone) only, not
+    the cost of a 256-node tree; the pass curve, news about the link, still spreads; a round trip keeps it."""
+    draft = {k: 0.005 * (1 + k.bit_length()) for k in (1, 4, 16, 64, 256)}  # per level, as on a GPU
+    cost = CostModel().calibrate(lambda n: 0.3, (1, 256), lambda k: draft[k], tuple(draft))
+    for _ in range(3):
+        cost.observe(StepStats(64, 64, 7, 4, draft[64] / 2, 0.3, 65, []))
+    assert cost.draft_time(64) == pytest.approx(draft[64] / 2, rel=0.05)
+    assert cost.draft_time(256) == pytest.approx(draft[256]) and cost.draft_time(1) == pytest.approx(draft[1])
+    assert not CostModel.from_json(cost.to_json()).draft_curve.spread and CostModel().pass_curve.spread
+
+
 def test_cost_model_learns_from_steps_and_round_trips_json():
     cost = CostModel()
     assert not cost.ready
