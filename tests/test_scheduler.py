@@ -235,6 +235,21 @@ def test_acceptance_reads_the_tree_and_learns_the_drafters_bias():
 
 
 # ---- schedulers -----------------------------------------------------------------------------
+def test_acceptance_is_measured_per_tree_size_from_the_accepted_ranks():
+    """A tree's top-k nodes are what a budget of k would have drafted: the accepted nodes' ranks say what
+    every smaller tree would have accepted, so a drafter that over-rates its best 16 nodes (predicts 4
+    accepted, 2 are) and rates 256 right is corrected per size, not by one factor (which kept 16 at 5)."""
+    probs = [0.25] * 16 + [2 / 240] * 240  # the drafter: 4 draft tokens from the best 16, 6 from all 256
+    ranks = [0, 1, 100, 150, 200, 230]  # 6 accepted; of the best 16 only the first 2
+    model, one = AcceptanceModel(), AcceptanceModel()
+    for _ in range(80):
+        model.observe(StepStats(256, 256, 6, 7, 0.1, 0.3, 257, probs, path_ranks=ranks))
+        one.observe(StepStats(256, 256, 6, 7, 0.1, 0.3, 257, probs))
+    assert model.expected([16, 256]) == pytest.approx([3.0, 7.0], rel=0.05)
+    assert one.expected([16])[0] == pytest.approx(5.0, rel=0.05)  # one factor (1.0): small trees look good
+    assert model.expected([1024])[0] >= model.expected([256])[0]
+
+
 def test_make_scheduler_and_fixed_plans():
     assert isinstance(make_scheduler("auto"), AutoScheduler)
     assert isinstance(make_scheduler(" AUTO "), AutoScheduler)

@@ -46,6 +46,9 @@ class StepStats:
     rest: dict[str, float] = field(default_factory=dict)
     draft_forwards: int = 0  # drafter forwards this step ran before the pass
     draft_fed: int = 0  # tokens those forwards fed (the stem's catch-up included)
+    # the accepted draft nodes' ranks by score in the tree (0 = best), in path order: what every smaller
+    # top-k tree (they nest) would have accepted; None: not recorded
+    path_ranks: list[int] | None = None
 
     @property
     def step_time(self) -> float:

@@ -132,7 +132,8 @@ class Stepper:
         tokens = stem.numel() + tree.size
         stats = StepStats(plan.budget, tree.size, tree.depth, len(verdict.tokens), self.clock.draft(t1 - t0, *fed),
                           self.clock.verify(t2 - t1, tokens), tokens, tree.node_probs(), reused=reused,
-                          overlap_time=overlap_time, draft_forwards=fed[0], draft_fed=fed[1], search_probs=curve)
+                          overlap_time=overlap_time, draft_forwards=fed[0], draft_fed=fed[1], search_probs=curve,
+                          path_ranks=tree.ranks(verdict.path))
         return verdict, stats
 
     def _draft_tree(self, conv: Conversation, plan: Plan, sampler, calibration, grammar=None):
