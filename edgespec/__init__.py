@@ -13,6 +13,7 @@ from edgespec.base.errors import (
     EdgespecError,
     InvalidArgumentError,
     ModelNotFoundError,
+    NonFiniteLogitsError,
     OutOfMemoryError,
     TokenizerMismatchError,
     UnsupportedModelError,
@@ -23,5 +24,5 @@ __version__ = VERSION
 __all__ = [
     "Engine", "Generation", "Plan", "RunStats", "StepStats", "EdgespecError", "ContextLengthError",
     "InvalidArgumentError", "ModelNotFoundError", "OutOfMemoryError", "TokenizerMismatchError",
-    "UnsupportedModelError", "BackoffWarning",
+    "UnsupportedModelError", "BackoffWarning", "NonFiniteLogitsError",
 ]

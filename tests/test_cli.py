@@ -174,7 +174,7 @@ def test_generate_raw_from_stdin(injected, capsys, monkeypatch):
 def test_user_errors_exit_2_without_traceback(injected, capsys):
     assert cli.main(["generate", "hello", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("edgespec: error: temperature") and "Traceback" not in err
+    assert err.startswith("edgespec: error: --temperature must be") and "Traceback" not in err
     assert cli.main(["generate", "   "]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

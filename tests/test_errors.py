@@ -122,3 +122,46 @@ def test_invalid_draft_temperature(bad):
 
     with pytest.raises(InvalidArgumentError, match="draft_temperature must be > 0"):
         Sampler(draft_temperature=bad)
+
+
+def test_hub_ids_fail_fast_offline(monkeypatch, tmp_path, capsys):
+    """HF_HUB_OFFLINE set, or the hub unreachable in one attempt: the cached snapshot if there is one,
+    else one ModelNotFoundError at once (no HTTP request, no retry lines)."""
+    import socket
+
+    from edgespec.loading import resolve as res
+
+    def no_connect(*a, **k):
+        raise AssertionError("no network attempt when HF_HUB_OFFLINE is set")
+
+    res._unreachable.cache_clear()
+    monkeypatch.setattr(socket, "create_connection", no_connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="'nobody/no-model' is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        load_model("nobody/no-model")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(res, "_offline", lambda: False)
+
+    def refused(*a, **k):
+        refused.calls += 1
+        raise OSError(101, "Network is unreachable")
+
+    refused.calls = 0
+    monkeypatch.setattr(socket, "create_connection", refused)
+    with pytest.raises(ModelNotFoundError, match="cannot be used \\(huggingface.co: Network is unreachable\\)"):
+        load_model("nobody/no-model")
+    snapshot = tmp_path / "snapshot"
+    monkeypatch.setattr(res, "_cached", lambda repo: str(snapshot) if repo == "some/model" else None)
+    assert res.resolve("some/model") == (str(snapshot), None)  # the cached copy, offline
+    assert refused.calls == 1 and "Retrying" not in capsys.readouterr().err  # one attempt per process
+    res._unreachable.cache_clear()
+
+
+def test_built_in_prompts_do_not_name_the_development_layout(monkeypatch, tmp_path, capsys):
+    from edgespec.engine import prompts
+
+    monkeypatch.setattr(prompts, "default_questions", lambda: tmp_path / "shared" / "data" / "missing.jsonl")
+    texts, source = prompts.load_prompts(3)
+    assert len(texts) == 3 and source == "built-in prompts"
+    err = capsys.readouterr().err
+    assert "built-in prompts" in err and "shared" not in err and "jsonl" not in err

@@ -10,6 +10,7 @@ output validates against its schema; log-probabilities equal those of the target
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import llguidance
@@ -293,3 +294,25 @@ def test_cli_json_schema_and_grammar_files(tok, tmp_path, monkeypatch, capsys):
     lark.write_text("start: nowhere\n")
     assert cli.main(["generate", "--raw", "--grammar", str(lark), "Well?"]) == 2
     assert "Lark grammar cannot be compiled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,text,match", [
+    ("--json-schema", '{"type": "strin"}', "JSON schema cannot be compiled"),
+    ("--json-schema", '{"type": "object",', "not valid JSON"),
+    ("--json-schema", '{"type": "array", "uniqueItems": true}', "uniqueItems"),
+    ("--grammar", "start: nowhere\n", "Lark grammar cannot be compiled"),
+    ("--grammar", "start: /[a-/\n", "Lark grammar cannot be compiled"),
+])
+def test_cli_refuses_bad_grammar_files_before_loading_a_model(tmp_path, monkeypatch, capsys, flag, text, match):
+    from edgespec.front import cli
+
+    def never(args):
+        raise AssertionError("the model was loaded before the grammar file was checked")
+
+    monkeypatch.setattr(cli, "make_engine", never)
+    path = tmp_path / "g.txt"
+    path.write_text(text)
+    assert cli.main(["generate", "--raw", flag, str(path), "Well?"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert cli.main(["generate", "--raw", flag, str(tmp_path / "missing.json"), "Well?"]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -264,3 +264,30 @@ def test_qwen_coder_tool_calls():
 
     engine = Engine.from_pretrained(path, budget=8, progress=False)
     _real_checks(engine, tools=True)
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_tool_tags_as_added_tokens_are_allowed_and_taken(special):
+    """Qwen2.5's GGUF tokenizer has <tool_call> / </tool_call> as added tokens that are not special; the
+    grammar engine's token table holds every added token as a special one, so the tags written as text
+    let the mask allow the tag's token and then refused to take it (a 500 on the real Qwen model). The
+    call a model writes, as the tokenizer encodes it, is allowed and taken token by token."""
+    from edgespec.core.grammar import Constraint, token_table
+    from edgespec.front.server.structured import CLOSE, OPEN, call_grammar, tag_literals
+    from edgespec.loading.models import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer(None))
+    tok.add_tokens([OPEN, CLOSE], special_tokens=special)
+    tags = tag_literals(tok)
+    assert tags == {OPEN: f"<[{tok.convert_tokens_to_ids(OPEN)}]>", CLOSE: f"<[{tok.convert_tokens_to_ids(CLOSE)}]>"}
+    vocab = len(tok)
+    state = Constraint(call_grammar([WEATHER], ["get_weather"], True, tags), token_table(tok, vocab, [EOS]),
+                       vocab).start()
+    ids = tok.encode(f'{OPEN}\n{{"name": "get_weather", "arguments": {{"city": "Oslo", "unit": "C"}}}}\n{CLOSE}')
+    assert ids[0] == tok.convert_tokens_to_ids(OPEN) and ids[-1] == tok.convert_tokens_to_ids(CLOSE)
+    for t in ids:
+        assert state.allowed()[t], tok.convert_ids_to_tokens(t)
+        state.advance(t)
+    assert state.accepting
+    plain = load_tokenizer(None)  # no such tokens: the tags are text
+    assert tag_literals(plain) == {OPEN: json.dumps(OPEN), CLOSE: json.dumps(CLOSE)}

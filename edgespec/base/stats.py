@@ -28,7 +28,9 @@ class StepStats:
     budget: int  # budget requested by the plan
     tree_size: int  # draft nodes verified (root excluded)
     tree_depth: int
-    accepted: int  # tokens committed this step (accepted draft nodes + the target's own token)
+    # tokens committed this step (accepted draft nodes + the target's own token); in a RunStats, the tokens
+    # the answer kept of them (none past its end of sequence, stop string or token limit)
+    accepted: int
     draft_time: float  # seconds spent building the tree
     verify_time: float  # seconds for the target pass (streaming included)
     verify_tokens: int  # tokens in the target pass (pending stem + tree)
@@ -61,7 +63,7 @@ class RunStats:
 
     steps: list[StepStats] = field(default_factory=list)
     new_tokens: int = 0
-    prefill_time: float = 0.0
+    prefill_time: float = 0.0  # seconds of the first step: it takes the prompt's uncached tokens in (with a tree)
     wall_time: float = 0.0
     stop_reason: str = ""
     # calibrated tree scores after the run (edgespec/core/scores.py): {"top"|"other": [(draft p, hit rate, tests)]}

@@ -94,6 +94,22 @@ class Grammar:
         return {"json_schema": "a JSON schema", "json_object": "any JSON object", "regex": "a regex",
                 "lark": "a Lark grammar"}[self.kind]
 
+    def checked(self, table=None) -> str:
+        """The engine's grammar text, compiled and checked (against `table`, llguidance's token table, or
+        against no tokenizer: before any model is loaded). A schema keyword the engine does not implement,
+        a regex or Lark grammar that does not parse: a GrammarError naming the problem."""
+        from llguidance import LLMatcher
+
+        try:
+            text = self.engine_text()
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"{self.describe()} could not be read: {e}") from None
+        is_error, messages = LLMatcher.validate_grammar_with_warnings(text, table)
+        if is_error:
+            raise GrammarError(f"{self.describe()} cannot be compiled: {_first_lines(messages[0])}; "
+                               "fix it or leave out what the message names")
+        return text
+
 
 def as_grammar(value) -> Grammar | None:
     """What `grammar=` takes: a Grammar, a JSON schema (dict) or a pydantic model class; None: none."""
@@ -140,14 +156,7 @@ class Constraint:
         from llguidance import LLMatcher
 
         self.grammar, self.table, self.vocab = grammar, table, vocab
-        try:
-            self.text = grammar.engine_text()
-        except (ValueError, TypeError) as e:
-            raise GrammarError(f"{grammar.describe()} could not be read: {e}") from None
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(self.text, table)
-        if is_error:
-            raise GrammarError(f"{grammar.describe()} cannot be compiled: {_first_lines(messages[0])}; "
-                               "fix it or leave out what the message names")
+        self.text = grammar.checked(table)
         self._start = LLMatcher(table, self.text, log_level=0)
         if self._start.is_error():
             raise GrammarError(f"{grammar.describe()} cannot be compiled: {_first_lines(self._start.get_error())}")

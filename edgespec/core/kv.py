@@ -43,16 +43,23 @@ class TreeCache(DynamicCache):
     >= (committed length - window), so `keep` could drop older ones per layer and keep a per-layer
     position offset for the masks (`forward.hidden_states`' kv_positions)."""
 
+    n_layers = 0  # the decoder layers it serves (0: unknown), so a layer never reached counts as empty
+
     def _filled(self):
         return [layer for layer in self.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
     def layer_lengths(self) -> list[int]:
-        return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in self.layers]
+        """Entries per layer: a layer's keys and values may differ (and a layer may be missing) after
+        a forward or a `keep` cut short, so each counts what both hold."""
+        held = [min(_rows(getattr(layer, "keys", None)), _rows(getattr(layer, "values", None)))
+                for layer in self.layers]
+        return held + [0] * (self.n_layers - len(held))
 
     def crop_to(self, length: int) -> None:
         for layer in self._filled():
             if layer.keys.shape[-2] > length:
                 layer.keys = layer.keys[..., :length, :].contiguous()
+            if layer.values is not None and layer.values.shape[-2] > length:
                 layer.values = layer.values[..., :length, :].contiguous()
 
     def keep(self, positions: torch.Tensor) -> None:
@@ -65,9 +72,16 @@ class TreeCache(DynamicCache):
             layer.values = layer.values.index_select(-2, idx)
 
 
+def _rows(t: torch.Tensor | None) -> int:
+    return t.shape[-2] if t is not None and t.dim() >= 2 else 0
+
+
 def new_cache(model) -> TreeCache:
     """The target's cache (and a drafter's, off the lean static path: `DraftRunner.new_cache`)."""
-    return TreeCache()
+    cache = TreeCache()
+    if model is not None:
+        cache.n_layers = int(getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", 0) or 0)
+    return cache
 
 
 def cache_len(cache: KVCache | None) -> int:

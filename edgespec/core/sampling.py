@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from edgespec.base import reach
+from edgespec.base import checks, reach
 from edgespec.base.errors import InvalidArgumentError
 from edgespec.core.grammar import mask_logits
 
@@ -60,17 +60,13 @@ class SamplingConfig:
 
 
 def check_sampling(temperature, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0) -> None:
-    """Raise InvalidArgumentError naming the first setting out of range."""
-    if not (temperature >= 0.0) or temperature != temperature:
-        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not (0.0 < top_p <= 1.0):
-        raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p}")
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
-        raise InvalidArgumentError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not (0.0 <= min_p < 1.0):
-        raise InvalidArgumentError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
-    if not (repetition_penalty > 0.0) or repetition_penalty != repetition_penalty:
-        raise InvalidArgumentError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    """Raise InvalidArgumentError naming the first setting out of range or of the wrong kind (a string,
+    a bool, inf or nan; edgespec/base/checks.py)."""
+    checks.number("temperature", temperature, 0.0, fix=" (0 = greedy)")
+    checks.number("top_p", top_p, 0.0, 1.0, lo_open=True)
+    checks.integer("top_k", top_k, lo=0, fix=" (0 = off)")
+    checks.number("min_p", min_p, 0.0, 1.0, hi_open=True, fix=" (0 = off)")
+    checks.number("repetition_penalty", repetition_penalty, 0.0, lo_open=True, fix=" (1 = off)")
 
 
 # ollama's defaults, for models that say nothing about how to sample them (a GGUF carries no

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from edgespec.base.errors import NonFiniteLogitsError
 from edgespec.core.attention import slides
 from edgespec.core.grammar import GrammarState, allowed_rows
 from edgespec.base.stats import Plan
@@ -189,6 +190,8 @@ class TreeSearch:
         top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents),
                                                       self._allowed_at(parents))
         top_lp = top_lp.cpu()
+        if bool(top_lp.isnan().any()):  # a NaN or infinite logit makes its whole row NaN: checked once a forward
+            raise NonFiniteLogitsError("drafter", int(positions[0]))
         k = top_tok.shape[1]
         n = parents.numel() * k
         rank = torch.arange(k).expand(parents.numel(), k)

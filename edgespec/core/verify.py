@@ -19,6 +19,7 @@ from edgespec.core.forward import hidden_states, logits_from_hidden, stem_and_tr
 from edgespec.core.grammar import GrammarState
 from edgespec.core.logprobs import TokenLogprob, token_logprob
 from edgespec.core.tree import Tree
+from edgespec.base.errors import NonFiniteLogitsError
 
 
 @dataclass
@@ -74,6 +75,8 @@ def walk(tree: Tree, logits_at, sampler, root_pos: int, history=None, grammar: G
     lps = [] if logprobs is not None else None
     while True:
         logits = logits_at(node)
+        if node == 0 and not bool(torch.isfinite(logits).all()):  # once a pass: a corrupt file, an fp16 overflow
+            raise NonFiniteLogitsError("target", root_pos)
         if seen is None and history is not None:
             seen = sampler.seen(history, logits.shape[-1])
         warped = sampler.warp(logits if sampler.greedy else logits.cpu(), seen,

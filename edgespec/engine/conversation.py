@@ -1,6 +1,7 @@
 """One conversation's state: the committed tokens, both models' KV caches, and the drafted subtree.
 
-The caches never hold more than len(ids) - 1 entries: the last committed token is always pending (the
+The target's cache never holds more than len(ids) - 1 entries (nor the drafter's, but for the entries
+of a kept drafted subtree): the last committed token is always pending (the
 next tree's root), and a step feeds the pending tokens ("stem") and the tree in one forward per model,
 so a prompt's prefill rides along with the first verification pass and a new prompt that extends the
 conversation (a chat turn) only pays for its new tokens. `search` is the subtree drafted under the
@@ -8,7 +9,11 @@ last token, which the next step may grow instead of starting afresh.
 
 The conversation owns every change to that state: `commit` takes a step's outcome (both caches pruned
 to the accepted path, the ids extended, the re-rooted search kept) all at once; `sync`, `keep`, `trim`
-and `rollback` move it back to a prefix of itself.
+and `rollback` move it back to a prefix of itself. A step cut short at any instant (an exception, or
+Ctrl-C inside a forward, a pruning or a trim) may leave the caches' layers at different lengths or
+past the committed tokens; `check` (run before every step and by every trim) crops them back to a
+consistent prefix, which the next step's pending tokens complete: the state is then the one before
+the step, or after it, never between.
 """
 from __future__ import annotations
 
@@ -52,8 +57,8 @@ class Conversation:
             if a != b:
                 break
             common += 1
+        self.trim(min(common, len(ids) - 1))  # first: cut short, the caches still hold a prefix of self.ids
         self.ids = list(ids)
-        self.trim(min(common, len(ids) - 1))
 
     def keep(self, n: int) -> None:
         """Keep the first `n` committed tokens (and what the caches hold of them)."""
@@ -61,17 +66,38 @@ class Conversation:
         self.trim(max(n - 1, 0))
 
     def trim(self, length: int) -> None:
-        """Drop cache entries from `length` on, and the drafted subtree."""
+        """Drop cache entries from `length` on (every layer of both caches ends at the same length, at
+        most `length`: layers a cut-short forward left shorter pull the others down to them), and the
+        drafted subtree."""
         self.search = None
         for cache in (self.tcache, self.dcache):
-            if cache.get_seq_length() > length:
-                cache.crop_to(length)
+            _even_out(cache, length)
 
     def rollback(self, before: tuple[int, int]) -> None:
         """Back to the cache lengths `before` a step that failed half-way (nothing was committed)."""
         self.search = None
-        self.tcache.crop_to(before[0])
-        self.dcache.crop_to(min(before[1], len(self.ids) - 1))
+        _even_out(self.tcache, before[0])
+        _even_out(self.dcache, min(before[1], len(self.ids) - 1))
+
+    def check(self) -> bool:
+        """Make the invariant hold again if a step, a pruning or a trim was cut short (an exception or
+        Ctrl-C at any instant): every layer of both caches the same length, the target's at most
+        len(ids) - 1, the drafter's too unless a kept search holds its entries past that (its root at
+        len(ids) - 1, the cache ending at its last fed node). Entries before len(ids) - 1 are never
+        rewritten in place, so cropping every layer to the shortest (at most len(ids) - 1) leaves a
+        prefix the next step's pending tokens complete. True when it had to repair anything."""
+        limit = max(len(self.ids) - 1, 0)
+        repaired = _even_out(self.tcache, limit)
+        if self.search is not None and not self._search_fits(limit):
+            self.search = None
+        if self.search is None:
+            repaired = _even_out(self.dcache, limit) or repaired
+        return repaired
+
+    def _search_fits(self, limit: int) -> bool:
+        lengths = self.dcache.layer_lengths()
+        fed = int(self.search.fed.max()) + 1
+        return self.search.root_pos == limit and all(n == fed for n in lengths)
 
     def lengths(self) -> tuple[int, int]:
         return self.tcache.get_seq_length(), self.dcache.get_seq_length()
@@ -80,3 +106,12 @@ class Conversation:
     def pending(self) -> int:
         """Committed tokens the target has not seen yet (the next pass's stem)."""
         return len(self.ids) - self.tcache.get_seq_length()
+
+
+def _even_out(cache: KVCache, length: int) -> bool:
+    """Crop every layer of `cache` to the shortest layer's length, or `length` if less; True when
+    anything was cropped."""
+    lengths = cache.layer_lengths()
+    end = min([max(length, 0), *lengths])
+    cache.crop_to(end)  # (also a layer whose keys outran its values: it counts the shorter)
+    return bool(lengths) and max(lengths) > end

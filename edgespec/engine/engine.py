@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 
+from edgespec.base import checks
 from edgespec.base.clock import Clock, WallClock
 from edgespec.base.config import DraftConfig, LoadConfig, split_fields
 from edgespec.base.device import model_device, side_stream
-from edgespec.base.errors import EdgespecError, GrammarError, InvalidArgumentError
+from edgespec.base.errors import EdgespecError, GrammarError
 from edgespec.core import attention
 from edgespec.core.draft_runner import DraftRunner
 from edgespec.core.grammar import Constraint, Grammar, as_grammar, token_table
@@ -66,6 +67,8 @@ class Engine:
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
+        # a prompt's ids must index both models' embeddings
+        self.prompt_vocab = min(m.get_input_embeddings().num_embeddings for m in (target, drafter))
         for model in {id(target): target, id(drafter): drafter}.values():
             attention.prepare(model)  # refuse what a tree mask can't express; SDPA or eager attention
         self.target, self.drafter, self.tokenizer = target.eval(), drafter, tokenizer
@@ -164,16 +167,16 @@ class Engine:
         How the target samples is one value: `sampling`, a SamplingConfig or a mapping of its fields
         (temperature, top_p, top_k, min_p, repetition_penalty), and/or those fields by name as keywords;
         a setting left out or None takes the engine's default (`engine.sampling`); temperature 0 is
-        greedy. `seed`: the same seed gives the same answer. `stop`: a string or strings that end it.
-        `grammar`: a constraint the answer follows (a core.grammar.Grammar, a JSON schema dict or a
-        pydantic model class); `logprobs`: 0-20, each new token's log-probability with that many top
-        alternatives (`Generation.logprobs`)."""
+        greedy. `max_new_tokens`: an integer >= 1 (None: 256). `seed`: the same seed gives the same answer.
+        `stop`: a string (the whole string) or a list of strings that end it. Bad arguments are refused
+        with an InvalidArgumentError naming them (edgespec/base/checks.py). `grammar`: a constraint the
+        answer follows (a core.grammar.Grammar, a JSON schema dict or a pydantic model class); `logprobs`:
+        0-20, each new token's log-probability with that many top alternatives (`Generation.logprobs`)."""
+        max_new_tokens, stop = checks.max_new_tokens(max_new_tokens, default=256), checks.stop_strings(stop)
         config = self.sampling_for(sampling, **settings)
-        sampler = Sampler.of(config, seed, draft_temperature=self.config.draft_temperature)
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= MAX_TOP):
-            raise InvalidArgumentError(f"logprobs must be an integer from 0 to {MAX_TOP} (the top alternatives "
-                                       f"each token comes with), got {logprobs!r}")
+        sampler = Sampler.of(config, checks.seed(seed), draft_temperature=self.config.draft_temperature)
+        if logprobs is not None:
+            logprobs = checks.integer("logprobs", logprobs, 0, MAX_TOP, " (the top alternatives each token comes with)")
         run = Run(self.stepper, self.scheduler, self.conversation, self.encode(prompt), max_new_tokens, sampler,
                   tokenizer=self.tokenizer, eos_ids=self.eos_ids, max_context=self.max_context, stop=stop,
                   calibration=self.score_calibration(sampler), constraint=self.constraint(grammar),
@@ -212,8 +215,9 @@ class Engine:
         return self.calibrations.for_sampler(sampler)
 
     def encode(self, prompt) -> list[int]:
-        """str → token ids (no template); list of {role, content} → chat template; ids pass through."""
-        return encode(self.tokenizer, prompt, self.max_context)
+        """str → token ids (no template); list of {role, content} → chat template; ids (in the vocabulary)
+        pass through; anything else is an InvalidPromptError naming the problem."""
+        return encode(self.tokenizer, prompt, self.max_context, self.prompt_vocab)
 
     def reset(self) -> None:
         """Forget the cached conversation (the caches' buffers, and the graphs replayed over them, stay)."""

@@ -24,6 +24,7 @@ class Overlap:
         """Run `verify()` in a worker thread while growing `search`; returns (its verdict, seconds spent
         drafting meanwhile). The worker's exception is raised here."""
         box: dict = {}
+        ended = threading.Event()  # not join/is_alive: a Ctrl-C inside join makes is_alive() lie (Python < 3.13)
 
         def work():
             try:
@@ -32,14 +33,18 @@ class Overlap:
                     box["done"] = time.perf_counter()
             except BaseException as err:  # re-raised in the caller's thread
                 box["error"] = err
+            finally:
+                ended.set()
 
         worker = threading.Thread(target=work, name="edgespec-verify", daemon=True)
         start = time.perf_counter()
         worker.start()
-        self._draft(search, Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch),
-                    worker, start + self.pass_estimate)
+        try:
+            self._draft(search, Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch),
+                        ended, start + self.pass_estimate)
+        finally:  # even on Ctrl-C: the pass writes the target's cache until it ends, so wait for it
+            _wait(ended)
         drafted = time.perf_counter() - start
-        worker.join()
         if "error" in box:
             raise box["error"]
         took = box["done"] - start
@@ -64,14 +69,26 @@ class Overlap:
         wait_stream(self.stream)
         return verdict, spent
 
-    def _draft(self, search, wider: Plan, worker: threading.Thread, deadline: float) -> None:
+    def _draft(self, search, wider: Plan, ended: threading.Event, deadline: float) -> None:
         with on_stream(self.stream):
-            while worker.is_alive() and time.perf_counter() + self.round_estimate < deadline:
+            while not ended.is_set() and time.perf_counter() + self.round_estimate < deadline:
                 t = time.perf_counter()
                 if search.grow(wider, rounds=1):
                     break
                 self.round_estimate = 0.7 * self.round_estimate + 0.3 * (time.perf_counter() - t)
         wait_stream(self.stream)
+
+
+def _wait(ended: threading.Event) -> None:
+    """Wait for the pass to end, through any Ctrl-C meanwhile (raised once it has)."""
+    interrupted = None
+    while not ended.is_set():
+        try:
+            ended.wait(0.05)
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
 
 
 def wanted(offload) -> bool:

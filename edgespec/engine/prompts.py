@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from edgespec.base.errors import ContextLengthError, InvalidArgumentError
+from edgespec.base import checks
+from edgespec.base.errors import ContextLengthError, InvalidArgumentError, InvalidPromptError
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -41,8 +42,9 @@ def load_prompts(n: int, path: str | None = None) -> tuple[list[str], str]:
     """The first turns of the first `n` questions, and where they came from (built-in prompts when
     the file is missing, saying so)."""
     file = Path(path) if path else default_questions()
-    if not file.is_file():
-        print(f"edgespec: {file} not found: using {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
+    if not file.is_file():  # (the default file lives beside a development checkout: not named to users)
+        said = f"{file} not found: using" if path else "using"
+        print(f"edgespec: {said} {min(n, len(BUILTIN_PROMPTS))} built-in prompts", file=sys.stderr)
         return BUILTIN_PROMPTS[:n], "built-in prompts"
     return read_questions(file, n), _shown(file)
 
@@ -55,21 +57,22 @@ def _shown(file: Path) -> str:
         return str(file)
 
 
-def encode(tokenizer, prompt, max_context: int) -> list[int]:
+def encode(tokenizer, prompt, max_context: int, vocab: int | None = None) -> list[int]:
     """A prompt as token ids: a str is tokenized as is, a list of {role, content} messages through the
-    tokenizer's chat template, ids (a list or tensor) pass through. Refuses an empty prompt, and one the
-    context window cannot hold with room to answer."""
-    if isinstance(prompt, torch.Tensor):
-        ids = prompt.reshape(-1).tolist()
-    elif isinstance(prompt, str):
-        ids = _needs(tokenizer).encode(prompt) if prompt else []
-    elif prompt and isinstance(prompt[0], dict):
-        ids = _needs(tokenizer).apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    tokenizer's chat template, ids (a list or tensor of ints in [0, vocab)) pass through; anything else is
+    an InvalidPromptError naming what is wrong (edgespec/base/checks.py). Refuses an empty prompt, and
+    one the context window cannot hold with room to answer."""
+    kind = checks.prompt_kind(prompt)
+    if kind == "text":
+        ids = _needs(tokenizer).encode(checks.text(prompt, "prompt")) if prompt else []
+    elif kind == "messages":
+        ids = _needs(tokenizer).apply_chat_template(checks.messages(prompt), add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
     else:
-        ids = [int(t) for t in prompt]
+        flat = prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else prompt
+        ids = checks.token_ids(flat, vocab)
     if not ids:
-        raise InvalidArgumentError("The prompt is empty: give at least one token of text.")
+        raise InvalidPromptError("The prompt is empty: give at least one token of text.", "prompt")
     if len(ids) >= max_context:
         raise ContextLengthError(f"The prompt has {len(ids)} tokens but the context window is {max_context}: "
                                  "shorten the prompt (or, in chat, /reset the conversation).")

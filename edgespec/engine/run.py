@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edgespec.base.clock import WallClock
 from edgespec.base.errors import InvalidArgumentError
@@ -61,6 +61,7 @@ class Run:
         start = time.perf_counter()
         try:
             yield from self._loop()
+            self.text = whole_text(self.text)
             if self._sent < len(self.text):  # held back as a possible stop string's start: it was not one
                 yield self.text[self._sent:]
                 self._sent = len(self.text)
@@ -74,6 +75,7 @@ class Run:
         self.conv.keep(len(self.prompt_ids) + len(self.new))
         self.stats.wall_time = self.clock.run_time(seconds, self.stats.steps)
         self.stats.new_tokens = len(self.new)
+        self.text = whole_text(self.text)
         calib = self.calibration
         self.stats.hit_rates = calib.state() if calib is not None and calib.trees else None
         self.result = Generation(self.text, list(self.new), self.stats, self.logprobs)
@@ -89,6 +91,7 @@ class Run:
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return
+            self._record(done[1])  # the step's stats whole: its rest is timed after the run took the step
             piece, finished = done[2]
             if piece:
                 yield piece
@@ -98,7 +101,6 @@ class Run:
     def _take(self, verdict, step) -> tuple[str, bool]:
         """A step's outcome into the run: its tokens, text and stop strings; (the text piece to yield,
         whether the run ends here). The stepper times it as the step's "text" part."""
-        self.stats.steps.append(step)
         self.grammar = verdict.grammar
         ended = self._commit(verdict.tokens, verdict.logprobs)
         stopped = self._decode()
@@ -136,6 +138,8 @@ class Run:
     def _piece(self, final: bool) -> str:
         """The text not yet yielded, less what may still turn out to be a stop string's start (unless
         the run ends here) and a trailing incomplete multi-byte character."""
+        if final:
+            self.text = whole_text(self.text)
         end = len(self.text)
         if not final:
             end -= _stop_prefix(self.text, self.stop)
@@ -145,6 +149,22 @@ class Run:
         self._sent = max(self._sent, end)
         return piece
 
+    def _record(self, step) -> None:
+        """The step's stats with `accepted` = the tokens this answer kept of it (not those past an end of
+        sequence, the tokens asked for or a stop string, which may also cut earlier steps' tokens): the
+        steps' `accepted` add up to the new tokens. The first step, which takes the prompt's uncached
+        tokens into both caches, is the prefill."""
+        steps = self.stats.steps
+        kept = len(self.new) - sum(s.accepted for s in steps)
+        for i in range(len(steps) - 1, -1, -1):  # a stop string cut into tokens earlier steps kept
+            if kept >= 0:
+                break
+            cut = min(steps[i].accepted, -kept)
+            steps[i], kept = replace(steps[i], accepted=steps[i].accepted - cut), kept + cut
+        steps.append(replace(step, accepted=max(kept, 0)))  # (the scheduler observed the step as verified)
+        if len(steps) == 1:
+            self.stats.prefill_time = step.step_time
+
     def _drop_after_stop(self) -> None:
         """Keep the fewest tokens whose text reaches past `text` (the one completing the stop string)."""
         for n in range(1, len(self.new) + 1):
@@ -153,6 +173,12 @@ class Run:
                 if self.logprobs is not None:
                     del self.logprobs[n:]
                 return
+
+
+def whole_text(text: str) -> str:
+    """The text without a trailing U+FFFD: the replacement for a multi-byte character whose last bytes
+    the answer ended before (held back while streaming, dropped when the answer ends)."""
+    return text.rstrip("\ufffd")
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:

@@ -94,6 +94,7 @@ class Stepper:
         retries = 0
         parts = Parts() if parts is None else parts
         while True:
+            conv.check()  # a step cut short earlier (Ctrl-C, an error) may have left the caches uneven
             before = conv.lengths()
             try:
                 verdict, stats = self._step(conv, plan, sampler, calibration, grammar, logprobs, parts)

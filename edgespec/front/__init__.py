@@ -1,4 +1,4 @@
-"""The front ends: what users run. `cli` (the `edgespec` command), `chat` (the terminal chat), `bench`
+"""The front ends: what users run. `cli` (the `edgespec` command; `arguments`: its options checked before loading), `chat` (the terminal chat), `bench`
 (MT-Bench side by side), `profile` (memory and latency profile), `server` (the OpenAI-compatible HTTP
 server). They read an engine only through `engine.FrontEnd`'s typed surface.
 

@@ -26,7 +26,7 @@ from edgespec.engine.prompts import chat_messages, load_prompts
 from edgespec.base.stats import REST_PARTS, Totals
 from edgespec.core.sampling import SamplingConfig
 from edgespec.engine.face import FrontEnd
-from edgespec.front import replay
+from edgespec.front import arguments, replay
 from edgespec.front.bench_report import TIE_ULPS, machine, markdown_table, report, rest_share
 
 METHODS = ("edgespec", "plain", "hf-assisted")
@@ -184,7 +184,7 @@ def main(args, load) -> int:
     sampling = None
     if getattr(args, "temperature", None):  # bench decodes greedily unless --temperature is given
         sampling = {"temperature": args.temperature, "top_p": args.top_p or 1.0, "seed": args.seed or 0}
-    result = run_bench(engine, prompts, args.max_new_tokens or 64, args.system, sampling=sampling)
+    result = run_bench(engine, prompts, arguments.max_new_tokens(args), args.system, sampling=sampling)
     result["source"] = source
     result["clock"] = engine.clock.describe()
     replay.write_costs(args, result.pop("steps"), f"edgespec bench on {machine()}")

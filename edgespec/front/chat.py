@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgespec.base import checks
 from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.base.stats import Totals
 from edgespec.core.sampling import SamplingConfig
@@ -51,7 +52,10 @@ class ChatSession:
             return True
         if line.startswith("/"):
             return self.command(line)
-        self.ask(line)
+        try:
+            self.ask(line)
+        except KeyboardInterrupt:  # a second Ctrl-C while the turn was being wound up: the turn is kept
+            self.out.write("\n")
         return True
 
     def command(self, line: str) -> bool:
@@ -72,30 +76,46 @@ class ChatSession:
 
     # ---- a turn ------------------------------------------------------------------------------
     def ask(self, text: str) -> str | None:
-        """Stream an answer to `text`. Ctrl-C keeps the partial answer; an error drops the turn."""
+        """Stream an answer to `text`. Ctrl-C (at any instant of the turn) keeps the partial answer; an
+        error drops the turn (an unexpected one is named, and the chat goes on)."""
         self.messages.append({"role": "user", "content": text})
-        self.out.write(self.prefix)
-        self.out.flush()
         pieces: list[str] = []
+        box: dict = {}
         try:
-            run = self.engine.run(self.messages, self.max_new_tokens, seed=self.seed, sampling=self.sampling)
-            self._stream(run, pieces)
-        except EdgespecError as e:
-            self.messages.pop()
+            self._turn(pieces, box)
+        except KeyboardInterrupt:
+            box["interrupted"] = True
+        except Exception as e:  # noqa: BLE001 — the engine keeps its conversation consistent whatever fails
+            box["error"] = e
+        finally:  # the history stays user/assistant pairs whatever happened (and wherever a Ctrl-C fell)
+            if "error" in box:
+                self.messages.pop()
+            else:
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        if "error" in box:
+            e = box["error"]
             self.out.write("\n")
-            self.error(str(e))
+            self.error(str(e) if isinstance(e, EdgespecError) else f"internal error: {type(e).__name__}: {e}")
             return None
-        answer = "".join(pieces)
-        self.out.write("\n")
+        self.out.write(" [interrupted]\n" if "interrupted" in box else "\n")
         self.out.flush()
-        self.messages.append({"role": "assistant", "content": answer})
-        stats = run.result.stats if run.result is not None else None
+        self._after(box.get("run"))
+        return "".join(pieces)
+
+    def _after(self, run) -> None:
+        """Record the answer's stats and say what the user should know about it."""
+        stats = run.result.stats if run is not None and run.result is not None else None
         self._record(stats)
         self._say_no_tree()
         if stats is not None and stats.stop_reason == "context":  # say why the answer ends early
             self.err.write(f"edgespec: the answer stopped at the context window ({self.engine.max_context} tokens): "
                            "/reset starts a new conversation\n")
-        return answer
+
+    def _turn(self, pieces: list[str], box: dict) -> None:
+        self.out.write(self.prefix)
+        self.out.flush()
+        box["run"] = run = self.engine.run(self.messages, self.max_new_tokens, seed=self.seed, sampling=self.sampling)
+        self._stream(run, pieces)
 
     def _say_no_tree(self) -> None:
         reason = self.engine.scheduler.no_tree_reason()
@@ -111,9 +131,8 @@ class ChatSession:
                 pieces.append(piece)
                 self.out.write(piece)
                 self.out.flush()
-        except KeyboardInterrupt:
-            it.close()  # ends the run: the engine keeps the tokens accepted so far
-            self.out.write(" [interrupted]")
+        finally:
+            it.close()  # ends the run (Ctrl-C, an error): the engine keeps the tokens accepted so far
 
     def _record(self, stats) -> None:
         if stats is None:
@@ -184,7 +203,10 @@ def read_transcript(path: str) -> list[dict]:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in data)
     if not ok:
         raise EdgespecError(f"{path} is not a transcript: expected a JSON list of {{\"role\", \"content\"}} messages")
-    return [{"role": m["role"], "content": m["content"]} for m in data]
+    try:  # roles a chat template reads, text it can encode (what a turn would refuse later)
+        return [{"role": m["role"], "content": m["content"]} for m in checks.messages(data, path)]
+    except InvalidArgumentError as e:
+        raise EdgespecError(f"{path} is not a transcript: {e}") from None
 
 
 def offload_line(handle) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import os
 import sys
 
@@ -20,7 +19,7 @@ from edgespec.base.errors import EdgespecError
 from edgespec.core.sampling import SAMPLING_FIELDS
 from edgespec.engine.face import FrontEnd
 from edgespec.engine.prompts import chat_messages
-from edgespec.front import replay
+from edgespec.front import arguments, replay
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--prefix", type=int, default=128, help="KV-cache tokens before each timed tree")
     replay.add_options(prof)
     bench = sub.add_parser("bench", parents=[common], help="MT-Bench: edgespec vs plain vs HF assisted")
-    bench.add_argument("--questions", default=None, help="MT-Bench questions .jsonl (default: ../shared/data)")
+    bench.add_argument("--questions", default=None, help="MT-Bench questions .jsonl (default: 5 built-in prompts)")
     bench.add_argument("--n-prompts", type=int, default=5)
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", default=None, help="also write the markdown table (with a header) here")
@@ -193,17 +192,18 @@ def cmd_chat(args) -> int:
     prefix = "" if sys.stdin.isatty() else "assistant: "
     sampling = sampling_args(args)
     print(f"edgespec: {engine.sampling_for(sampling).describe()}; --temperature 0 for greedy", file=sys.stderr)
-    session = ChatSession(engine, system=args.system, max_new_tokens=args.max_new_tokens or 512,
+    session = ChatSession(engine, system=args.system, max_new_tokens=arguments.max_new_tokens(args),
                           sampling=sampling, seed=args.seed, prefix=prefix)
     return repl(session)
 
 
 def cmd_generate(args) -> int:
     text = read_prompt(args.prompt)
+    grammar = arguments.grammar_file(args)
     engine = make_engine(args)
     prompt = text if args.raw else chat_messages(text, args.system)
-    kw = {"max_new_tokens": args.max_new_tokens or 256, "seed": args.seed, "sampling": sampling_args(args)}
-    if (grammar := grammar_arg(args)) is not None:
+    kw = {"max_new_tokens": arguments.max_new_tokens(args), "seed": args.seed, "sampling": sampling_args(args)}
+    if grammar is not None:
         kw["grammar"] = grammar
     if args.json:
         out = engine.generate(prompt, **kw)
@@ -220,20 +220,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def grammar_arg(args):
-    """--json-schema FILE / --grammar FILE as a core.grammar.Grammar (None: neither given)."""
-    from edgespec.core.grammar import Grammar
-
-    if args.json_schema and args.grammar:
-        raise EdgespecError("give --json-schema or --grammar, not both")
-    path = args.json_schema or args.grammar
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgespecError(f"cannot read {path}: {e}") from None
-    return Grammar.json_schema(text) if args.json_schema else Grammar.lark(text)
 
 
 def read_prompt(arg: str | None) -> str:
@@ -303,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        arguments.check_args(args)  # before any model loads
         return COMMANDS[args.command](args)
     except EdgespecError as e:
         print(f"edgespec: error: {e}", file=sys.stderr)

@@ -151,7 +151,8 @@ def bandwidth(device: torch.device) -> dict:
 def settings(args, device: torch.device) -> tuple[list[int], list[int], int, int]:
     sizes, budgets, n, max_new = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     return (int_list(args.sizes or sizes, "sizes"), int_list(args.budgets or budgets, "budgets"),
-            args.prompts if args.prompts is not None else n, args.max_new_tokens or max_new)
+            args.prompts if args.prompts is not None else n,
+            max_new if args.max_new_tokens is None else args.max_new_tokens)
 
 
 def profile(engine: FrontEnd, args, before_load: int, load_s: float) -> dict:

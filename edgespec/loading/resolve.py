@@ -5,6 +5,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -77,4 +78,54 @@ def resolve(spec: str | None) -> tuple[str, str | None]:
         return str(path), None
     if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
         raise ModelNotFoundError(f"Model path not found: {spec}. Check the path, or give a hub id like org/name.")
-    return spec, None
+    return hub_model(spec), None
+
+
+def hub_model(repo_id: str) -> str:
+    """A hub id as transformers should load it: the id itself when the hub can be reached, else the
+    model's snapshot in the Hugging Face cache. Offline (HF_HUB_OFFLINE set, or the hub unreachable in
+    one quick attempt) with nothing cached is a ModelNotFoundError at once, not a minute of retries."""
+    if _offline():
+        why = "HF_HUB_OFFLINE is set"
+    elif (why := _unreachable()) is None:
+        return repo_id
+    if (folder := _cached(repo_id)) is not None:
+        return folder
+    raise ModelNotFoundError(
+        f"Model {repo_id!r} is not in the Hugging Face cache and the hub cannot be used ({why}): connect to the "
+        "network (and unset HF_HUB_OFFLINE) to download it once, or give a local folder or a .gguf file.")
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _cached(repo_id: str) -> str | None:
+    """The folder of the cached snapshot holding the model's config.json (None: not cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return str(Path(path).parent) if isinstance(path, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub's host cannot be reached in one attempt (None: it can, or a proxy decides), once per process."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None

@@ -48,6 +48,8 @@ class OffloadHandle:
         self._issued = 0  # uses submitted so far
         self._tickets: dict[int, object] = {}
         self._running: tuple[int, object] | None = None  # (use, ticket) of the layer computing now
+        self._torn = False  # a hook is running, or was cut short (Ctrl-C, an error) if it still is
+        self._stale = False  # the ring's bookkeeping may be torn: restart it at the next streamed layer
         self._trace: PassTrace | None = None
         self._layer: LayerTrace | None = None
         self._pending: list[PassTrace] = []
@@ -143,7 +145,8 @@ class OffloadHandle:
 
     def _acquire(self, pos: int):
         """Wait for streamed layer `pos`'s copy and bind it to its slot; returns its ticket."""
-        if self._running is not None or self._next % len(self.packs) != pos:
+        if self._stale or self._running is not None or self._next % len(self.packs) != pos \
+                or self._next not in self._tickets:
             self._restart(pos)
         k = self._next
         ticket = self._tickets.pop(k)
@@ -168,6 +171,7 @@ class OffloadHandle:
         self._next = self._issued + (pos - self._issued) % n
         self._issued = self._next
         self._issue_until(self._next + len(self.slots))
+        self._stale = False
 
     def _stop(self) -> None:
         """Let every copy in flight finish and unbind every streamed layer."""
@@ -209,6 +213,7 @@ class OffloadHandle:
     # ---- hooks ------------------------------------------------------------------------------
     def _pre_hook(self, index: int):
         def hook(module, args):
+            self._enter()
             if index == 0:
                 self._resolve()
                 self._trace = PassTrace(self.transport.mark())
@@ -217,11 +222,13 @@ class OffloadHandle:
             ticket = self._acquire(pos) if pos is not None else None
             self._layer = LayerTrace(start, self.transport.mark() if ticket is not None else start,
                                      ticket=ticket)
+            self._torn = False
 
         return hook
 
     def _post_hook(self, index: int):
         def hook(module, args, output):
+            self._enter()
             end = self.transport.mark()
             pos = self._slot_of.get(index)
             if pos is not None:
@@ -234,8 +241,14 @@ class OffloadHandle:
                     self._pending.append(self._trace)
                     self._trace = None
             self._layer = None
+            self._torn = False
 
         return hook
+
+    def _enter(self) -> None:
+        """A hook starts: if the last one never ended, the ring restarts at the next streamed layer."""
+        self._stale = self._stale or self._torn
+        self._torn = True
 
     # ---- undo -------------------------------------------------------------------------------
     def remove(self, device: str | torch.device = "cpu") -> nn.Module:

@@ -26,12 +26,13 @@ from fastapi.exceptions import StarletteHTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 
+from edgespec.base import checks
 from edgespec.base.errors import EdgespecError, InvalidArgumentError
 from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
-from edgespec.front.server.protocol import (
-    SAMPLER_FIELDS, Answer, ApiError, ChatRequest, CompletionRequest, check, parse_body,
-)
+from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError, ChatRequest, CompletionRequest, check
+from edgespec.front.server.answer import Answer
+from edgespec.front.server import body
 from edgespec.front.server.structured import Structure, plan, render
 from edgespec.front.server.worker import Job, Worker
 
@@ -48,6 +49,10 @@ class ServerConfig:
     system: str | None = None  # system message for conversations that bring none
 
     def __post_init__(self):
+        if self.max_tokens is not None:
+            checks.integer("max_tokens", self.max_tokens, lo=1, fix=" (None: up to the context window)")
+        checks.integer("max_body_bytes", self.max_body_bytes, lo=1024)
+        checks.integer("max_queue", self.max_queue, lo=1)
         if unknown := sorted(set(self.defaults) - set(SAMPLER_FIELDS)):
             raise InvalidArgumentError(f"server default {unknown[0]!r} is not a sampling setting: the settings are "
                                        f"{list(SAMPLER_FIELDS)}")
@@ -73,7 +78,7 @@ def create_app(engine: FrontEnd, config: ServerConfig | None = None) -> FastAPI:
     _status_routes(app, engine, worker, metrics, config, auth)
 
     def checked(raw: bytes, chat: bool):
-        req = check(ChatRequest if chat else CompletionRequest, parse_body(raw))
+        req = check(ChatRequest if chat else CompletionRequest, body.parse_body(raw))
         if req.model not in (None, config.model_id):
             raise ApiError(404, f"model {req.model!r} is not served here: this server serves {config.model_id!r} "
                                 "(GET /v1/models lists it)", "model", "model_not_found")
@@ -81,7 +86,7 @@ def create_app(engine: FrontEnd, config: ServerConfig | None = None) -> FastAPI:
 
     async def answer(request: Request, chat: bool):
         try:
-            req = checked(await _body(request, config), chat)
+            req = checked(await body.read(request, config.max_body_bytes), chat)
             shape = plan(req, engine.tokenizer) if chat else Structure()
             prompt = req.prompt(config.system) if chat else req.prompt
             if shape.tools is not None:
@@ -214,21 +219,6 @@ def _sse(obj: dict) -> bytes:
     return format_sse_event(data_str=json.dumps(obj, ensure_ascii=False))
 
 
-async def _body(request: Request, config: ServerConfig) -> bytes:
-    limit = config.max_body_bytes
-    size = request.headers.get("content-length", "")
-    too_big = ApiError(413, f"the request body is over the server's limit of {limit} bytes: send a shorter "
-                            "prompt (or start the server with a larger --max-body-mb)", code="body_too_large")
-    if size.isdigit() and int(size) > limit:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
-
-
 # ---- errors and the key ----------------------------------------------------------------------------
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
@@ -291,6 +281,9 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to the address (port 0: any free port), or an EdgespecError naming it; it listens
     once served (while the models load, clients are refused rather than left waiting)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise EdgespecError(f"port must be an integer from 0 to 65535 (0: any free port), got {port!r}: choose "
+                            "another --port")
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]

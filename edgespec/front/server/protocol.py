@@ -1,4 +1,4 @@
-"""The OpenAI HTTP API as edgespec speaks it: request bodies checked into requests, answers built.
+"""The OpenAI HTTP API as edgespec speaks it: request bodies checked into requests (answers: answer.py).
 
 A request is plain JSON (never pickle) checked strictly: wrong types, out-of-range values, unknown
 fields and fields edgespec cannot honour (n > 1, tools, logprobs, images, ...) are each an
@@ -7,8 +7,6 @@ fields and fields edgespec cannot honour (n > 1, tools, logprobs, images, ...) a
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from edgespec.core.sampling import SAMPLING_FIELDS
@@ -17,9 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # request fields that become the generation's sampling settings (SamplingConfig's fields; only those a
 # request sets are passed, the rest are the server's defaults) and its seed
 SAMPLER_FIELDS = (*SAMPLING_FIELDS, "seed")
-# the engine's stop reasons as OpenAI finish reasons (the context window ending an answer is "length")
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop",
-          "tool_calls": "tool_calls"}
 MAX_STOP = 16
 
 
@@ -35,28 +30,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-# ---- parsing -------------------------------------------------------------------------------------
-def parse_body(raw: bytes) -> dict:
-    """Bytes → a JSON object, or an ApiError saying what is wrong with them."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {e.start}): "
-                            "send JSON encoded as UTF-8") from None
-    try:
-        obj = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"malformed JSON in the request body: {e.msg} at line {e.lineno} "
-                            f"column {e.colno}") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _no_constant(name: str):
-    raise ApiError(400, f"malformed JSON in the request body: {name} is not a JSON number")
-
-
+# ---- checking (edgespec/front/server/body.py parses the bytes) -----------------------------------
 def check(model_cls: type[BaseModel], body: dict) -> BaseModel:
     """Validate a request body; the first problem becomes a 400 naming the field."""
     try:
@@ -123,7 +97,7 @@ def _check_unsupported(model: BaseModel) -> None:
 
 
 # ---- requests --------------------------------------------------------------------------------------
-NonNeg = Annotated[float, Field(ge=0)]
+NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # (1e400 in JSON reads as inf)
 
 
 class StreamOptions(BaseModel):
@@ -142,12 +116,12 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: NonNeg | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     seed: int | None = None
     stop: Any = Field(None, validate_default=True)  # → list[str]
     top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     n: Any = None
     logprobs: Any = None
     logit_bias: Any = None
@@ -306,51 +280,3 @@ class CompletionRequest(_Request):
         if not v:
             raise _Invalid("the prompt is empty: give some text to continue")
         return v
-
-
-# ---- answers ---------------------------------------------------------------------------------------
-class Answer:
-    """Builds one request's answer objects (whole, or as stream chunks) with one id and time."""
-
-    def __init__(self, chat: bool, model: str, include_usage: bool = False):
-        self.chat, self.model, self.include_usage = chat, model, include_usage
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _head(self, stream: bool) -> dict:
-        obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def whole(self, text: str | None, stop_reason: str, prompt_tokens: int, completion_tokens: int,
-              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
-        finish = FINISH.get(stop_reason, "stop")
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
-                  else {"index": 0, "text": text})
-        if tool_calls:
-            choice["message"]["tool_calls"] = tool_calls
-        choice.update(logprobs=None if logprobs is None else {"content": logprobs}, finish_reason=finish)
-        return {**self._head(False), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
-
-    def chunk(self, text: str | None = None, stop_reason: str | None = None, role: bool = False,
-              tool_calls: list | None = None, logprobs: list | None = None) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            if tool_calls:  # each call whole in one delta, indexed as the openai client accumulates them
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
-            choice = {"index": 0, "delta": delta}
-        else:
-            choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None if logprobs is None else {"content": logprobs},
-                      finish_reason=FINISH.get(stop_reason, "stop") if stop_reason else None)
-        out = {**self._head(True), "choices": [choice]}
-        if self.include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self._head(True), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}

@@ -118,10 +118,10 @@ def chosen(tool_choice, names: list[str]) -> tuple[str, list[str]]:
     return "required", [name]
 
 
-def call_grammar(tools: list, allowed: list[str], required: bool, tag_token: int | None, many: bool = True) -> Grammar:
+def call_grammar(tools: list, allowed: list[str], required: bool, tags: dict, many: bool = True) -> Grammar:
     """The grammar of an answer that is tool calls (`required`) or either text or tool calls: each call
     `<tool_call>\\n{"name": <one of allowed>, "arguments": <its parameters' schema>}\\n</tool_call>`, one
-    or (`many`) several. `tag_token`: the id of <tool_call> when the tokenizer has it as one special token."""
+    or (`many`) several. `tags`: each tag's grammar literal (tag_literals)."""
     variants = []
     for tool in tools:
         fn = tool["function"]
@@ -131,11 +131,24 @@ def call_grammar(tools: list, allowed: list[str], required: bool, tag_token: int
                              "properties": {"name": {"const": fn["name"]}, "arguments": params}})
     schema = {"anyOf": variants} if len(variants) > 1 else dict(variants[0])
     schema["x-guidance"] = CALL_JSON
-    opener = f"<[{tag_token}]>" if tag_token is not None else json.dumps(OPEN)
-    calls = (f'calls: ({opener} "\\n" call "\\n" {json.dumps(CLOSE)} "\\n"?){"+" if many else ""}\n'
+    calls = (f'calls: ({tags[OPEN]} "\\n" call "\\n" {tags[CLOSE]} "\\n"?){"+" if many else ""}\n'
              f'call: %json {json.dumps(schema)}\n')
     start = "start: calls\n" if required else "start: calls | free\nfree: /[^<](?s:.*)/\n"
     return Grammar.lark(start + calls)
+
+
+def tag_literals(tokenizer) -> dict:
+    """<tool_call> and </tool_call> as grammar literals: `<[id]>` where the tokenizer has the tag as one
+    added token (special or not: the grammar engine's token table holds every added token as a special
+    token without bytes, so the tag spelled as text would refuse the very token the model writes), else
+    the tag as text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    out = {}
+    for tag in (OPEN, CLOSE):
+        tid = tokenizer.convert_tokens_to_ids(tag)
+        one = isinstance(tid, int) and str(added.get(tid, "")) == tag  # (an unknown token maps to <unk>)
+        out[tag] = f"<[{tid}]>" if one else json.dumps(tag)
+    return out
 
 
 def plan(req, tokenizer) -> Structure:
@@ -155,12 +168,8 @@ def plan(req, tokenizer) -> Structure:
     if out.grammar is not None:
         raise ApiError(400, "response_format and tools cannot be combined: a tool call has its own format",
                        "response_format")
-    tag = tokenizer.convert_tokens_to_ids(OPEN)
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(tag) if isinstance(tag, int) else None
-    special = added is not None and added.special and str(added) == OPEN  # (an unknown token maps to <unk>)
-    tag = tag if special else None  # else the tag is text to the grammar
     many = len(allowed) > 1 and req.parallel_tool_calls is not False  # a named function: one call
-    out.grammar = call_grammar(req.tools, allowed, mode == "required", tag, many)
+    out.grammar = call_grammar(req.tools, allowed, mode == "required", tag_literals(tokenizer), many)
     out.calls, out.param = True, "tools"
     return out
 

@@ -15,7 +15,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, OutOfMemoryError
+from edgespec.base.errors import ContextLengthError, EdgespecError, GrammarError, NonFiniteLogitsError, OutOfMemoryError
 from edgespec.engine.face import FrontEnd
 from edgespec.front.server.metrics import Metrics
 from edgespec.front.server.protocol import SAMPLER_FIELDS, ApiError
@@ -210,7 +210,11 @@ def api_error(err: EdgespecError, param: str | None = None) -> ApiError:
         return ApiError(400, str(err), param, "context_length_exceeded")
     if isinstance(err, OutOfMemoryError):
         return ApiError(503, str(err), None, "out_of_memory", kind="server_error")
-    msg = str(err)
-    named = next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
+    if isinstance(err, NonFiniteLogitsError):  # the model's fault, not the request's
+        return ApiError(500, str(err), None, "non_finite_logits", kind="server_error")
+    msg, arg = str(err), getattr(err, "argument", None)  # (InvalidArgumentError names it)
+    if arg == "prompt":
+        return ApiError(400, msg, param)
+    named = arg or next((f for f in SAMPLER_FIELDS if msg.startswith(f)), None)  # "top_p must be in (0, 1], got 2"
     return ApiError(400, msg, named or (param if "prompt" in msg.lower() else None))
 
