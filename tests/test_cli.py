@@ -13,7 +13,7 @@ import pytest
 
 from edgespec import Engine
 from edgespec.front import cli
-from edgespec.front.chat import ChatSession
+from edgespec.front.chat import ChatSession, repl
 from tests.conftest import chat_session, greedy_reference, tiny_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,35 @@ def test_repl_reads_a_pipe_until_eof():
     s, out, _ = chat_session(prefix="assistant: ")
     assert cli_repl(s, "hello world\n\n/stats\nthe cat\n") == 0
     assert out.getvalue().count("assistant: ") == 2 and len(s.messages) == 4
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def scripted(*events):
+    """A prompt reader that returns each line, or raises each exception class, in turn."""
+    it = iter(events)
+
+    def read():
+        e = next(it)
+        if isinstance(e, type):
+            raise e
+        return e
+    return read
+
+
+def test_ctrl_c_at_the_prompt_keeps_the_chat_and_twice_quits():
+    # a Ctrl-C meant to stop an answer that had just ended lands at the prompt: the chat goes on
+    s, out, err = chat_session()
+    read = scripted("hello world", KeyboardInterrupt, "the cat", KeyboardInterrupt, KeyboardInterrupt, "never read")
+    assert repl(s, Terminal(), read=read) == 0
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 2 and s.messages[2]["content"] == "the cat"
+    assert err.getvalue().count("Ctrl-C again") == 2
+    s2, _, _ = chat_session()
+    assert repl(s2, Terminal(), read=scripted(KeyboardInterrupt, "hi", KeyboardInterrupt, EOFError)) == 0
+    assert len(s2.messages) == 2  # a line between two Ctrl-Cs disarms the quit
 
 
 def cli_repl(s, text: str) -> int:

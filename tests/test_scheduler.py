@@ -156,6 +156,20 @@ def test_curve_tracks_a_slower_link_everywhere():
         assert c(n) == pytest.approx(1.5 + 1e-4 * n, rel=0.05)
 
 
+def test_a_drafting_surprise_stays_at_its_bucket():
+    """Drafting before the pass depends on the tree's depth and on what the last pass drafted, not on the
+    machine: steps that drafted at 64 nodes half what the calibration said (most of the tree carried over
+    from the last pass) move the 64 bucket (and those above it below, to keep the curve monotone) only, not
+    the cost of a 256-node tree; the pass curve, news about the link, still spreads; a round trip keeps it."""
+    draft = {k: 0.005 * (1 + k.bit_length()) for k in (1, 4, 16, 64, 256)}  # per level, as on a GPU
+    cost = CostModel().calibrate(lambda n: 0.3, (1, 256), lambda k: draft[k], tuple(draft))
+    for _ in range(3):
+        cost.observe(StepStats(64, 64, 7, 4, draft[64] / 2, 0.3, 65, []))
+    assert cost.draft_time(64) == pytest.approx(draft[64] / 2, rel=0.05)
+    assert cost.draft_time(256) == pytest.approx(draft[256]) and cost.draft_time(1) == pytest.approx(draft[1])
+    assert not CostModel.from_json(cost.to_json()).draft_curve.spread and CostModel().pass_curve.spread
+
+
 def test_cost_model_learns_from_steps_and_round_trips_json():
     cost = CostModel()
     assert not cost.ready
@@ -221,6 +235,21 @@ def test_acceptance_reads_the_tree_and_learns_the_drafters_bias():
 
 
 # ---- schedulers -----------------------------------------------------------------------------
+def test_acceptance_is_measured_per_tree_size_from_the_accepted_ranks():
+    """A tree's top-k nodes are what a budget of k would have drafted: the accepted nodes' ranks say what
+    every smaller tree would have accepted, so a drafter that over-rates its best 16 nodes (predicts 4
+    accepted, 2 are) and rates 256 right is corrected per size, not by one factor (which kept 16 at 5)."""
+    probs = [0.25] * 16 + [2 / 240] * 240  # the drafter: 4 draft tokens from the best 16, 6 from all 256
+    ranks = [0, 1, 100, 150, 200, 230]  # 6 accepted; of the best 16 only the first 2
+    model, one = AcceptanceModel(), AcceptanceModel()
+    for _ in range(80):
+        model.observe(StepStats(256, 256, 6, 7, 0.1, 0.3, 257, probs, path_ranks=ranks))
+        one.observe(StepStats(256, 256, 6, 7, 0.1, 0.3, 257, probs))
+    assert model.expected([16, 256]) == pytest.approx([3.0, 7.0], rel=0.05)
+    assert one.expected([16])[0] == pytest.approx(5.0, rel=0.05)  # one factor (1.0): small trees look good
+    assert model.expected([1024])[0] >= model.expected([256])[0]
+
+
 def test_make_scheduler_and_fixed_plans():
     assert isinstance(make_scheduler("auto"), AutoScheduler)
     assert isinstance(make_scheduler(" AUTO "), AutoScheduler)

@@ -4,6 +4,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+# The named parts of a step's rest (its time outside drafting before the pass and the pass itself):
+# planning and the memory query, the drafter's graph (re)capture, pruning both caches, re-rooting the
+# search, the scheduler's (and the score calibration's) observation, detokenising and stop strings, and
+# whatever falls between them.
+REST_PARTS = ("plan", "capture", "prune", "reroot", "observe", "text", "other")
+
 
 @dataclass
 class Plan:
@@ -31,11 +37,20 @@ class StepStats:
     # Draft path probabilities of the tree's nodes, sorted descending. Their prefix sums are the
     # drafter's own estimate of accepted draft tokens for every smaller budget (the top-K sets nest).
     node_probs: list[float] = field(default_factory=list)
+    # the same for the search the tree came from (a superset: its slack candidates and what it grew during
+    # the pass): the acceptance curve past the tree's size, measured instead of extrapolated (empty: none)
+    search_probs: list[float] = field(default_factory=list)
     retries: int = 0  # out-of-memory back-offs taken in this step
     reused: int = 0  # draft nodes carried over from the previous step's search (already drafted)
     overlap_time: float = 0.0  # drafting done while the target pass ran (off the critical path)
-    # the rest of the step: pruning caches, re-rooting the search, planning, detokenizing
+    # the rest of the step: its total, and that total split into the REST_PARTS (seconds each)
     overhead_time: float = 0.0
+    rest: dict[str, float] = field(default_factory=dict)
+    draft_forwards: int = 0  # drafter forwards this step ran before the pass
+    draft_fed: int = 0  # tokens those forwards fed (the stem's catch-up included)
+    # the accepted draft nodes' ranks by score in the tree (0 = best), in path order: what every smaller
+    # top-k tree (they nest) would have accepted; None: not recorded
+    path_ranks: list[int] | None = None
 
     @property
     def step_time(self) -> float:
@@ -85,6 +100,7 @@ class Totals:
     verify_time: float = 0.0
     overhead_time: float = 0.0
     overlap_time: float = 0.0
+    rest: dict[str, float] = field(default_factory=lambda: dict.fromkeys(REST_PARTS, 0.0))
     histogram: Counter = field(default_factory=Counter)  # steps by tokens committed
 
     @classmethod
@@ -108,6 +124,8 @@ class Totals:
             self.verify_time += s.verify_time
             self.overhead_time += s.overhead_time
             self.overlap_time += s.overlap_time
+            for name, seconds in s.rest.items():
+                self.rest[name] = self.rest.get(name, 0.0) + seconds
             self.histogram[s.accepted] += 1
         return self
 
@@ -140,6 +158,7 @@ class Totals:
             "verify_time": round(self.verify_time, 4),
             "overhead_time": round(self.overhead_time, 4),
             "overlap_time": round(self.overlap_time, 4),
+            "rest": {name: round(seconds, 4) for name, seconds in self.rest.items()},
             "wall_time": round(self.wall_time, 4),
             "accepted_histogram": {str(k): self.histogram[k] for k in sorted(self.histogram)},
         }

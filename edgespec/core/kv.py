@@ -63,8 +63,11 @@ class TreeCache(DynamicCache):
                 layer.values = layer.values[..., :length, :].contiguous()
 
     def keep(self, positions: torch.Tensor) -> None:
+        moved: dict = {}  # one copy of the positions per device, not one per layer (each a host-device copy)
         for layer in self._filled():
-            idx = positions.to(layer.keys.device)
+            idx = moved.get(layer.keys.device)
+            if idx is None:
+                idx = moved[layer.keys.device] = positions.to(layer.keys.device)
             layer.keys = layer.keys.index_select(-2, idx)
             layer.values = layer.values.index_select(-2, idx)
 

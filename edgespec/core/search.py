@@ -61,6 +61,7 @@ class TreeSearch:
         self.expanded = torch.tensor([False])
         self.alive = torch.tensor([True])
         self.snapshot: torch.Tensor | None = None  # search indices of the last tree handed out
+        self.forwards = self.fed_tokens = 0  # drafter forwards this search ran, and the tokens they fed
         # node -> its grammar state (the text up to and including its token), for expanded nodes; None: no grammar
         self.states: dict[int, GrammarState] | None = {0: grammar} if grammar is not None else None
 
@@ -77,6 +78,7 @@ class TreeSearch:
         seen = sampler.seen(history, logits.shape[-1]) if history is not None else None
         own = grammar.fork() if grammar is not None else None  # (the verifying thread reads the caller's)
         search = cls(runner, cache, sampler, int(stem[-1]), past + s - 1, seen, calibration, own)
+        search.forwards, search.fed_tokens = 1, s
         search._add_children(torch.tensor([0]), logits, branch)
         return search
 
@@ -107,6 +109,13 @@ class TreeSearch:
         parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
         return Tree(self.tokens[keep], parents, self.depths[keep], self.scores[keep], self.fed[keep],
                     self.logp[keep], self.rank[keep])
+
+    def node_probs(self, limit: int) -> list[float]:
+        """The scores (as probabilities) of the best `limit` alive draft nodes, descending: what a tree of
+        up to `limit` nodes drawn from this search would hold, for the acceptance curve past the tree
+        verified (the search holds more: slack candidates, and what it grew during the pass)."""
+        scores = self.scores[self.alive][1:]  # the root (index 0) is always alive
+        return torch.exp(scores).sort(descending=True).values[:limit].tolist()
 
     def resume(self, sampler, calibration: "ScoreCalibration | None") -> int:
         """Carry the search into the next step, under that step's `sampler` and `calibration` (scores
@@ -254,6 +263,7 @@ class TreeSearch:
         valid = cols >= 0
         allowed[rows[valid], cols[valid]] = True
         kv_pos = self._slot_positions(start + b) if slides(self.runner.config) else None
+        self.forwards, self.fed_tokens = self.forwards + 1, self.fed_tokens + b
         hidden = self.runner.hidden_states(self.cache, self.tokens[nodes], self.root_pos + self.depths[nodes],
                                             allowed, kv_pos)
         return self.runner.logits(hidden)

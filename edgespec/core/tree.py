@@ -41,6 +41,13 @@ class Tree:
         """Draft path probabilities of the draft nodes, sorted descending."""
         return torch.exp(self.scores[1:]).sort(descending=True).values.tolist()
 
+    def ranks(self, nodes: list[int]) -> list[int]:
+        """Each draft node's rank by score among the draft nodes (0 = the best; ties: lower index first)."""
+        order = self.scores[1:].sort(descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        return [int(rank[i - 1]) for i in nodes]
+
     def children(self) -> list[dict[int, int]]:
         """For each node, a map token → child index."""
         kids: list[dict[int, int]] = [{} for _ in range(self.size + 1)]

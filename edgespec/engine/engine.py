@@ -8,9 +8,11 @@ What the front ends read from it is `FrontEnd` (edgespec/engine/face.py).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 
 from edgespec.base import checks
+from edgespec.base.clock import Clock, WallClock
 from edgespec.base.config import DraftConfig, LoadConfig, split_fields
 from edgespec.base.device import model_device, side_stream
 from edgespec.base.errors import EdgespecError, GrammarError
@@ -32,6 +34,11 @@ from edgespec.offload import find_handle
 from edgespec.scheduler import Scheduler, make_scheduler
 
 
+# what the start-up calibration drafts under: real text (trees as deep as an answer's), no benchmark's prompt
+CALIBRATION_TEXT = ("A bicycle stays upright because the rider keeps steering its front wheel under the "
+                    "falling frame, and the faster it rolls, the smaller the corrections need to be. Here is how:")
+
+
 class Engine:
     """Lossless tree speculative decoding with an (optionally offloaded) target and a small drafter.
 
@@ -44,7 +51,9 @@ class Engine:
     defaults; edgespec/core/sampling.py). `draft_tokenizer`: the drafter's, when it has its own (the pair is
     refused unless it equals `tokenizer`). `offload`: the target's streaming handle (default: found
     from the target, if `offload_layers` streams it). `self_draft`: the self_drafter.SelfDraft whose model
-    is `drafter`, when the target drafts for itself (its layout shows in the stats).
+    is `drafter`, when the target drafts for itself (its layout shows in the stats). `clock`: whose seconds
+    the steps, the scheduler and the runs see (edgespec/base/clock.py: a ReplayClock charges a cost
+    file's; default the wall clock).
 
     `engine.target` and `engine.drafter` are the two models as given; `engine.draft_runner` runs the
     drafter's forwards.
@@ -54,7 +63,7 @@ class Engine:
                  max_context: int | None = None, calibrate: bool = False, progress: bool = True,
                  sampling: SamplingConfig | None = None, draft_tokenizer=None, offload=None,
                  draft: DraftConfig | None = None, self_draft=None, verifier: TreeVerifier | None = None,
-                 **draft_fields):
+                 clock: Clock | None = None, **draft_fields):
         (draft_fields,) = split_fields(draft_fields, DraftConfig)  # a misspelt option is named
         self.config = DraftConfig(**{**vars(draft or DraftConfig()), **draft_fields})
         self.vocab = proposal_vocab(target, drafter, tokenizer, draft_tokenizer)
@@ -69,19 +78,22 @@ class Engine:
         self.self_draft = self_draft  # self_drafter.SelfDraft when `drafter` is the target's own (its layout, plan)
         self.verifier = verifier  # what verifies the trees when not `target` itself (a split target), else None
         self.device = model_device(target)
+        self.clock: Clock = clock or WallClock()
         self.max_context = max_context or context_window(target, drafter)
         self.eos_ids = eos_ids(target, tokenizer)
         self.calibrations = ScoreCalibrations(self.config.tree_scores == "calibrated")
         self.conversation = Conversation(verifier.cache if verifier else new_cache(target),
                                          self.draft_runner.new_cache())
         self._constraints: dict[Grammar, Constraint] = {}  # compiled grammars, the latest few
+        start = time.perf_counter()  # the warm-up, paid here, before the first answer and not charged to it
         if budget != 0:
             self.draft_runner.prepare(self.conversation.dcache)  # capture the drafter's graphs now, not mid-step
         self.scheduler: Scheduler = scheduler or self._scheduler(budget, calibrate, progress)
+        self.warmup_seconds = time.perf_counter() - start  # graph capture and the scheduler's calibration
         stream = side_stream(self.draft_runner.device)
         overlap = wanted(self.offload) if self.config.overlap == "auto" else bool(self.config.overlap)
         self.stepper = Stepper(verifier or self.target, self.draft_runner, self.device, self.offload,
-                               Overlap(self.config.overlap_factor, stream) if overlap else None, stream)
+                               Overlap(self.config.overlap_factor, stream) if overlap else None, stream, self.clock)
 
     def _scheduler(self, budget, calibrate: bool, progress: bool) -> Scheduler:
         c = self.config
@@ -89,7 +101,8 @@ class Engine:
         if calibrate and budget == "auto":
             from edgespec.scheduler.calibrate import startup_costs
 
-            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress)
+            prefix = self.encode(CALIBRATION_TEXT) if self.tokenizer is not None else None
+            costs = startup_costs(self.target, self.draft_runner, self.offload, c, progress, self.clock, prefix)
         return make_scheduler(budget, max_depth=c.max_depth, branch=c.branch, batch=c.batch, **costs)
 
     @classmethod
@@ -168,7 +181,7 @@ class Engine:
         run = Run(self.stepper, self.scheduler, self.conversation, self.encode(prompt), max_new_tokens, sampler,
                   tokenizer=self.tokenizer, eos_ids=self.eos_ids, max_context=self.max_context, stop=stop,
                   calibration=self.score_calibration(sampler), constraint=self.constraint(grammar),
-                  logprobs=logprobs)
+                  logprobs=logprobs, clock=self.clock)
         run.stats.sampling = config.describe()
         return run
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from edgespec.base.clock import Clock
     from edgespec.base.config import DraftConfig
     from edgespec.core.draft_runner import DraftRunner
     from edgespec.core.sampling import SamplingConfig
@@ -28,6 +29,8 @@ class FrontEnd(Protocol):
     self_draft: Any  # loading.self_drafter.SelfDraft when the target drafts for itself, else None
     verifier: Any  # the TreeVerifier when it is not the target model (a target split across stages), else None
     scheduler: "Scheduler"
+    clock: "Clock"  # whose seconds the steps and runs record (edgespec/base/clock.py)
+    warmup_seconds: float  # graph capture and the scheduler's calibration, paid before the first answer
     config: "DraftConfig"
     # what a generation runs with
     sampling: "SamplingConfig"  # the defaults a generation's sampling settings fall back to

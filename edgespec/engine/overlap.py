@@ -51,6 +51,24 @@ class Overlap:
         self.pass_estimate = took if self.pass_estimate == float("inf") else 0.5 * (self.pass_estimate + took)
         return box["verdict"], drafted
 
+    def replay(self, verdict, search, plan: Plan, clock, tokens: int):
+        """Under a replay clock (edgespec/base/clock.py): the pass ran already; grow `search` by the
+        rounds that fit in the pass's replayed seconds (over `tokens` tokens), each round charged what
+        its forward costs there. Returns (`verdict`, replayed seconds drafted): the same rounds on any
+        machine, however busy."""
+        budget, spent, last = clock.verify(0.0, tokens), 0.0, 0.0
+        wider = Plan(plan.budget * self.factor, plan.max_depth, plan.branch, plan.batch)
+        with on_stream(self.stream):
+            while spent + last < budget:
+                forwards, fed = search.forwards, search.fed_tokens
+                done = search.grow(wider, rounds=1)
+                last = clock.draft(0.0, search.forwards - forwards, search.fed_tokens - fed)
+                spent += last
+                if done:
+                    break
+        wait_stream(self.stream)
+        return verdict, spent
+
     def _draft(self, search, wider: Plan, ended: threading.Event, deadline: float) -> None:
         with on_stream(self.stream):
             while not ended.is_set() and time.perf_counter() + self.round_estimate < deadline:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from edgespec.base.clock import WallClock
 from edgespec.base.errors import InvalidArgumentError
 from edgespec.base.stats import RunStats
 
@@ -30,11 +31,12 @@ class Run:
     each step planned by `scheduler`; `tokenizer` turns the new tokens into text (None: no text);
     `calibration` is the tree-score calibration the steps use and teach (None: raw scores); `constraint`
     the compiled grammar the answer must follow (edgespec/core/grammar.py; None: none); `logprobs` how
-    many top alternatives each new token's log-probability comes with (None: no log-probabilities)."""
+    many top alternatives each new token's log-probability comes with (None: no log-probabilities);
+    `clock` says the run's seconds (edgespec/base/clock.py; None: the wall clock's)."""
 
     def __init__(self, stepper, scheduler, conv, prompt_ids: list[int], max_new_tokens: int, sampler, *,
                  tokenizer=None, eos_ids=frozenset(), max_context: int, stop: list[str] | None = None,
-                 calibration=None, constraint=None, logprobs: int | None = None):
+                 calibration=None, constraint=None, logprobs: int | None = None, clock=None):
         if max_new_tokens < 1:
             raise InvalidArgumentError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.stepper, self.scheduler, self.conv = stepper, scheduler, conv
@@ -43,6 +45,7 @@ class Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.tokenizer, self.eos_ids, self.max_context = tokenizer, eos_ids, max_context
         self.constraint, self.top_logprobs = constraint, logprobs
+        self.clock = clock or WallClock()
         self.grammar = None  # the grammar state after the accepted tokens (set when the run starts)
         self.logprobs: list | None = [] if logprobs is not None else None
         self.new: list[int] = []
@@ -70,7 +73,7 @@ class Run:
 
     def _finish(self, seconds: float) -> None:
         self.conv.keep(len(self.prompt_ids) + len(self.new))
-        self.stats.wall_time = seconds
+        self.stats.wall_time = self.clock.run_time(seconds, self.stats.steps)
         self.stats.new_tokens = len(self.new)
         self.text = whole_text(self.text)
         calib = self.calibration
@@ -83,20 +86,25 @@ class Run:
                 self.stats.stop_reason = "cancelled"
                 return
             done = self.stepper.advance(self.conv, self.scheduler, self.max_new - len(self.new), self.max_context,
-                                        self.sampler, self.calibration, self.grammar, self.top_logprobs)
+                                        self.sampler, self.calibration, self.grammar, self.top_logprobs,
+                                        after=self._take)
             if done is None:
                 self.stats.stop_reason = "length" if len(self.new) >= self.max_new else "context"
                 return
-            verdict, step = done
-            self.grammar = verdict.grammar
-            ended = self._commit(verdict.tokens, verdict.logprobs)
-            stopped = self._decode()
-            self._record(step)
-            piece = self._piece(final=ended or stopped)
+            self._record(done[1])  # the step's stats whole: its rest is timed after the run took the step
+            piece, finished = done[2]
             if piece:
                 yield piece
-            if ended or stopped:
+            if finished:
                 return
+
+    def _take(self, verdict, step) -> tuple[str, bool]:
+        """A step's outcome into the run: its tokens, text and stop strings; (the text piece to yield,
+        whether the run ends here). The stepper times it as the step's "text" part."""
+        self.grammar = verdict.grammar
+        ended = self._commit(verdict.tokens, verdict.logprobs)
+        stopped = self._decode()
+        return self._piece(final=ended or stopped), ended or stopped
 
     def _commit(self, tokens: list[int], logprobs=None) -> bool:
         """Append accepted tokens (and their log-probabilities) up to EOS / max_new_tokens; True when

@@ -15,10 +15,7 @@ and calls it a rounding tie only when that gap is within a few units in the last
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -29,10 +26,11 @@ from tqdm.auto import tqdm
 
 from edgespec.base.device import compute_dtype, model_device
 from edgespec.engine.prompts import chat_messages, load_prompts
-from edgespec.base.stats import Totals
+from edgespec.base.stats import REST_PARTS, Totals
 from edgespec.core.sampling import SamplingConfig
 from edgespec.engine.face import FrontEnd
-from edgespec.front import arguments, bench_split
+from edgespec.front import arguments, bench_split, replay
+from edgespec.front.bench_report import TIE_ULPS, machine, markdown_table, report, rest_share
 
 METHODS = ("edgespec", "plain", "hf-assisted")
 
@@ -50,8 +48,9 @@ def run_engine(engine: FrontEnd, ids: list[int], max_new: int, sampling: dict | 
     out = engine.generate(ids, max_new_tokens=max_new, seed=seed, sampling=SamplingConfig(**settings))
     t = Totals.of([out.stats])
     split = {name: getattr(t, f"{name}_time") for name in ("draft", "verify", "overhead", "overlap")}
+    split["rest"] = dict(t.rest)  # the overhead by part (stats.REST_PARTS)
     return {"ids": out.ids, "seconds": out.stats.wall_time, "passes": t.steps, "tree_tokens": t.tree_tokens,
-            "split": split}
+            "split": split, "steps": out.stats.steps}
 
 
 def run_assisted(target, drafter, ids: list[int], max_new: int, pad_id, sampling: dict | None = None) -> dict:
@@ -78,13 +77,16 @@ def runners(engine: FrontEnd, sampling: dict | None = None):
 
     if engine.verifier is not None:  # a target split across stages: its own methods (bench_split.py)
         return bench_split.runners(engine, sampling, run_engine)
-    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0)
+    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0, clock=engine.clock)
     pad = next(iter(engine.eos_ids), 0)
-    return {
+    methods = {
         "edgespec": lambda ids, n: run_engine(engine, ids, n, sampling),
         "plain": lambda ids, n: run_engine(plain, ids, n, sampling),
         "hf-assisted": lambda ids, n: run_assisted(engine.target, engine.drafter, ids, n, pad, sampling),
     }
+    if engine.clock.replay:  # transformers' own loop has no replayed seconds
+        del methods["hf-assisted"]
+    return methods
 
 
 def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | None = None, warmup: bool = True,
@@ -97,7 +99,7 @@ def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | 
     if warmup and encoded:  # first-call costs (kernels, allocator) stay out of the timings
         for fn in methods.values():
             fn(encoded[0], 2)
-    outputs = {m: [] for m in METHODS if m in methods}
+    outputs = {m: [] for m in methods}
     with tqdm(total=len(encoded) * len(methods), desc="edgespec: bench", unit="run", disable=not progress) as bar:
         for ids in encoded:
             for name, fn in methods.items():
@@ -109,16 +111,16 @@ def run_bench(engine: FrontEnd, prompts: list[str], max_new: int, system: str | 
     return {"prompts": len(prompts), "max_new_tokens": max_new, "sampling": sampling,
             "rows": summarize(outputs, diverged, own_stream),
             "divergences": diverged, "outputs": {m: [r["ids"] for r in rs] for m, rs in outputs.items()},
+            "steps": [s for m in ("edgespec", "plain") for r in outputs[m] for s in r["steps"]],
             **bench_split.summary(engine, outputs)}
 
 
-TIE_ULPS = 8  # a gap within this many units in the last place of the top logit counts as a rounding tie
 
 
 def divergences(target, encoded: list[list[int]], outputs: dict, skip=()) -> list[dict]:
     """Where a method's tokens first differ from plain decoding's, with the target's top-2 logit gap."""
     found = []
-    for name in (m for m in outputs if m not in skip):
+    for name in (m for m in METHODS if m in outputs and m not in skip):
         for i, (ids, run) in enumerate(zip(encoded, outputs[name])):
             ref = outputs["plain"][i]["ids"]
             at = first_difference(run["ids"], ref)
@@ -166,8 +168,9 @@ def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) 
         rate = tokens / secs if secs else 0.0
         plain_rate = rate if name == "plain" else plain_rate
         timed = rs and all("split" in r for r in rs)
-        split = {k: round(sum(r["split"][k] for r in rs), 3) for k in rs[0]["split"]} if timed else None
-        rows.append({"method": name, "split": split, "tokens_per_s": rate,
+        split = add_splits([r["split"] for r in rs]) if timed else None
+        rows.append({"method": name, "split": split, "rest_share": rest_share(split) if split else None,
+                     "tokens_per_s": rate,
                      "tokens_per_pass": tokens / passes if passes else 0.0,
                      "passes": passes, "mean_tree": trees / passes if trees is not None and passes else None,
                      "new_tokens": tokens, "seconds": secs, "same_output": same, "agreement": agreement})
@@ -176,111 +179,11 @@ def summarize(outputs: dict, diverged: list[dict] | None = None, own_stream=()) 
     return rows
 
 
-# ---- output ------------------------------------------------------------------------------------
-def markdown_table(rows: list[dict]) -> str:
-    cols = ["method", "tokens/s", "tokens/pass", "target passes", "mean tree", "new tokens", "seconds", "vs plain",
-            "same as plain"]
-    lines = ["| " + " | ".join(cols) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
-        tree = f"{r['mean_tree']:.1f}" if r["mean_tree"] is not None else "-"
-        cells = [r["method"], f"{r['tokens_per_s']:.2f}", f"{r['tokens_per_pass']:.2f}", r["passes"], tree,
-                 r["new_tokens"], f"{r['seconds']:.1f}", speed, r["agreement"]]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {gpu}, {platform.system()} {platform.release()}"
-
-
-def versions() -> str:
-    import transformers
-
-    from edgespec.base import VERSION
-
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"transformers {transformers.__version__}", f"edgespec {VERSION}"]
-    try:
-        import bitsandbytes
-
-        parts.append(f"bitsandbytes {bitsandbytes.__version__}")
-    except ImportError:
-        pass
-    return ", ".join(parts)
-
-
-def setup_line(engine: FrontEnd, args) -> str:
-    off = engine.offload
-    encoded = f", streamed {off.quantize}-encoded" if off is not None and off.quantize else ""
-    raw = sorted({c["type"] for c in off.codecs() if c["codec"].startswith("gguf:")}) if off is not None else []
-    encoded += f", streamed as the GGUF's blocks ({', '.join(raw)})" if raw else ""
-    where = (f"offloaded target ({off.streamed_layers} streamed / {off.resident_layers} resident layers{encoded}, "
-             f"link delay {off.transport.link_delay} s/layer)" if off is not None else "target fully on the device")
-    shape = getattr(args, "target_shape", None)
-    padded = f" zero-padded into the {shape} shape" if shape else ""
-    temperature = getattr(args, "temperature", None)
-    how = f"sampling at temperature {temperature}, top-p {args.top_p or 1.0}" if temperature else "greedy"
-    drafter = args.draft or ("the target's own copy" if args.target else "embedded")
-    quant = args.draft_quant
-    sd = engine.self_draft
-    if sd is not None:  # the target drafts for itself
-        drafter, quant = "the target itself", f"{len(sd.shared)} layers shared, {len(sd.copies)} {sd.codec} copies"
-    return (f"target {args.target or 'embedded SmolLM2-135M-Instruct'}{padded}, drafter {drafter} "
-            f"({quant}, {engine.drafter_forward()} forward); {where}; "
-            f"device {engine.device}; budget {args.budget}; {how}")
-
-
-def report(result: dict, engine: FrontEnd, args, argv_text: str) -> str:
-    head = [
-        "# edgespec bench", "",
-        f"- command: `{argv_text}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {machine()}",
-        f"- versions: {versions()}",
-        f"- setup: {setup_line(engine, args)}",
-        f"- prompts: {result['prompts']} from {result['source']}, max {result['max_new_tokens']} new tokens",
-        ("- tokens/pass = new tokens / target forward passes (prefill included in the first pass); "
-         "mean tree = draft tokens verified per target pass; "
-         "same as plain = token-identical to plain " + ("greedy decoding" if not result.get("sampling") else
-                                                         f"decoding with the same sampling seed ({sampling_text(result)})")
-         + " of the same target on every prompt (near-tie: see the notes under the table)"), "", ""
-    ]
-    return ("\n".join(head) + markdown_table(result["rows"]) + "\n" + time_split(result["rows"])
-            + divergence_notes(result) + result.get("split_notes", "") + "\n")
-
-
-def sampling_text(result: dict) -> str:
-    sp = result["sampling"]
-    return f"temperature {sp['temperature']}, top-p {sp['top_p']}, seed {sp['seed']}"
-
-
-def time_split(rows: list[dict]) -> str:
-    """Where the engine methods' seconds went: drafting before the pass, the passes, the rest."""
-    lines = []
-    for r in rows:
-        sp = r.get("split")
-        if sp:
-            lines.append(f"- {r['method']} time split: drafting {sp['draft']:.2f} s before the passes "
-                         f"(+{sp['overlap']:.2f} s during them), target passes {sp['verify']:.2f} s, "
-                         f"per-step rest {sp['overhead']:.2f} s (pruning, re-rooting, planning, text)")
-    return ("\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def divergence_notes(result: dict) -> str:
-    """One line per output that differs from plain decoding (empty when all agree)."""
-    lines = []
-    for d in result.get("divergences", []):
-        kind = "a rounding tie" if d["tie"] else "NOT a tie: a real mismatch"
-        lines.append(f"- {d['method']}, prompt {d['prompt'] + 1}: first differs from plain at new token {d['token']}, "
-                     f"where the target's top-2 logits differ by {d['gap']:.4f} (1 ulp = {d['ulp']:.4f}): {kind}")
-    if not lines:
-        return ""
-    return ("\nsame as plain = yes: token-identical to plain decoding on every prompt; near-tie: every difference "
-            f"starts where the target's two best logits are within {TIE_ULPS} units in the last place (batch-shape "
-            "rounding in low precision decides it); NO: a real mismatch.\n\n" + "\n".join(lines) + "\n")
+def add_splits(splits: list[dict]) -> dict:
+    """The runs' time splits summed: seconds per phase, and the rest per part."""
+    total = {k: round(sum(sp[k] for sp in splits), 4) for k in splits[0] if k != "rest"}
+    total["rest"] = {k: round(sum(sp["rest"].get(k, 0.0) for sp in splits), 4) for k in REST_PARTS}
+    return total
 
 
 def main(args, load) -> int:
@@ -291,6 +194,8 @@ def main(args, load) -> int:
         sampling = {"temperature": args.temperature, "top_p": args.top_p or 1.0, "seed": args.seed or 0}
     result = run_bench(engine, prompts, arguments.max_new_tokens(args), args.system, sampling=sampling)
     result["source"] = source
+    result["clock"] = engine.clock.describe()
+    replay.write_costs(args, result.pop("steps"), f"edgespec bench on {machine()}")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "outputs"}, indent=2))
     else:

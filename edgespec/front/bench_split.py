@@ -25,7 +25,7 @@ def runners(engine: FrontEnd, sampling: dict | None, run_engine) -> dict:
     from edgespec.engine.engine import Engine
 
     pipe = engine.verifier
-    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0, verifier=pipe)
+    plain = Engine(engine.target, engine.drafter, engine.tokenizer, budget=0, verifier=pipe, clock=engine.clock)
     for name, why in SKIPPED.items():
         print(f"edgespec: {name} skipped: {why}", file=sys.stderr)
     return {"edgespec": metered(pipe, lambda ids, n: run_engine(engine, ids, n, sampling)),

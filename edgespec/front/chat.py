@@ -24,7 +24,7 @@ HELP = """commands:
   /save PATH   write the transcript (JSON list of messages)
   /load PATH   replace the conversation with a saved transcript
   /help        this text
-  /exit        quit (also Ctrl-D; Ctrl-C stops an answer, at the prompt it quits)"""
+  /exit        quit (also Ctrl-D, or Ctrl-C twice at the prompt; Ctrl-C once stops an answer)"""
 
 
 class ChatSession:
@@ -233,19 +233,32 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def repl(session: ChatSession, stdin=None) -> int:
-    """Read lines until /exit or EOF: a prompt on a terminal, plain lines from a pipe."""
+def repl(session: ChatSession, stdin=None, read=None) -> int:
+    """Read lines until /exit or EOF: a prompt on a terminal, plain lines from a pipe (`read`: the line
+    reader, default input("> ") on a terminal). On a terminal a Ctrl-C at the prompt only clears the
+    line — a Ctrl-C meant to stop an answer that had just ended must not end the chat and lose the
+    conversation — and a second one in a row quits."""
     stdin = stdin or sys.stdin
     tty = stdin.isatty()
     if tty:
         _readline()
         session.err.write("edgespec chat: type a message, /help for commands, /exit or Ctrl-D to quit\n")
+    read = read or ((lambda: input("> ")) if tty else stdin.readline)
+    armed = False  # the last prompt ended in a Ctrl-C
     while True:
         try:
-            line = input("> ") if tty else stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+            line = read()
+        except EOFError:
             session.out.write("\n" if tty else "")
             return 0
+        except KeyboardInterrupt:
+            session.out.write("\n" if tty else "")
+            if armed or not tty:
+                return 0
+            armed = True
+            session.err.write("edgespec: the conversation is kept; Ctrl-C again, Ctrl-D or /exit quits\n")
+            continue
+        armed = False
         if not tty and line == "":
             return 0
         if not session.handle(line):

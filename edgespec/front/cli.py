@@ -19,7 +19,7 @@ from edgespec.base.errors import EdgespecError
 from edgespec.core.sampling import SAMPLING_FIELDS
 from edgespec.engine.face import FrontEnd
 from edgespec.engine.prompts import chat_messages
-from edgespec.front import arguments
+from edgespec.front import arguments, replay
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -37,6 +37,7 @@ OPTION_FIELDS = {
 CLI_ONLY = {"budget", "max_new_tokens", "seed", "system",  # per generation / Engine(budget=), not a config
             "stages", "stage_bind", "stage_port", "allow_public",  # a split target (edgespec/distributed/)
             "hop_latency", "hop_gbps"}
+OPENED: list = []  # the split targets this process opened: closed when the command ends, however it ends
 
 
 def make_engine(args: argparse.Namespace):
@@ -49,7 +50,7 @@ def make_engine(args: argparse.Namespace):
     target, drafter = fields.pop("target"), fields.pop("drafter")
     if getattr(args, "stages", None):
         return split_engine(args, target, drafter)
-    return Engine.from_pretrained(target, drafter, budget=args.budget, **fields)
+    return Engine.from_pretrained(target, drafter, budget=args.budget, clock=replay.clock_for(args), **fields)
 
 
 def split_engine(args: argparse.Namespace, target, drafter):
@@ -72,6 +73,7 @@ def split_engine(args: argparse.Namespace, target, drafter):
           f"`edgespec stage --coordinator {args.stage_bind}:{pipe.port} --world {placement.world} --rank R ...`",
           file=sys.stderr, flush=True)
     pipe.start()
+    OPENED.append(pipe)
     quant = None if args.draft_quant == "none" else "nf4" if args.draft_quant == "auto" else args.draft_quant
     tok = load_tokenizer(target)
     draft = load_model(drafter or target, quantize=quant, device=device)
@@ -165,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--budgets", default=None, help="draft budgets, e.g. 4,16,64 (default by device)")
     prof.add_argument("--prompts", type=int, default=None, help="real prompts for the acceptance histogram")
     prof.add_argument("--prefix", type=int, default=128, help="KV-cache tokens before each timed tree")
+    replay.add_options(prof)
     bench = sub.add_parser("bench", parents=[common], help="MT-Bench: edgespec vs plain vs HF assisted")
     bench.add_argument("--questions", default=None, help="MT-Bench questions .jsonl (default: 5 built-in prompts)")
     bench.add_argument("--n-prompts", type=int, default=5)
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--out", default=None, help="also write the markdown table (with a header) here")
+    replay.add_options(bench)
     serve_options(sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server"))
     return ap
 
@@ -301,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        close_opened()
+
+
+def close_opened() -> None:
+    """Stop the other stages of every split target this command opened (they exit cleanly, not on a
+    broken connection)."""
+    while OPENED:
+        OPENED.pop().close()
 
 
 if __name__ == "__main__":

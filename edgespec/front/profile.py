@@ -21,6 +21,7 @@ from edgespec.base.device import param_bytes
 from edgespec.base.errors import EdgespecError
 from edgespec.base.stats import Totals
 from edgespec.engine.face import FrontEnd
+from edgespec.front import replay
 
 DEFAULTS = {  # sizes, budgets, prompts, max new tokens: small on CPU, the real range on a GPU
     "cpu": ("1,4,16,64,256", "4,16,64", 2, 32),
@@ -93,10 +94,12 @@ def generation(engine: FrontEnd, prompts: list[list[dict]], max_new: int, bar) -
     """Real answers: accepted tokens per step (histogram), tokens/s, per-layer streaming costs."""
     if engine.offload is not None:
         engine.offload.reset_stats()
-    totals = Totals()
+    totals, steps = Totals(), []
     for msgs in prompts:
         engine.reset()
-        totals.add(engine.generate(msgs, max_new_tokens=max_new, temperature=0).stats)  # greedy: the acceptance figure
+        stats = engine.generate(msgs, max_new_tokens=max_new, temperature=0).stats  # greedy: the acceptance figure
+        totals.add(stats)
+        steps += stats.steps
         bar.update()
     t = totals.as_dict()
     result = {
@@ -104,6 +107,7 @@ def generation(engine: FrontEnd, prompts: list[list[dict]], max_new: int, bar) -
         "tokens_per_s": totals.tokens_per_second, "accepted_per_pass": totals.accepted_per_pass,
         "mean_budget": t["mean_budget"], "mean_tree_size": t["mean_tree_size"],
         "draft_s": totals.draft_time, "verify_s": totals.verify_time, "acceptance_histogram": t["accepted_histogram"],
+        "rest_s": totals.overhead_time, "rest": t["rest"], "step_stats": steps,
     }
     if engine.offload is not None:
         result["per_layer"] = per_layer(engine.offload)
@@ -198,6 +202,9 @@ def main(args, load) -> int:
     t0 = time.perf_counter()
     engine = load()
     result = profile(engine, args, before, time.perf_counter() - t0)
+    steps = result["generation"].pop("step_stats")
+    if steps:
+        replay.write_costs(args, steps, f"edgespec profile on {engine.device}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -282,6 +289,9 @@ def table(r: dict) -> str:
     hist = ", ".join(f"{k}: {v}" for k, v in g["acceptance_histogram"].items())
     head = f"generation: {g['prompts']} prompts, {g['new_tokens']} tokens, {speed}, mean budget {g['mean_budget']:.1f}"
     lines += ["", head, f"  accepted/step histogram: {hist}"]
+    if "rest" in g:
+        parts = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in g["rest"].items())
+        lines.append(f"  per-step rest {1e3 * g['rest_s']:.1f} ms in all: {parts} (ms)")
     if "per_layer" in g:
         pl = g["per_layer"]
         ms = {k: f"{1e3 * pl[k]:.2f} ms" for k in ("transfer_s", "wait_s", "compute_s")}

@@ -8,19 +8,39 @@ import torch
 from edgespec.base.config import DraftConfig
 from edgespec.base.device import compute_dtype, model_device
 from edgespec.scheduler import timing
-from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES, machine_key
+from edgespec.scheduler.cost import CALIBRATION_SIZES, DRAFT_CALIBRATION_SIZES, CostModel, machine_key
 
 
-def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = True) -> dict:
-    """make_scheduler's keyword arguments for a cached (or measured) calibration of this pair."""
+def startup_costs(target, draft, offload, config: DraftConfig, progress: bool = True, clock=None,
+                  prefix: list[int] | None = None) -> dict:
+    """make_scheduler's keyword arguments for a cached (or measured) calibration of this pair; under a
+    replay clock (edgespec/base/clock.py), the cost file's pass times and the replayed cost of the
+    drafter's real trees (not cached: the file is the measurement). `prefix`: the tokens the trees are
+    drafted under (a real prompt: on random tokens the drafter is unsure and its trees shallow, fewer
+    forwards than a real answer's trees take; None: 64 random tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    prefix = prefix or torch.randint(0, draft.config.vocab_size, (64,), generator=gen).tolist()
+    if clock is not None and clock.replay:
+        return {"cost": replayed_costs(draft, config, clock, prefix)}
     runs = len(CALIBRATION_SIZES) + len(DRAFT_CALIBRATION_SIZES)
     bar = _LazyBar("edgespec: calibrating the scheduler (once per machine and models)", progress, runs)
-    prefix = torch.randint(0, draft.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     device = model_device(target)
     return {"cache_key": pair_key(target, draft, offload, config),
             "measure_fn": bar.wrap(lambda n: timing.time_passes(target, device, [n], past=64)[0]["pass_s"]),
             "draft_fn": bar.wrap(lambda k: timing.time_drafts(draft, prefix, [k], config.plan,
                                                        draft_temperature=config.draft_temperature)[0]["draft_s"])}
+
+
+def replayed_costs(draft, config: DraftConfig, clock, prefix: list[int]) -> CostModel:
+    """The start-up calibration as the machine of `clock`'s costs would measure it: its pass times, and
+    its drafting time for the trees this drafter really builds under `prefix` at each calibration budget."""
+
+    def draft_fn(k: int) -> float:
+        row = timing.time_drafts(draft, prefix, [k], config.plan, repeats=0,
+                                 draft_temperature=config.draft_temperature)[0]
+        return clock.draft(row["draft_s"], row["forwards"], row["fed"])
+
+    return CostModel().calibrate(lambda n: clock.verify(0.0, n), CALIBRATION_SIZES, draft_fn, DRAFT_CALIBRATION_SIZES)
 
 
 def pair_key(target, draft, offload, config: DraftConfig) -> str:

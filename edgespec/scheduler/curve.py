@@ -21,7 +21,9 @@ seconds to every pass), as a factor for `mode="mul"` (a busier GPU slows every d
 change at a bucket not measured for a while is news about the shape and stays local. "Recently"
 fades by `memory` per observation since the bucket's last update. Finally the
 newest value wins on monotonicity: buckets that contradict it (higher below it, lower above it)
-are dropped, and the curve interpolates or extrapolates across the gap from fresher points.
+are moved to it, not dropped (a dropped point would let the curve extrapolate steeply from a new
+bucket next to an old one: one drafting step at 128 nodes, above the calibration's 256, once made
+a 512-node tree look four times its cost).
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ class Curve:
     """y = f(x) for x >= 1 (seconds against tokens or nodes), monotone non-decreasing."""
 
     def __init__(self, buckets=DEFAULT_BUCKETS, alpha: float = 0.3, prior_exponent: float = 0.0,
-                 mode: str = "add", jump: float = 0.15, memory: float = 0.5):
+                 mode: str = "add", jump: float = 0.15, memory: float = 0.5, spread: bool = True):
         if mode not in ("add", "mul"):
             raise ValueError(f"mode must be 'add' or 'mul', got {mode!r}")
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.alpha = alpha  # EMA weight of an observation in its bucket
         self.prior_exponent = prior_exponent
         self.mode, self.jump, self.memory = mode, jump, memory
+        self.spread = spread  # False: every change stays at its bucket (news about the shape, never the machine)
         self.values: dict[int, float] = {}
         self.stamps: dict[int, int] = {}  # observation count at each bucket's last update
         self.clock = 0
@@ -85,7 +88,8 @@ class Curve:
             return
         jumped = abs(target / old - 1) > self.jump
         new = target if jumped else old + self.alpha * (target - old)
-        self._spread(b, old, new, everywhere=jumped)
+        if self.spread:
+            self._spread(b, old, new, everywhere=jumped)
         self.set(b, new)
 
     def freshness(self, b: int) -> float:
@@ -106,12 +110,13 @@ class Curve:
                 self.values[other] = v * (new / old) ** w
 
     def set(self, b: int, y: float) -> None:
-        """Store y at bucket b outright; buckets that now contradict monotonicity are dropped."""
+        """Store y at bucket b outright; buckets that now contradict monotonicity are moved to y (kept: a
+        dropped point would leave the curve to extrapolate from a single new one, steeply, far past it)."""
         self.values[b] = float(y)
         self.stamps[b] = self.clock
         for other, v in list(self.values.items()):
             if other < b and v > y or other > b and v < y:
-                del self.values[other]
+                self.values[other] = float(y)
 
     def nearest(self, x: float) -> int:
         lx = math.log2(max(x, 1e-9))
@@ -127,13 +132,13 @@ class Curve:
     # ---- persistence ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"buckets": list(self.buckets), "alpha": self.alpha, "prior_exponent": self.prior_exponent,
-                "mode": self.mode, "jump": self.jump, "memory": self.memory,
+                "mode": self.mode, "jump": self.jump, "memory": self.memory, "spread": self.spread,
                 "values": {str(k): v for k, v in self.points()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Curve":
         c = cls(d.get("buckets", DEFAULT_BUCKETS), d.get("alpha", 0.3), d.get("prior_exponent", 0.0),
-                d.get("mode", "add"), d.get("jump", 0.15), d.get("memory", 0.5))
+                d.get("mode", "add"), d.get("jump", 0.15), d.get("memory", 0.5), d.get("spread", True))
         c.values = {int(k): float(v) for k, v in d.get("values", {}).items()}
         return c
 

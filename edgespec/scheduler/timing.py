@@ -61,8 +61,9 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
                 draft_temperature: float = 1.0) -> list[dict]:
     """Median seconds for `drafter` (edgespec/core/draft_runner.py) to build a tree of each budget under `prefix`
     (its last token the root), as a step does: feed the root, grow best-first, take the top-`budget`
-    tree. `plan_for(k)` gives the Plan (depth, branch, batch). The prefix's drafter cache is filled
-    once, outside the timing."""
+    tree; with the drafter forwards it took and the tokens they fed. `plan_for(k)` gives the Plan (depth,
+    branch, batch). The prefix's drafter cache is filled once, outside the timing; `repeats` 0: one
+    untimed-warm-up-free run."""
     device = drafter.device
     cache = drafter.new_cache()
     stem = torch.tensor(prefix)
@@ -71,7 +72,7 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
     for budget in budgets:
         plan = plan_for(budget)
         times, tree = [], None
-        for r in range(repeats + 1):  # the first run warms up
+        for r in range(repeats + 1):  # the first run warms up (unless it is the only one)
             cache.crop_to(stem.numel() - 1)
             sync(device)
             t0 = time.perf_counter()
@@ -80,9 +81,9 @@ def time_drafts(drafter, prefix: list[int], budgets, plan_for, repeats: int = 1,
             search.grow(plan)
             tree = search.tree(budget)
             sync(device)
-            if r:
+            if r or not repeats:
                 times.append(time.perf_counter() - t0)
         rows.append({"budget": budget, "draft_s": statistics.median(times), "tree_size": tree.size,
-                     "tree_depth": tree.depth})
+                     "tree_depth": tree.depth, "forwards": search.forwards, "fed": search.fed_tokens})
     cache.crop_to(0)
     return rows
