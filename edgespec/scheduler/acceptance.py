@@ -15,9 +15,12 @@ expected(K) = 1 + factor · c(K), where
 * where steps record the accepted nodes' ranks (`StepStats.path_ranks`), the factor is measured per
   tree size: a tree's top-k nodes are the tree a budget of k would have drafted, so one step says what
   every smaller budget would have accepted (observed and predicted per power-of-two k, the same
-  averages per k), and factor(K) interpolates them in log K (flat past the largest measured). The
-  drafter's curve has the wrong shape on real text (its best 16 nodes were predicted 1.5x what they
-  accepted while 256-node trees were predicted right: one factor made small trees look good).
+  averages per k, each starting from the factor over all trees and leaning on it while it has seen
+  few trees: worth `prior_steps` of them), and factor(K) interpolates them in log K (flat past the
+  largest measured). The drafter's curve has the wrong shape on real text (its best 16 nodes were
+  predicted 1.5x what they accepted while 256-node trees were predicted right: one factor made small
+  trees look good); but sizes auto rarely drafts must not stay at "the drafter is right" where the
+  drafter under-rates itself (benchmarks/scheduler_cpu.md, last section).
 * the 1 is the target's own (bonus) token, committed on every step.
 
 Accepted draft tokens never exceed min(K, max_depth). With no tree seen yet the prior is
@@ -92,8 +95,12 @@ class AcceptanceModel:
         ks = np.asarray(ks, dtype=float)
         if not self._sizes:
             return np.full(ks.shape, self.factor)
-        sizes = sorted(self._sizes)
-        f = [np.clip(self._sizes[b][0] / max(self._sizes[b][1], 1e-9), *self.clip) for b in sizes]
+        sizes, overall = sorted(self._sizes), self.factor
+        f = []
+        for b in sizes:  # a size seen on few trees leans on the factor measured over all of them
+            num, den, n = self._sizes[b]
+            w = n / (n + self.prior_steps)
+            f.append(np.clip(w * num / max(den, 1e-9) + (1 - w) * overall, *self.clip))
         return np.interp(np.log2(np.maximum(ks, 1.0)), np.log2(sizes), f)
 
     def _observe_sizes(self, probs: list[float], ranks: list[int]) -> None:
@@ -102,7 +109,9 @@ class AcceptanceModel:
         k = 1
         while k <= cs.size:
             observed = next((j for j, r in enumerate(ranks) if r >= k), len(ranks))
-            num, den, n = self._sizes.get(k, [cs[k - 1], cs[k - 1], 0])  # prior: the drafter is right
+            # prior: the factor measured so far over all trees (not "the drafter is right": a size the
+            # scheduler rarely drafts would stay pessimistic where the drafter under-rates itself)
+            num, den, n = self._sizes.get(k, [self.factor * cs[k - 1], cs[k - 1], 0])
             rate = max(1.0 / (n + 1 + self.prior_steps), self.alpha)
             self._sizes[k] = [num + rate * (observed - num), den + rate * (cs[k - 1] - den), n + 1]
             k *= 2
