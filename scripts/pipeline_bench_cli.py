@@ -1,8 +1,9 @@
 """`edgespec bench` in one process against `edgespec bench --stages` across 2 local processes (stage 1
 an `edgespec stage` process, gloo on loopback), runs alternating (single, split, single, split), with
 the same emulated network on both stages' sends; prints, per method and run, tokens/s of both, the
-split run's emulated hop seconds (its report's hops line), and the prediction: the single run's
-seconds + those hops (benchmarks/pipeline_hops.md).
+split run's emulated hop seconds and its transport seconds (the round trip stage 0 measured at start,
+times the passes; its report's hops line), and the prediction: the single run's seconds + both
+(benchmarks/pipeline_hops.md).
 
     OMP_NUM_THREADS=1 python scripts/pipeline_bench_cli.py --split 127.0.0.1:0-14,127.0.0.1:15-29 \\
         --single=--no-offload --hop-latency 0.05 -- --budget 8 --draft-quant none --n-prompts 2
@@ -52,8 +53,9 @@ def main() -> None:
     a = p.parse_args()
     argv = [x for x in a.bench if x != "--"]
     hop = ["--hop-latency", a.hop_latency, "--hop-gbps", a.hop_gbps]
-    print(f"| run | method | single tok/s | split tok/s | predicted tok/s | single s | split s | hops s | predicted s "
-          f"| split / predicted | passes (single, split) | tokens |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    print(f"| run | method | single tok/s | split tok/s | predicted tok/s | single s | split s | hops s | transport s "
+          f"| predicted s | split / predicted | passes (single, split) | tokens |\n"
+          f"|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
           flush=True)
     env_note = os.environ.get("OMP_NUM_THREADS", "unset")
     for run in range(1, a.rounds + 1):
@@ -61,11 +63,12 @@ def main() -> None:
         two = split_bench(a.split, hop, shlex.split(a.stage_args), argv)
         for row in two["rows"]:
             ref = next(r for r in one["rows"] if r["method"] == row["method"])
-            hops = two["split"]["hops"][row["method"]]["emulated_s"]
-            predicted = ref["seconds"] + hops
+            h = two["split"]["hops"][row["method"]]
+            hops, transport = h["emulated_s"], h["transport_s"]
+            predicted = ref["seconds"] + hops + transport
             print(f"| {run} | {row['method']} | {ref['tokens_per_s']:.2f} | {row['tokens_per_s']:.2f} | "
                   f"{row['new_tokens'] / predicted:.2f} | "
-                  f"{ref['seconds']:.2f} | {row['seconds']:.2f} | {hops:.2f} | {predicted:.2f} | "
+                  f"{ref['seconds']:.2f} | {row['seconds']:.2f} | {hops:.2f} | {transport:.2f} | {predicted:.2f} | "
                   f"{row['seconds'] / predicted:.3f} | {ref['passes']}, {row['passes']} | "
                   f"{ref['new_tokens']}, {row['new_tokens']} |", flush=True)
     print(f"(OMP_NUM_THREADS={env_note})")

@@ -76,6 +76,9 @@ def test_bench_across_two_processes_equals_single_process(real_pair, tmp_path, m
         assert hops["emulated_s"] >= HOP * (hops["messages_down"] + hops["messages_back"])
         assert hops["seconds"] >= hops["emulated_s"]  # the emulated hops were slept, on the run's clock
         assert f"- {name} hops: {hops['messages_down']} messages down" in text
+        assert hops["transport_s"] == pytest.approx(hops["messages_back"] * result["split"]["transport_s_per_pass"])
+    assert 0 < result["split"]["transport_s_per_pass"] < 1.0  # the round trip measured at start, emulation out
+    assert "- the transport's own round trip (measured at start): " in text
 
 
 @pytest.mark.parametrize("argv, says", [

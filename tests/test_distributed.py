@@ -17,6 +17,7 @@ from conftest import noisy_copy, tiny_model, tiny_tokenizer
 from edgespec import Engine
 from edgespec.base.errors import InvalidArgumentError, StageFailedError
 from edgespec.distributed.group import Timeouts, check_address
+from edgespec.distributed.hops import Net
 from edgespec.distributed.placement import Placement, auto_split
 from edgespec.distributed.target import PipelineTarget
 
@@ -36,10 +37,10 @@ def stage_process(rank: int, world: int, port: int, spec: str) -> subprocess.Pop
 class Pipeline:
     """Stage 0 here, the other stages as processes; always stopped."""
 
-    def __init__(self, spec: str, stages: str, timeouts: Timeouts = FAST):
+    def __init__(self, spec: str, stages: str, timeouts: Timeouts = FAST, emulate: Net | None = None):
         self.spec = spec
         self.target = PipelineTarget(spec, Placement.parse(stages), torch.device("cpu"), timeouts=timeouts,
-                                     progress=False)
+                                     progress=False, emulate=emulate)
         self.procs = {r: stage_process(r, self.target.world, self.target.port, spec) for r in range(1, self.target.world)}
         try:
             self.target.start()
@@ -115,6 +116,26 @@ def test_each_stage_holds_only_its_layers(model_dir):
     last = load_range(model_dir, Range(1, 4, LAYERS, 1), torch.device("cpu"))
     assert last.tensor_count() == 3 * per_layer + 2  # three layers, the final norm and the head
     assert last.model.get_input_embeddings() is None
+
+
+def test_round_trip_measures_the_transport_alone(model_dir):
+    """A PING crosses every stage and comes back as a pass's messages would, with no compute; what an
+    emulated network sleeps is taken out, so what is left is the transport's own cost per pass."""
+    pipe = Pipeline(model_dir, "127.0.0.1:0-0,127.0.0.1:1-2,127.0.0.1:3-3", emulate=Net("slow", 1e12, 0.2))
+    try:  # stage 0's sends sleep 200 ms each
+        assert 0 < pipe.target.transport_s < 0.2  # measured at start, through 3 processes, the sleeps out
+        before = pipe.target.traffic()
+        start = time.monotonic()
+        transport = pipe.target.round_trip(rounds=3)
+        assert time.monotonic() - start >= 3 * 0.2  # the pings went through the emulated network...
+        assert 0 < transport < 0.2  # ...and its sleep is not counted as transport
+        sent, _, back, _ = (a - b for a, b in zip(pipe.target.traffic(), before))
+        assert (sent, back) == (3, 3)  # one message down and one verdict back per ping
+        whole, split = engines(model_dir, pipe, 16)  # the stages still serve passes after pings
+        assert split.generate(PROMPT, max_new_tokens=8, temperature=0).ids == \
+            whole.generate(PROMPT, max_new_tokens=8, temperature=0).ids
+    finally:
+        pipe.close()
 
 
 def test_killed_stage_is_named_and_rejoins(model_dir):

@@ -22,7 +22,7 @@ from edgespec.distributed import wire
 from edgespec.distributed.hops import Net
 from edgespec.distributed.group import Member, Timeouts, identity, release
 from edgespec.distributed.layers import Range, StageModel, load_range
-from edgespec.distributed.wire import CROP, FORWARD, KEEP, STOP, VERDICT, Header, Link
+from edgespec.distributed.wire import CROP, FORWARD, KEEP, PING, STOP, VERDICT, Header, Link
 
 
 class NewGeneration(Exception):
@@ -77,7 +77,7 @@ def run(stage: StageModel, link: Link, rank: int, world: int) -> bool:
     cache, prev, last = new_cache(None), rank - 1, rank == world - 1
     while True:
         head = link.recv_header(prev, idle=True)
-        if head.op == FORWARD:
+        if head.op in (FORWARD, PING):
             _forward(stage, cache, link, head, rank, last)
             continue
         keep = link.recv(prev, (head.count,)) if head.op == KEEP else None
@@ -95,12 +95,16 @@ def run(stage: StageModel, link: Link, rank: int, world: int) -> bool:
 
 def _forward(stage: StageModel, cache, link: Link, head: Header, rank: int, last: bool) -> None:
     prev = rank - 1
-    tree_t = link.recv(prev, (2, head.nodes))
-    sampler_t = link.recv(prev, (len(wire.SAMPLER),), torch.float64)
-    history = link.recv(prev, (head.history,)) if head.history else None
-    hidden = link.recv(prev, (head.queries, head.hidden), wire.DTYPES[head.dtype])
+    specs = [((2, head.nodes), torch.long), ((len(wire.SAMPLER),), torch.float64)]
+    specs += [((head.history,), torch.long)] if head.history else []
+    parts = link.recv_many(prev, specs + [((head.queries, head.hidden), wire.DTYPES[head.dtype])])
+    tree_t, sampler_t, hidden = parts[0], parts[1], parts[-1]
+    history = parts[2] if head.history else None
     if cache_len(cache) != head.past:
         raise StageFailedError(f"stage {rank}'s cache holds {cache_len(cache)} entries, stage 0's {head.past}", rank)
+    if head.op == PING:  # the same messages, no compute: what the transport alone costs
+        _relay_or_answer(link, head, rank, last, [tree_t, sampler_t, hidden], torch.zeros(1, dtype=torch.long))
+        return
     tokens, parents = tree_t[0], tree_t[1]
     s = head.stem
     positions_root = head.past + s - 1
@@ -108,14 +112,22 @@ def _forward(stage: StageModel, cache, link: Link, head: Header, rank: int, last
     positions, allowed = pass_inputs(head.past, s, tree)
     out = stage.run(cache, positions, allowed, hidden=hidden)
     if not last:
-        link.send(rank + 1, [head.tensor(), tree_t, sampler_t] + ([history] if history is not None else [])
-                  + [out.cpu()])
+        _relay_or_answer(link, head, rank, last, [tree_t, sampler_t] + ([history] if history is not None else [])
+                         + [out.cpu()], None)
         return
     sampler = wire.sampler_from(sampler_t, head.key)
     verdict = walk(tree, lambda i: stage.logits(out[s - 1 + i]), sampler, positions_root,
                    history.tolist() if history is not None else None)
     body = torch.tensor(verdict.path + verdict.tokens, dtype=torch.long)
     link.send(0, [Header(VERDICT, head.seq, count=len(verdict.path)).tensor(), body])
+
+
+def _relay_or_answer(link: Link, head: Header, rank: int, last: bool, parts: list, answer) -> None:
+    """Pass the message on to the next stage, or (the last stage) answer stage 0 with `answer`."""
+    if not last:
+        link.send(rank + 1, [head.tensor()] + parts)
+    else:
+        link.send(0, [Header(VERDICT, head.seq, count=0).tensor(), answer])
 
 
 def _depths(parents: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ stage is back, re-reads the conversation in its first pass.
 """
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import torch
 
@@ -21,10 +23,10 @@ from edgespec.core.tree import Tree
 from edgespec.core.verify import TreeVerifier, Verdict, pass_inputs
 from edgespec.distributed import wire
 from edgespec.distributed.group import Coordinator, Timeouts, identity, release
-from edgespec.distributed.hops import Net
+from edgespec.distributed.hops import Net, emulated_seconds
 from edgespec.distributed.layers import Range, StageModel, load_range, model_config
 from edgespec.distributed.placement import Placement
-from edgespec.distributed.wire import CROP, FORWARD, KEEP, STOP, Header, Link
+from edgespec.distributed.wire import CROP, FORWARD, KEEP, PING, STOP, Header, Link
 
 
 class PipelineTarget(TreeVerifier):
@@ -39,6 +41,7 @@ class PipelineTarget(TreeVerifier):
         self.coordinator = Coordinator(bind, port, placement.world, identity(spec), timeouts, allow_public)
         self.stream = dict(link_delay=link_delay, stream_quant=stream_quant, progress=progress)
         self.progress, self.plan, self.link, self.seq = progress, None, None, 0
+        self.transport_s = 0.0  # the transport's own seconds per pass, measured at start (round_trip)
         self.emulate = emulate  # hops.Net: an emulated network on this stage's sends (benchmarks)
         self.stage: StageModel | None = None
         self.cache = StagedCache(self)
@@ -60,9 +63,30 @@ class PipelineTarget(TreeVerifier):
             self.stage = load_range(self.spec, Range.of(self.plan, 0), self.device,
                                     **self.stream)
         self.cache.reset(new_cache(None))
+        self.transport_s = self.round_trip()
         if self.progress:
-            print("\n".join(f"edgespec: {line}" for line in self.describe()), file=sys.stderr, flush=True)
+            lines = self.describe() + [f"round trip through the stages: {self.transport_s * 1e3:.1f} ms per pass "
+                                       "(the transport alone, measured)"]
+            print("\n".join(f"edgespec: {line}" for line in lines), file=sys.stderr, flush=True)
         return self
+
+    def round_trip(self, rounds: int = 5) -> float:
+        """The transport's own seconds per pass (the median of `rounds` PINGs: a one-token pass's
+        messages down every stage and a verdict back, no compute), less what emulated networks add:
+        the per-pass constant a pass pays on top of its stages' compute and its bytes on the wire."""
+        hidden = torch.zeros(1, self.config.hidden_size, dtype=self.model.dtype)
+        seconds = []
+        for _ in range(rounds):
+            self.seq += 1
+            head = Header(PING, self.seq, 0, 1, 1, hidden.shape[-1], wire.DTYPES.index(hidden.dtype))
+            before, start = self.traffic(), time.perf_counter()
+            self.link.send(1, [head.tensor(), torch.zeros(2, 1, dtype=torch.long),
+                               torch.zeros(len(wire.SAMPLER), dtype=torch.float64), hidden])
+            last = self.world - 1
+            self.link.recv(last, (2 * self.link.recv_header(last).count + 1,))
+            d = [a - b for a, b in zip(self.traffic(), before)]
+            seconds.append(time.perf_counter() - start - emulated_seconds(self.nets(), (d[0], d[1]), (d[2], d[3])))
+        return max(statistics.median(seconds), 0.0)
 
     def _plan_for(self, hellos: dict) -> dict:
         if self.plan is None:

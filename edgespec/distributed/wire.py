@@ -8,6 +8,8 @@ fixes, so a receiver allocates exactly what it reads and nothing it reads is eve
     KEEP     0 → 1 → … → last   header, (count,) int64: the cache positions every stage keeps
     CROP     0 → 1 → … → last   header only: every stage drops its cache entries from `length` on
     STOP     0 → 1 → … → last   header only: the stage leaves its loop
+    PING     0 → 1 → … → last → 0   a FORWARD's messages with no compute, answered as a VERDICT of an
+                                empty path: the transport's own cost of a pass (target.round_trip)
 
 `Link` sends and receives them over a torch.distributed process group (gloo between CPU processes,
 NCCL-capable groups take the same calls): every wait has a deadline, and while it waits a `watch`
@@ -25,8 +27,8 @@ import torch
 
 from edgespec.base.errors import StageFailedError
 
-MAGIC, WIRE_VERSION, SLOTS = 0x45445350, 1, 16
-FORWARD, VERDICT, KEEP, CROP, STOP = 1, 2, 3, 4, 5
+MAGIC, WIRE_VERSION, SLOTS = 0x45445350, 2, 16
+FORWARD, VERDICT, KEEP, CROP, STOP, PING = 1, 2, 3, 4, 5, 6
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SAMPLER = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "draft_temperature")
 IDLE = timedelta(days=7)  # a stage waiting for the next request (a chat between turns)
@@ -36,7 +38,8 @@ IDLE = timedelta(days=7)  # a stage waiting for the next request (a chat between
 class Header:
     """The int64 slots: op, seq, then the op's sizes. FORWARD: past (cache entries before the pass),
     stem, nodes (tree nodes, root included), hidden (H), dtype (index in DTYPES), history (length) and
-    key (the sampler's noise key); VERDICT: count (path length); KEEP: count; CROP: count (the length)."""
+    key (the sampler's noise key); VERDICT: count (path length); KEEP: count; CROP: count (the length);
+    PING: as FORWARD."""
 
     op: int
     seq: int = 0
@@ -88,16 +91,22 @@ class Link:
         self.sent[0], self.sent[1] = self.sent[0] + 1, self.sent[1] + nbytes
         if self.emulate is not None:
             time.sleep(self.emulate.seconds(nbytes))
-        for t in tensors:
-            self._wait(self._start(lambda: self.group.send([t.contiguous()], dst, 0), what, dst), what, dst)
+        parts = [t.contiguous() for t in tensors]  # alive until every send is done
+        self._wait([self._start(lambda t=t: self.group.send([t], dst, 0), what, dst) for t in parts], what, dst)
 
     def recv(self, src: int, shape, dtype=torch.long, idle: bool = False) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype)
-        self.received[1] += t.numel() * t.element_size()
+        return self.recv_many(src, [(shape, dtype)], idle)[0]
+
+    def recv_many(self, src: int, specs: list, idle: bool = False) -> list[torch.Tensor]:
+        """Receive one tensor per (shape, dtype) in `specs`, in the order they were sent, all posted
+        at once and waited for together (a message's parts in one wait, not one each)."""
+        out = [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+        self.received[1] += sum(t.numel() * t.element_size() for t in out)
         what = f"waiting for {self.names[src]}"
-        if t.numel():
-            self._wait(self._start(lambda: self.group.recv([t], src, 0), what, src), what, src, idle)
-        return t
+        works = [self._start(lambda t=t: self.group.recv([t], src, 0), what, src) for t in out if t.numel()]
+        if works:
+            self._wait(works, what, src, idle)
+        return out
 
     @staticmethod
     def _start(call, what: str, peer: int):
@@ -111,14 +120,16 @@ class Link:
         self.received[0] += 1
         return Header.parse(self.recv(src, (SLOTS,), idle=idle), self.names[src])
 
-    def _wait(self, work, what: str, peer: int, idle: bool = False) -> None:
-        """Wait for `work` in a helper thread (gloo's own wait cannot be interrupted), watching meanwhile."""
+    def _wait(self, works: list, what: str, peer: int, idle: bool = False) -> None:
+        """Wait for every one of `works` in one helper thread (gloo's own wait cannot be interrupted),
+        watching meanwhile."""
         deadline = IDLE.total_seconds() if idle else self.timeout
         done, failed = threading.Event(), []
 
         def wait():
             try:
-                work.wait(timedelta(seconds=deadline))
+                for work in works:
+                    work.wait(timedelta(seconds=deadline))
             except Exception as err:  # noqa: BLE001 — reported below, with who failed
                 failed.append(err)
             done.set()

@@ -5,9 +5,11 @@ HF assisted cannot run on it and is left out with a line saying why.
 
 Every run also counts its hops: the messages and bytes stage 0 sent down the pipeline and the verdicts
 it got back, and what they cost on the emulated networks (stage 0's --hop-latency/--hop-gbps, and each
-stage's own from its hello): exactly the sleeps the wire adds. The split run's seconds minus that are
-what the run costs without the network, to set beside a single-process `edgespec bench` of the same
-target (benchmarks/pipeline_hops.md: split seconds against single seconds + the hops).
+stage's own from its hello): exactly the sleeps the wire adds; and the transport's own cost per pass
+(PipelineTarget.round_trip, measured at start: gloo's sends and receives, the stages' loops) times the
+passes. The split run's seconds minus both are what the run costs without the network, to set beside a
+single-process `edgespec bench` of the same target (benchmarks/pipeline_hops.md: split seconds against
+single seconds + the hops).
 """
 from __future__ import annotations
 
@@ -49,19 +51,22 @@ def summary(engine: FrontEnd, outputs: dict) -> dict:
         return {}
     pipe = engine.verifier
     nets = pipe.nets()
-    hops = {name: method_hops(runs, nets) for name, runs in outputs.items() if runs and "hops" in runs[0]}
-    split = {"stages": pipe.describe(), "skipped": dict(SKIPPED), "hops": hops,
+    hops = {name: method_hops(runs, nets, pipe.transport_s) for name, runs in outputs.items()
+            if runs and "hops" in runs[0]}
+    split = {"stages": pipe.describe(), "skipped": dict(SKIPPED), "hops": hops, "transport_s_per_pass": pipe.transport_s,
              "nets": [None if n is None else {"latency_s": n.latency, "bytes_per_s": n.bytes_per_s} for n in nets]}
     return {"split": split, "split_notes": notes(split, nets)}
 
 
-def method_hops(runs: list[dict], nets: list) -> dict:
+def method_hops(runs: list[dict], nets: list, transport_s: float = 0.0) -> dict:
+    """A method's hops over its runs: counts, their emulated seconds, the transport's own seconds
+    (`transport_s` per pass, one verdict back per pass), and tokens/s without both."""
     sent_m, sent_b, back_m, back_b = (sum(r["hops"][i] for r in runs) for i in range(4))
     seconds, tokens = sum(r["seconds"] for r in runs), sum(len(r["ids"]) for r in runs)
     hop_s = emulated_seconds(nets, (sent_m, sent_b), (back_m, back_b))
-    rest = seconds - hop_s
+    rest = seconds - hop_s - back_m * transport_s
     return {"messages_down": sent_m, "bytes_down": sent_b, "messages_back": back_m, "bytes_back": back_b,
-            "emulated_s": hop_s, "seconds": seconds, "tokens": tokens,
+            "emulated_s": hop_s, "transport_s": back_m * transport_s, "seconds": seconds, "tokens": tokens,
             "tokens_per_s_without_hops": tokens / rest if rest > 0 else None}
 
 
@@ -76,12 +81,14 @@ def notes(split: dict, nets: list) -> str:
     """The report's lines on the split target (markdown bullets)."""
     lines = ["- split target: " + "; ".join(split["stages"]),
              "- emulated network on each stage's sends: " + "; ".join(
-                 f"stage {r}: {net_text(n)}" for r, n in enumerate(nets))]
+                 f"stage {r}: {net_text(n)}" for r, n in enumerate(nets)),
+             f"- the transport's own round trip (measured at start): {split['transport_s_per_pass'] * 1e3:.1f} ms per pass"]
     lines += [f"- {name}: skipped: {why}" for name, why in split["skipped"].items()]
     for name, h in split["hops"].items():
         rate = h["tokens_per_s_without_hops"]
         lines.append(f"- {name} hops: {h['messages_down']} messages down the stages ({h['bytes_down']:,} bytes), "
                      f"{h['messages_back']} verdicts back ({h['bytes_back']:,} bytes): {h['emulated_s']:.2f} s emulated "
-                     f"of its {h['seconds']:.2f} s; without them " + (f"{rate:.2f} tokens/s" if rate else "-")
+                     f"and {h['transport_s']:.2f} s of transport of its {h['seconds']:.2f} s; without them "
+                     + (f"{rate:.2f} tokens/s" if rate else "-")
                      + " (a single-process run of the same target should match that)")
     return "\n" + "\n".join(lines) + "\n"
