@@ -1,11 +1,13 @@
 """Tokens per target pass with and without a JSON-schema constraint, and what the grammar costs a step.
 
-    python scripts/structured_acceptance.py --budgets 16,64,256 --max-new-tokens 64
+    python scripts/structured_acceptance.py --budgets 16,64,256 --max-new-tokens 64 [--schema-in-prompt no]
 
 Target: SmolLM2-135M-Instruct fp32 (the embedded default); drafter: its nf4 copy (bitsandbytes). Greedy,
 the drafting not overlapped with the pass (so a step's time is drafting + the pass). Prompts: the ten
-below, written for this benchmark, each asking for a JSON object and carrying the schema it is
-constrained to. "tokens / pass" is new tokens over target passes; "grammar ms / pass" is the time spent
+below, written for this benchmark, each asking for a JSON object naming its fields in words and, by
+default, carrying the schema it is constrained to in its text ("Answer with JSON matching this schema:
+{...}"); with --schema-in-prompt no the schema is left out of the text ("Answer with JSON only."), as
+a client sending `response_format` leaves it: the constraint alone holds it. "tokens / pass" is new tokens over target passes; "grammar ms / pass" is the time spent
 in the grammar engine and its masks (the drafter's proposals, the target's picks) per step, timed by
 wrapping edgespec's grammar calls, and "% of step" that over the step's drafting + pass time. Every
 constrained answer that ends is checked against its schema (jsonschema).
@@ -107,7 +109,13 @@ def unmasked_drafter():
     return real
 
 
-def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], max_new: int, clock: Clock, same: list) -> str:
+def message(text: str, schema: dict, schema_in_prompt: bool) -> list[dict]:
+    tail = f"Answer with JSON matching this schema: {json.dumps(schema)}" if schema_in_prompt else "Answer with JSON only."
+    return [{"role": "user", "content": f"{text} {tail}"}]
+
+
+def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], max_new: int, clock: Clock, same: list,
+            schema_in_prompt: bool = True) -> str:
     """One table row: every prompt once, with a fresh tree-score calibration (no row learns from another)."""
     from edgespec.core.scores import ScoreCalibrations
 
@@ -119,7 +127,7 @@ def run_row(engine, budget: int, prompts, row: str, budget_lengths: list[int], m
     try:
         for i, (text, schema) in enumerate(prompts):
             engine.reset()
-            msgs = [{"role": "user", "content": f"{text} Answer with JSON matching this schema: {json.dumps(schema)}"}]
+            msgs = message(text, schema, schema_in_prompt)
             n = budget_lengths[i] if row == ROWS[3] else max_new
             out = engine.generate(msgs, max_new_tokens=n, temperature=0,
                                   grammar=Grammar.json_schema(schema) if constrained else None)
@@ -151,21 +159,30 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="16,64,256")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--n-prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--schema-in-prompt", choices=("yes", "no"), default="yes",
+                    help="no: the prompt names the fields in words only, the schema is the constraint's alone")
+    ap.add_argument("--rows", default="0,1,2,3", help="which rows (0-3, in the order of ROWS) to run")
     args = ap.parse_args(argv)
     from edgespec.loading.models import load_model, load_tokenizer
 
     target, drafter, tok = load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None)
     clock = Clock()
     prompts = PROMPTS[: args.n_prompts]
-    print(f"{len(prompts)} prompts, at most {args.max_new_tokens} new tokens each, greedy\n")
+    shown = args.schema_in_prompt == "yes"
+    print(f"{len(prompts)} prompts, at most {args.max_new_tokens} new tokens each, greedy, schema "
+          f"{'in the prompt' if shown else 'left out of the prompt'}\n")
     print("| budget | constraint | tokens / pass | passes | new tokens | grammar ms / pass | step ms | % of step "
           "| copied % | valid / ended |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(target, drafter, tok, budget=budget, overlap=False)
         lengths, same = [], []
+        rows = [ROWS[int(r)] for r in args.rows.split(",")]
         for row in ROWS:
-            print(run_row(engine, budget, prompts, row, lengths, args.max_new_tokens, clock, same), flush=True)
+            if row in rows or (row == ROWS[0] and (ROWS[1] in rows or ROWS[3] in rows)):  # they need row 0's answers
+                line = run_row(engine, budget, prompts, row, lengths, args.max_new_tokens, clock, same, shown)
+                if row in rows:
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":

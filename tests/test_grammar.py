@@ -121,6 +121,28 @@ def test_every_finished_output_validates(tok, schema, temperature):
     assert finished >= 4
 
 
+def test_forced_tokens_are_certain_nodes(tok, monkeypatch):
+    """Where the grammar allows one token (a key, a quote), the tree holds it as a certain node: ranked
+    FORCED, scored as its parent (log 1), and still verified as any other (the output is the reference's)."""
+    from edgespec.core.scores import FORCED, ScoreCalibration
+
+    trees = []
+    real = ScoreCalibration.observe_tree
+    monkeypatch.setattr(ScoreCalibration, "observe_tree", lambda self, tree, path: (trees.append(tree),
+                                                                                      real(self, tree, path))[1])
+    target, drafter = pair()
+    engine = engine_for(target, drafter, tok, 32)
+    grammar, ids = Grammar.json_schema(SCHEMA), tok.encode(PROMPTS[0])
+    out = engine.generate(ids, max_new_tokens=40, temperature=0, grammar=grammar)
+    assert out.ids == reference(target, tok, grammar, ids, 40)
+    forced = 0
+    for tree in trees:
+        for i in (tree.rank == FORCED).nonzero().squeeze(1).tolist():
+            assert tree.scores[i] == tree.scores[int(tree.parents[i])]  # certain: depth for free
+            forced += 1
+    assert forced >= 5, "a JSON schema forces its keys: the trees should hold forced nodes"
+
+
 def test_a_finished_grammar_forces_the_end(tok):
     target, drafter = pair()
     engine = engine_for(target, drafter, tok, 16)

@@ -124,3 +124,18 @@ def test_bench_writes_costs_and_replays_them(monkeypatch, tmp_path, capsys):
     plain = rows["plain"]  # its seconds: the file's pass times and rest, nothing measured here
     assert plain["split"]["draft"] == 0 and plain["split"]["overhead"] == pytest.approx(plain["passes"] * written.rest, abs=1e-4)
     assert plain["seconds"] == pytest.approx(plain["split"]["verify"] + plain["split"]["overhead"], abs=1e-3)
+
+
+@pytest.mark.parametrize("command", ["bench", "profile"])
+def test_a_bad_cost_file_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, command):
+    from edgespec.engine.engine import Engine
+
+    def never(*a, **k):
+        raise AssertionError("a model was loaded before --costs was checked")
+
+    monkeypatch.setattr(Engine, "from_pretrained", never)
+    bad = tmp_path / "costs.json"
+    bad.write_text(json.dumps({"pass": []}))
+    for path, match in ((bad, "--costs"), (tmp_path / "missing.json", "cannot read")):
+        assert cli.main([command, "--costs", str(path)]) == 2
+        assert match in capsys.readouterr().err

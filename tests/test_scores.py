@@ -8,7 +8,7 @@ import torch
 from edgespec import Engine
 from edgespec.core.search import TreeSearch
 from edgespec.core.sampling import Sampler
-from edgespec.core.scores import MAX_HIT, ScoreCalibration
+from edgespec.core.scores import FORCED, MAX_HIT, ScoreCalibration
 from edgespec.base.stats import Plan
 from edgespec.core.tree import Tree
 from tests.conftest import Fixed, greedy_reference, prompts, tiny_pair
@@ -19,6 +19,19 @@ def test_uncalibrated_scores_are_the_drafters_own():
     logp = torch.log(torch.tensor([[0.7, 0.2, 0.05], [0.999, 1e-4, 1e-6]]))
     out = calib.edge_scores(logp, torch.arange(3).expand(2, 3))
     assert torch.allclose(out, logp.clamp(max=math.log(MAX_HIT)))
+
+
+def test_forced_proposals_are_certain_and_not_learnt():
+    """A proposal the grammar forces scores log 1 = 0 before and after learning, and its (certain) hits
+    do not reach the table: they say nothing of how often the drafter's confident guesses hit."""
+    calib = ScoreCalibration(decay=1.0)
+    logp = torch.log(torch.tensor([1.0, 0.9, 0.4]))
+    rank = torch.tensor([FORCED, 0, 1])
+    assert calib.edge_scores(logp, rank).tolist()[0] == 0.0
+    calib.observe(logp, rank, torch.tensor([True, False, False]))
+    assert calib.tests.sum() == 2 and calib.hits.sum() == 0  # the forced hit left out
+    out = calib.edge_scores(logp, rank)
+    assert out[0] == 0.0 and out[1] < math.log(0.9)  # the top guess missed: it scores below its p now
 
 
 def test_learns_hit_rates_by_rank():

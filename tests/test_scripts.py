@@ -96,6 +96,20 @@ def test_moe_experts_script(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not real_pair_available(), reason="needs the embedded model and bitsandbytes")
+def test_structured_acceptance_script():
+    """scripts/structured_acceptance.py on the embedded pair, tiny: the rows asked for (and only those: row
+    0 runs unprinted, the others need its answers), the prompt without the schema, the same token counts."""
+    out = subprocess.run([sys.executable, str(SCRIPTS / "structured_acceptance.py"), "--budgets", "4",
+                          "--n-prompts", "2", "--max-new-tokens", "8", "--rows", "1,3", "--schema-in-prompt", "no"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    assert "schema left out of the prompt" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 4 |")]
+    assert [r[1] for r in rows] == ["JSON schema, drafter unmasked", "none, cut to the constrained length"]
+    assert rows[0][4] == rows[1][4] and int(rows[0][4]) > 0  # the same new tokens on both rows
+
+
+@pytest.mark.slow
 def test_gpu_figures_dry_run_on_cpu(tmp_path):
     """scripts/gpu_figures.sh --device cpu: every step the GPU run takes, with its flags, on tiny shapes
     the embedded SmolLM2 pads into, from an empty cache; each step must finish and say what it measured."""

@@ -16,6 +16,11 @@ interpolated between bins, so the drafter's ordering stands. The expected number
 calibrated path probabilities (exact by linearity, given that the chance to take a node depends on
 its own draft probability once its parent is taken), which is what best-first maximises.
 
+A proposal the grammar forces (the only token it allows after its parent: a JSON key, a closing
+quote) is certain — the target's masked pick there has nowhere else to go — so it is ranked FORCED,
+scores log 1 = 0 (its depth is free) and is never observed: it would teach the top bin that
+confident guesses always hit.
+
 The tree's shape changes, never the output: verification ignores draft scores.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 EDGES = (1e-3, 0.01, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 MAX_HIT = 0.995  # a calibrated edge never scores log(1) = 0: depth is never free
 TIE = 1e-3  # a sliver of the raw log-prob, so equal calibrated rates still rank by draft probability
+FORCED = -1  # the rank of a proposal the grammar forces (the only token it allows there): certain
 
 
 class ScoreCalibration:
@@ -50,9 +56,11 @@ class ScoreCalibration:
 
     # ---- mapping -----------------------------------------------------------------------------
     def edge_scores(self, logp: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-        """Calibrated log hit rate for draft log-probabilities `logp` of proposals ranked `rank` (0 = top)."""
+        """Calibrated log hit rate for draft log-probabilities `logp` of proposals ranked `rank` (0 = top;
+        FORCED: certain, 0)."""
+        forced = rank.to(logp.device) == FORCED
         if self.trees == 0:
-            return logp.clamp(max=math.log(MAX_HIT))
+            return logp.clamp(max=math.log(MAX_HIT)).masked_fill(forced, 0.0)
         knots, rates = self._table_now()
         flat, ranks = logp.reshape(-1).double().cpu(), (rank.reshape(-1).cpu() > 0).long()
         out = torch.empty_like(flat)
@@ -63,7 +71,7 @@ class ScoreCalibration:
                 out[sel] = torch.from_numpy(np.interp(flat[sel].numpy(), knots[r].numpy(), rates[r].numpy()))
         out = out + TIE * flat  # pooled bins keep the drafter's own ordering
         out = out.clamp(max=math.log(MAX_HIT)).to(logp.dtype).reshape(logp.shape)
-        return out.to(logp.device)
+        return out.to(logp.device).masked_fill(forced, 0.0)
 
     def _table_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per rank class: knots (mean log p of each bin's tests, the bin's centre if none) and the log hit
@@ -79,7 +87,10 @@ class ScoreCalibration:
 
     # ---- learning ----------------------------------------------------------------------------
     def observe(self, logp: torch.Tensor, rank: torch.Tensor, hit: torch.Tensor) -> None:
-        """One verified tree's tested nodes: their draft log-probs, proposal ranks and outcomes."""
+        """One verified tree's tested nodes: their draft log-probs, proposal ranks and outcomes (forced
+        proposals left out: certain, they say nothing of the drafter)."""
+        chosen = rank.reshape(-1) != FORCED
+        logp, rank, hit = logp.reshape(-1)[chosen], rank.reshape(-1)[chosen], hit.reshape(-1)[chosen]
         self.tests *= self.decay
         self.hits *= self.decay
         self.logp_sum *= self.decay

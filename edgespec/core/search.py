@@ -29,6 +29,7 @@ import torch
 from edgespec.base.errors import NonFiniteLogitsError
 from edgespec.core.attention import slides
 from edgespec.core.grammar import GrammarState, allowed_rows
+from edgespec.core.scores import FORCED
 from edgespec.base.stats import Plan
 from edgespec.core.tree import Tree, ancestor_chains
 
@@ -190,14 +191,16 @@ class TreeSearch:
     # ---- internals ---------------------------------------------------------------------------
     def _add_children(self, parents: torch.Tensor, logits: torch.Tensor, branch: int) -> None:
         positions = self.root_pos + self.depths[parents] + 1  # sequence positions of the children
-        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents),
-                                                      self._allowed_at(parents))
+        allowed = self._allowed_at(parents)
+        top_lp, top_tok = self.sampler.draft_children(logits, positions, branch, self._seen_at(parents), allowed)
         top_lp = top_lp.cpu()
         if bool(top_lp.isnan().any()):  # a NaN or infinite logit makes its whole row NaN: checked once a forward
             raise NonFiniteLogitsError("drafter", int(positions[0]))
         k = top_tok.shape[1]
         n = parents.numel() * k
-        rank = torch.arange(k).expand(parents.numel(), k)
+        rank = torch.arange(k).expand(parents.numel(), k).clone()
+        if allowed is not None:  # the only token the grammar allows there: certain (scores.FORCED)
+            rank[:, 0] = rank[:, 0].masked_fill(allowed.sum(dim=-1).cpu() == 1, FORCED)
         calib = self.calibration
         edge = calib.edge_scores(top_lp, rank) if calib is not None else top_lp
         self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
