@@ -104,6 +104,28 @@ def test_greedy_under_a_schema_equals_masked_generate(tok, budget, overlap):
         assert max(passes) > 1.5, "the drafter never got a token accepted: the tree is not being used"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0, 16, 256])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_embedded_default_under_a_schema_equals_masked_generate(real_pair, budget, overlap):
+    """The embedded default (fp32 target, nf4 drafter): greedy under a JSON schema equals the target's own
+    masked greedy decoding token for token, the answer validates, and the tree is used."""
+    import jsonschema
+
+    target, drafter, tok = real_pair
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
+    engine = Engine(target, drafter, tok, scheduler=Fixed(Plan(budget, 16, 8, 32)), overlap=overlap)
+    ids = engine.encode([{"role": "user", "content": "Describe a person as JSON with name, age and city."}])
+    grammar = Grammar.json_schema(schema)
+    out = engine.generate(ids, max_new_tokens=48, temperature=0, grammar=grammar)
+    assert out.ids == reference(target, tok, grammar, ids, 48)
+    assert out.ids[-1] == EOS, "the answer should end inside 48 tokens"
+    jsonschema.validate(json.loads(tok.decode(out.ids[:-1])), schema)
+    if budget:
+        assert out.stats.accepted_per_pass > 1.5
+
+
 @pytest.mark.parametrize("schema", [COMPACT, NESTED], ids=["flat", "nested"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_finished_output_validates(tok, schema, temperature):
