@@ -360,3 +360,18 @@ def test_cli_refuses_bad_grammar_files_before_loading_a_model(tmp_path, monkeypa
     assert re.search(match, capsys.readouterr().err)
     assert cli.main(["generate", "--raw", flag, str(tmp_path / "missing.json"), "Well?"]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vocab", [49152, 49155, 70])
+def test_bitmask_unpacks_as_llguidance_packs_it(vocab):
+    """grammar.unpack reads llguidance's int32 words as token 32 w + j at bit j (all 32 bits, the sign
+    bit included), for a vocabulary that is not a multiple of 32."""
+    from edgespec.core.grammar import unpack
+
+    words = torch.randint(-2**31, 2**31 - 1, (5, (vocab + 31) // 32), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    want = ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().reshape(5, -1)[:, :vocab]
+    assert torch.equal(unpack(words, vocab), want)
+    one = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+    j = (vocab - 1) % 32
+    one[0, (vocab - 1) // 32] = (1 << j) - (2**32 if j == 31 else 0)  # the last token alone (bit 31: the sign)
+    assert unpack(one, vocab)[0].nonzero().flatten().tolist() == [vocab - 1]

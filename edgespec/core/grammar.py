@@ -223,12 +223,15 @@ def allowed_rows(states: list[GrammarState]) -> torch.Tensor:
     return unpack(bits, vocab)
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()  # byte → its 8 bits, lowest first
 
 
 def unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(n, ceil(V/32)) int32 bitmask → (n, V) bool."""
-    return ((bits.unsqueeze(-1) >> _SHIFTS) & 1).bool().reshape(bits.shape[0], -1)[:, :vocab]
+    """(n, ceil(V/32)) int32 bitmask (bit j of word w: token 32 w + j) → (n, V) bool, a byte at a time
+    through a table (~3x faster than shifting each word 32 ways; the bytes of an int32 come lowest first
+    on the little-endian machines torch runs on, checked in tests/test_grammar.py)."""
+    by = bits.contiguous().view(torch.uint8).reshape(-1).int()
+    return _BYTE_BITS.index_select(0, by).reshape(bits.shape[0], -1)[:, :vocab]
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
