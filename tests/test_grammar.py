@@ -375,3 +375,5 @@ def test_bitmask_unpacks_as_llguidance_packs_it(vocab):
     j = (vocab - 1) % 32
     one[0, (vocab - 1) // 32] = (1 << j) - (2**32 if j == 31 else 0)  # the last token alone (bit 31: the sign)
     assert unpack(one, vocab)[0].nonzero().flatten().tolist() == [vocab - 1]
+    on = unpack(words.to("meta"), vocab)  # the table follows the words' device (a GPU's, in use)
+    assert on.device.type == "meta" and on.shape == (5, vocab)

@@ -231,7 +231,7 @@ def unpack(bits: torch.Tensor, vocab: int) -> torch.Tensor:
     through a table (~3x faster than shifting each word 32 ways; the bytes of an int32 come lowest first
     on the little-endian machines torch runs on, checked in tests/test_grammar.py)."""
     by = bits.contiguous().view(torch.uint8).reshape(-1).int()
-    return _BYTE_BITS.index_select(0, by).reshape(bits.shape[0], -1)[:, :vocab]
+    return _BYTE_BITS.to(by.device).index_select(0, by).reshape(bits.shape[0], -1)[:, :vocab]  # the table follows
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
