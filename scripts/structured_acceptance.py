@@ -7,8 +7,8 @@ the drafting not overlapped with the pass (so a step's time is drafting + the pa
 below, written for this benchmark, each asking for a JSON object naming its fields in words and, by
 default, carrying the schema it is constrained to in its text ("Answer with JSON matching this schema:
 {...}"); with --schema-in-prompt no the schema is left out of the text ("Answer with JSON only."), as
-a client sending `response_format` leaves it: the constraint alone holds it. "tokens / pass" is new tokens over target passes; "grammar ms / pass" is the time spent
-in the grammar engine and its masks (the drafter's proposals, the target's picks) per step, timed by
+a client sending `response_format` leaves it: the constraint alone holds it. "tokens / pass" is new
+tokens over target passes; "grammar ms / pass" is the time spent in the grammar engine and its masks (the drafter's proposals, the target's picks) per step, timed by
 wrapping edgespec's grammar calls, and "% of step" that over the step's drafting + pass time. Every
 constrained answer that ends is checked against its schema (jsonschema).
 
@@ -161,8 +161,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n-prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--schema-in-prompt", choices=("yes", "no"), default="yes",
                     help="no: the prompt names the fields in words only, the schema is the constraint's alone")
-    ap.add_argument("--rows", default="0,1,2,3", help="which rows (0-3, in the order of ROWS) to run")
+    ap.add_argument("--rows", default="0,1,2,3", help="which rows (0-3, in the order of ROWS) to print")
     args = ap.parse_args(argv)
+    if not set(args.rows.split(",")) <= {"0", "1", "2", "3"}:
+        ap.error(f"--rows {args.rows!r}: give row numbers 0-3, comma-separated (e.g. 0,2)")
+    shown_rows = {ROWS[int(r)] for r in args.rows.split(",")}
+    run_rows = shown_rows | ({ROWS[0]} if shown_rows & {ROWS[1], ROWS[3]} else set())  # they need row 0's answers
     from edgespec.loading.models import load_model, load_tokenizer
 
     target, drafter, tok = load_model(None), load_model(None, quantize="nf4"), load_tokenizer(None)
@@ -177,12 +181,10 @@ def main(argv=None) -> None:
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(target, drafter, tok, budget=budget, overlap=False)
         lengths, same = [], []
-        rows = [ROWS[int(r)] for r in args.rows.split(",")]
-        for row in ROWS:
-            if row in rows or (row == ROWS[0] and (ROWS[1] in rows or ROWS[3] in rows)):  # they need row 0's answers
-                line = run_row(engine, budget, prompts, row, lengths, args.max_new_tokens, clock, same, shown)
-                if row in rows:
-                    print(line, flush=True)
+        for row in (r for r in ROWS if r in run_rows):
+            line = run_row(engine, budget, prompts, row, lengths, args.max_new_tokens, clock, same, shown)
+            if row in shown_rows:
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -199,8 +199,8 @@ class TreeSearch:
         k = top_tok.shape[1]
         n = parents.numel() * k
         rank = torch.arange(k).expand(parents.numel(), k).clone()
-        if allowed is not None:  # the only token the grammar allows there: certain (scores.FORCED)
-            rank[:, 0] = rank[:, 0].masked_fill(allowed.sum(dim=-1).cpu() == 1, FORCED)
+        if allowed is not None:  # the only token the grammar allows there (a host mask): certain (scores.FORCED)
+            rank[allowed.sum(dim=-1) == 1, 0] = FORCED
         calib = self.calibration
         edge = calib.edge_scores(top_lp, rank) if calib is not None else top_lp
         self.tokens = torch.cat([self.tokens, top_tok.reshape(-1).cpu()])
